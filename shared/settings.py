@@ -1,0 +1,77 @@
+"""All configuration, read once from `TUNERY_*` environment variables.
+
+No other module reads the environment: services receive a `Settings` object.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore")
+
+    # Where the embedded default keeps Redis data, local storage, model cache and metrics files.
+    data_dir: Path = Path(".tunery")
+
+    # Redis: queues and live state. None means "tunery up starts its own redis-server".
+    redis_url: str | None = None
+
+    # Object storage. With no bucket, files live under `storage_path` (default: <data_dir>/storage).
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    storage_path: Path | None = None
+
+    # Base models. None means the built-in catalog (shared/default_catalog.yaml).
+    model_catalog: Path | None = None
+    model_cache_dir: Path | None = None
+    allow_trust_remote_code: bool = False
+
+    # Which train queue a trainer worker serves: `train:<gpu_class>`.
+    gpu_class: str = "cpu"
+    # Threads for CPU training; 0 means one per core.
+    torch_threads: int = 0
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    trainer_metrics_port: int = 9101
+    evaluator_metrics_port: int = 9102
+
+    max_upload_bytes: int = 1024**3
+    max_line_bytes: int = 1024 * 1024
+
+    # RQ job timeouts. RQ's own default (180 s) would kill every real training run.
+    train_timeout_seconds: int = 48 * 3600
+    eval_timeout_seconds: int = 6 * 3600
+    # Progress events: one at least every this many seconds while training (and at each epoch end).
+    progress_interval_seconds: float = 10.0
+    # Examples kept per job's event stream (older ones are trimmed).
+    max_events_per_job: int = Field(default=10_000, ge=100)
+
+    log_level: str = "INFO"
+
+    @property
+    def resolved_storage_path(self) -> Path:
+        return self.storage_path or self.data_dir / "storage"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def resolved_torch_threads(self) -> int:
+        return self.torch_threads or os.cpu_count() or 1
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,155 @@
+"""The model catalog: the only base models a job may name, configured by operators.
+
+A source is one of:
+- `builtin:<name>`      a tiny model built locally from a config (no download; shared.builtin_models)
+- `/abs/path` or `path:/abs/path`   a local directory on the worker (operators only)
+- `s3://bucket/prefix`  a directory in S3-compatible storage, downloaded once into the model cache
+- `hf:<repo id>@<revision>`  a Hugging Face Hub repository at a pinned revision
+
+Clients only ever name a catalog id, so they can never make the server read an arbitrary path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from shared.settings import Settings
+
+
+class CatalogError(Exception):
+    """The catalog file itself is invalid (an operator's problem, reported at start-up)."""
+
+
+class ModelUnavailable(Exception):
+    """A catalog model could not be materialised on this worker."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    source: str
+    description: str = ""
+    license: str | None = None
+    max_seq_length: int = 2048
+    owned_by: str = "tunery"
+
+
+BUILTIN_ARCHS = {"tiny-chat-llama": "llama", "tiny-chat-qwen2": "qwen2"}
+
+
+def load_catalog(settings: Settings) -> dict[str, CatalogEntry]:
+    if settings.model_catalog is None:
+        text = resources.files("shared").joinpath("default_catalog.yaml").read_text()
+        origin = "the built-in catalog"
+    else:
+        try:
+            text = settings.model_catalog.read_text()
+        except OSError as exc:
+            raise CatalogError(f"cannot read TUNERY_MODEL_CATALOG {settings.model_catalog}: {exc}") from exc
+        origin = str(settings.model_catalog)
+    data = yaml.safe_load(text) or {}
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        raise CatalogError(f"{origin}: expected a non-empty mapping under 'models'")
+    catalog = {}
+    for model_id, spec in models.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("source"), str):
+            raise CatalogError(f"{origin}: model {model_id!r} needs a 'source' string")
+        _check_source(origin, model_id, spec["source"])
+        known = {"source", "description", "license", "max_seq_length", "owned_by"}
+        unknown = set(spec) - known
+        if unknown:
+            raise CatalogError(f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)}")
+        catalog[str(model_id)] = CatalogEntry(id=str(model_id), **spec)
+    return catalog
+
+
+def _check_source(origin: str, model_id: str, source: str) -> None:
+    if source.startswith("builtin:"):
+        if source.removeprefix("builtin:") not in BUILTIN_ARCHS:
+            raise CatalogError(f"{origin}: model {model_id!r}: unknown builtin {source!r}")
+    elif source.startswith("hf:"):
+        if "@" not in source:
+            raise CatalogError(
+                f"{origin}: model {model_id!r}: hub sources need a pinned revision (hf:repo@rev)"
+            )
+    elif source.startswith("s3://"):
+        if len(source.removeprefix("s3://").split("/", 1)) < 2:
+            raise CatalogError(f"{origin}: model {model_id!r}: s3 sources need s3://bucket/prefix")
+    elif not Path(source.removeprefix("path:")).is_absolute():
+        raise CatalogError(f"{origin}: model {model_id!r}: local sources must be absolute paths")
+
+
+def materialize(entry: CatalogEntry, settings: Settings) -> Path:
+    """A local directory holding the model and tokenizer, downloading or building it once."""
+    source = entry.source
+    cache = settings.resolved_model_cache_dir
+    if source.startswith("builtin:"):
+        from shared.builtin_models import build_tiny_chat_model
+
+        name = source.removeprefix("builtin:")
+        directory = cache / "builtin" / name
+        if not (directory / "config.json").exists():
+            build_tiny_chat_model(directory, arch=BUILTIN_ARCHS[name])
+        return directory
+    if source.startswith("s3://"):
+        return _download_s3(source, cache / "s3" / _digest(source), settings)
+    if source.startswith("hf:"):
+        return _download_hub(source.removeprefix("hf:"), cache / "hf")
+    directory = Path(source.removeprefix("path:"))
+    if not (directory / "config.json").exists():
+        raise ModelUnavailable(f"model {entry.id!r}: {directory} has no config.json on this worker")
+    return directory
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _download_s3(source: str, directory: Path, settings: Settings) -> Path:
+    from shared.storage import S3Storage, StorageError
+
+    if (directory / ".complete").exists():
+        return directory
+    bucket, prefix = source.removeprefix("s3://").split("/", 1)
+    store = S3Storage(
+        bucket=bucket,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+    )
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        files = store.download_prefix(prefix.rstrip("/") + "/", partial)
+    except StorageError as exc:
+        raise ModelUnavailable(f"could not download {source}: {exc}") from exc
+    if not (partial / "config.json").exists():
+        raise ModelUnavailable(f"{source} holds no config.json ({len(files)} files found)")
+    (partial / ".complete").touch()
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    return directory
+
+
+def _download_hub(spec: str, cache_dir: Path) -> Path:
+    repo_id, revision = spec.rsplit("@", 1)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available here"
+        raise ModelUnavailable(f"could not download {repo_id}@{revision} from the hub: {exc}") from exc
+    return Path(path)

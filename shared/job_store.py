@@ -1,0 +1,248 @@
+"""Job records and their event streams in Redis; a manifest per job in storage.
+
+Every status change goes through `transition`, which checks the state machine, writes the record
+and its event in one Redis transaction, then rewrites the job's manifest in object storage (the
+durable record from which Redis can be rebuilt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis import Redis, WatchError
+
+from shared import storage_keys
+from shared.job_states import JobState, check_transition, is_terminal
+from shared.listing import creation_score, page_ids
+from shared.records import JobError, JobRecord, now
+from shared.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+STATE_COUNTS_KEY = "tunery:jobs:states"
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class StaleAttempt(Exception):
+    """The caller works on an attempt that is no longer the job's current one: it must not publish."""
+
+
+def _record_key(job_id: str) -> str:
+    return f"tunery:job:{job_id}"
+
+
+def _events_key(job_id: str) -> str:
+    return f"tunery:job:{job_id}:events"
+
+
+def _index_key(tenant: str) -> str:
+    return f"tunery:tenant:{tenant}:jobs"
+
+
+def _event_id(stream_id: str) -> str:
+    return f"ftevent-{stream_id}"
+
+
+def _stream_id(event_id: str) -> str | None:
+    return event_id.removeprefix("ftevent-") if event_id.startswith("ftevent-") else None
+
+
+class JobStore:
+    def __init__(self, redis: Redis, storage: Storage, max_events: int = 10_000):
+        self.redis = redis
+        self.storage = storage
+        self.max_events = max_events
+
+    # -- records -----------------------------------------------------------------------------
+
+    def create(self, record: JobRecord, message: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(_record_key(record.id), record.model_dump_json())
+            pipe.zadd(_index_key(record.tenant), {record.id: creation_score()}, nx=True)
+            pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
+            self._queue_event(pipe, record.id, "info", message, "message", None)
+            pipe.execute()
+        self._write_manifest(record)
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The record, or None when missing or (with `tenant`) owned by another tenant."""
+        raw = self.redis.get(_record_key(job_id))
+        if raw is None:
+            return None
+        record = JobRecord.model_validate_json(raw)
+        if tenant is not None and record.tenant != tenant:
+            return None
+        return record
+
+    def require(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        return record
+
+    def list(self, tenant: str, *, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
+        ids, has_more = page_ids(self.redis, _index_key(tenant), after=after, limit=limit)
+        raws = self.redis.mget([_record_key(i) for i in ids]) if ids else []
+        return [JobRecord.model_validate_json(r) for r in raws if r is not None], has_more
+
+    def state_counts(self) -> dict[str, int]:
+        raw = self.redis.hgetall(STATE_COUNTS_KEY)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def update(
+        self, job_id: str, mutate: Callable[[JobRecord], None], *, expected_attempt: int | None = None
+    ) -> JobRecord:
+        """Apply `mutate` to the current record atomically (no state change: see `transition`)."""
+
+        def apply(record: JobRecord) -> None:
+            before = record.state
+            mutate(record)
+            if record.state is not before:
+                raise ValueError("use JobStore.transition to change a job's state")
+
+        record, _ = self._atomic(job_id, apply, expected_attempt=expected_attempt, event=None)
+        return record
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        message: str,
+        *,
+        level: str = "info",
+        expected_attempt: int | None = None,
+        error: JobError | None = None,
+        mutate: Callable[[JobRecord], None] | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> JobRecord:
+        """Move a job to `target` if the state machine allows it; raise IllegalTransition otherwise."""
+
+        def apply(record: JobRecord) -> None:
+            check_transition(record.state, target)
+            record.state = target
+            if error is not None:
+                record.error = error
+            if target is JobState.RUNNING and record.started_at is None:
+                record.started_at = now()
+            if is_terminal(target):
+                record.finished_at = now()
+                record.estimated_finish = None
+            if mutate is not None:
+                mutate(record)
+
+        record, previous = self._atomic(
+            job_id, apply, expected_attempt=expected_attempt, event=(level, message, data)
+        )
+        log.info("job %s: %s -> %s", job_id, previous.value, target.value)
+        self._write_manifest(record)
+        return record
+
+    def _atomic(
+        self,
+        job_id: str,
+        apply: Callable[[JobRecord], None],
+        *,
+        expected_attempt: int | None,
+        event: tuple[str, str, dict[str, Any] | None] | None,
+    ) -> tuple[JobRecord, JobState]:
+        key = _record_key(job_id)
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    record = JobRecord.model_validate_json(raw)
+                    if expected_attempt is not None and record.attempt != expected_attempt:
+                        raise StaleAttempt(
+                            f"job {job_id} is on attempt {record.attempt}, not {expected_attempt}"
+                        )
+                    previous = record.state
+                    apply(record)
+                    pipe.multi()
+                    pipe.set(key, record.model_dump_json())
+                    if record.state is not previous:
+                        pipe.hincrby(STATE_COUNTS_KEY, previous.value, -1)
+                        pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
+                    if event is not None:
+                        level, message, data = event
+                        self._queue_event(pipe, job_id, level, message, "message", data)
+                    pipe.execute()
+                    return record, previous
+                except WatchError:
+                    continue
+
+    def _write_manifest(self, record: JobRecord) -> None:
+        """Best effort after the Redis commit; the storage client already retries transient errors."""
+        try:
+            self.storage.put_bytes(
+                storage_keys.job_manifest_key(record.tenant, record.id),
+                record.model_dump_json(indent=2).encode(),
+            )
+        except StorageError:
+            log.exception("could not write the manifest of job %s", record.id)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def add_event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        type: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_event(pipe, job_id, level, message, type, data)
+            pipe.execute()
+
+    def _queue_event(
+        self, pipe: Any, job_id: str, level: str, message: str, type: str, data: dict[str, Any] | None
+    ) -> None:
+        body = {"created_at": now(), "level": level, "message": message, "type": type, "data": data}
+        pipe.xadd(_events_key(job_id), {"e": json.dumps(body)}, maxlen=self.max_events, approximate=True)
+
+    def list_events(
+        self, job_id: str, *, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first, as OpenAI lists them; `after` is the id of the last event already seen."""
+        upper = "+"
+        if after is not None:
+            stream_id = _stream_id(after)
+            if stream_id is None:
+                return [], False
+            upper = f"({stream_id}"
+        entries = self.redis.xrevrange(_events_key(job_id), max=upper, min="-", count=limit + 1)
+        events = []
+        for stream_id, fields in entries[:limit]:
+            body = json.loads(fields[b"e"])
+            events.append({"id": _event_id(stream_id.decode()), "object": "fine_tuning.job.event", **body})
+        return events, len(entries) > limit
+
+    def all_events(self, job_id: str) -> list[dict[str, Any]]:
+        """Oldest first; for tests and the metrics CSV cross-check."""
+        return [
+            {"id": _event_id(sid.decode()), **json.loads(fields[b"e"])}
+            for sid, fields in self.redis.xrange(_events_key(job_id))
+        ]
+
+
+def wait_for_state(
+    store: JobStore, job_id: str, states: set[JobState], timeout: float, poll: float = 0.2
+) -> JobRecord:
+    """Poll until the job reaches one of `states` (used by the CLI and tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        record = store.require(job_id)
+        if record.state in states or time.monotonic() > deadline:
+            return record
+        time.sleep(poll)

@@ -1,0 +1,35 @@
+"""Where each thing lives in object storage. Keys are built here from server-made ids only."""
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"tenants/{tenant}/"
+
+
+def file_key(tenant: str, file_id: str) -> str:
+    return f"tenants/{tenant}/files/{file_id}"
+
+
+def job_prefix(tenant: str, job_id: str) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/"
+
+
+def job_manifest_key(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "job.json"
+
+
+def adapter_prefix(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/adapter/"
+
+
+def tokenizer_prefix(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/tokenizer/"
+
+
+def evaluation_report_key(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/evaluation.json"
+
+
+def validation_split_key(tenant: str, job_id: str) -> str:
+    """Held-out rows the trainer set aside when the job had no validation file."""
+    return job_prefix(tenant, job_id) + "data/validation_split.jsonl"
+

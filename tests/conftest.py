@@ -1,0 +1,116 @@
+"""Shared fixtures: a real redis-server and a real S3-compatible server (moto in server mode).
+
+Both run as subprocesses on free ports for the whole session; per-test fixtures give each
+test a clean Redis database and its own bucket.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.storage import LocalStorage, S3Storage, Storage
+from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_for
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.fail(
+            "redis-server is not on PATH; install it with `apt-get install -y redis-server`", pytrace=False
+        )
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("redis")
+    log = open(data_dir / "redis.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes",
+            "--dir", str(data_dir),
+            "--daemonize", "no",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+        wait_for(client.ping, timeout=15, what=f"redis-server on port {port}", process=process)
+        client.close()
+        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, dir=data_dir)
+    finally:
+        stop_process(process)
+        log.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, emptied first so tests cannot see each other's keys."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+def _http_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # Any HTTP status means the server is up.
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _http_answers(endpoint_url), timeout=30, what="moto server", process=process)
+        yield S3Server(endpoint_url=endpoint_url, port=port)
+    finally:
+        stop_process(process)
+        log.close()
+
+
+@pytest.fixture
+def s3_storage(s3_server: S3Server) -> S3Storage:
+    """An S3Storage on a bucket of its own, with a key prefix so prefix handling is exercised."""
+    storage = S3Storage(
+        bucket=f"test-{uuid.uuid4().hex[:16]}",
+        prefix="tunery/",
+        endpoint_url=s3_server.endpoint_url,
+        access_key_id=s3_server.access_key_id,
+        secret_access_key=s3_server.secret_access_key,
+    )
+    storage.ensure_bucket()
+    return storage
+
+
+@pytest.fixture
+def local_storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest) -> Storage:
+    """Runs a test once per backend, so both keep the same behaviour."""
+    return request.getfixturevalue(f"{request.param}_storage")

@@ -62,4 +62,3 @@ class FileStore:
             pipe.delete(_record_key(record.id))
             pipe.zrem(_index_key(record.tenant), record.id)
             pipe.execute()
-

@@ -46,6 +46,10 @@ def _index_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:jobs"
 
 
+def _models_key(tenant: str) -> str:
+    return f"tunery:tenant:{tenant}:models"
+
+
 def _event_id(stream_id: str) -> str:
     return f"ftevent-{stream_id}"
 
@@ -190,6 +194,21 @@ class JobStore:
         except StorageError:
             log.exception("could not write the manifest of job %s", record.id)
 
+    # -- fine-tuned models ---------------------------------------------------------------------
+
+    def register_fine_tuned_model(self, record: JobRecord) -> None:
+        assert record.fine_tuned_model is not None
+        self.redis.zadd(_models_key(record.tenant), {f"{record.fine_tuned_model}\t{record.id}": now()})
+
+    def fine_tuned_models(self, tenant: str) -> list[tuple[str, str, int]]:
+        """(model id, job id, created) of a tenant's fine-tuned models, oldest first."""
+        entries = self.redis.zrange(_models_key(tenant), 0, -1, withscores=True)
+        models = []
+        for member, score in entries:
+            model_id, job_id = member.decode().split("\t")
+            models.append((model_id, job_id, int(score)))
+        return models
+
     # -- events ------------------------------------------------------------------------------
 
     def add_event(
@@ -211,9 +230,7 @@ class JobStore:
         body = {"created_at": now(), "level": level, "message": message, "type": type, "data": data}
         pipe.xadd(_events_key(job_id), {"e": json.dumps(body)}, maxlen=self.max_events, approximate=True)
 
-    def list_events(
-        self, job_id: str, *, after: str | None, limit: int
-    ) -> tuple[list[dict[str, Any]], bool]:
+    def list_events(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """Newest first, as OpenAI lists them; `after` is the id of the last event already seen."""
         upper = "+"
         if after is not None:

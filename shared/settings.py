@@ -43,6 +43,8 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Workers serve /metrics on these ports (0.0.0.0 in containers).
+    metrics_host: str = "127.0.0.1"
     trainer_metrics_port: int = 9101
     evaluator_metrics_port: int = 9102
 
@@ -57,6 +59,9 @@ class Settings(BaseSettings):
     # Examples kept per job's event stream (older ones are trimmed).
     max_events_per_job: int = Field(default=10_000, ge=100)
 
+    # prometheus-client multiprocess files (one folder per service); default <data_dir>/metrics.
+    metrics_dir: Path | None = None
+
     log_level: str = "INFO"
 
     @property
@@ -66,6 +71,10 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def resolved_metrics_dir(self) -> Path:
+        return self.metrics_dir or self.data_dir / "metrics"
 
     @property
     def resolved_torch_threads(self) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from io import BytesIO
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -286,10 +286,8 @@ class LocalStorage(Storage):
         top = self.root.joinpath(*base.rstrip("/").split("/"))
         if top.is_dir():
             for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
-                try:
+                with suppress(OSError):
                     os.rmdir(dirpath)
-                except OSError:
-                    pass
         return len(keys)
 
     def list_keys(self, prefix: str) -> list[str]:

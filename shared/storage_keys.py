@@ -32,4 +32,3 @@ def evaluation_report_key(tenant: str, job_id: str) -> str:
 def validation_split_key(tenant: str, job_id: str) -> str:
     """Held-out rows the trainer set aside when the job had no validation file."""
     return job_prefix(tenant, job_id) + "data/validation_split.jsonl"
-

@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,16 @@ import redis
 
 from shared.storage import LocalStorage, S3Storage, Storage
 from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_for
+
+
+def _wait_or_fail(predicate: Callable[[], object], what: str, process: subprocess.Popen, log: Path) -> None:
+    """Wait for a server; on failure show its log, which says why far better than a timeout."""
+    try:
+        wait_for(predicate, timeout=30, what=what, process=process)
+    except (RuntimeError, TimeoutError) as exc:
+        stop_process(process)
+        output = log.read_text(errors="replace")[-4000:]
+        pytest.fail(f"{exc}\n--- {log} ---\n{output}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -32,22 +42,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     port = free_port()
     data_dir = tmp_path_factory.mktemp("redis")
     log = open(data_dir / "redis.log", "wb")  # noqa: SIM115 - kept open for the server's lifetime
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "yes",
-            "--dir", str(data_dir),
-            "--daemonize", "no",
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    options = {
+        "port": str(port),
+        "bind": "127.0.0.1",
+        "save": "",
+        "appendonly": "yes",
+        "dir": str(data_dir),
+        "daemonize": "no",
+    }
+    command = [executable]
+    for name, value in options.items():
+        command += [f"--{name}", value]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-        wait_for(client.ping, timeout=15, what=f"redis-server on port {port}", process=process)
+        _wait_or_fail(client.ping, f"redis-server on port {port}", process, data_dir / "redis.log")
         client.close()
         yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, dir=data_dir)
     finally:
@@ -65,8 +74,10 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 def _http_answers(url: str) -> bool:
+    # No proxy: an http_proxy variable in CI must not intercept a request to 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=1):
+        with opener.open(url, timeout=1):
             return True
     except urllib.error.HTTPError:
         return True  # Any HTTP status means the server is up.
@@ -84,7 +95,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     )
     endpoint_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _http_answers(endpoint_url), timeout=30, what="moto server", process=process)
+        _wait_or_fail(lambda: _http_answers(endpoint_url), "moto server", process, log_path)
         yield S3Server(endpoint_url=endpoint_url, port=port)
     finally:
         stop_process(process)

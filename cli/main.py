@@ -1,0 +1,86 @@
+"""The `tunery` command: run the whole service or one part of it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shared.settings import Settings
+
+app = typer.Typer(help="Tunery: self-hosted LLM fine-tuning.", no_args_is_help=True, add_completion=False)
+
+
+def _settings(**overrides: object) -> Settings:
+    settings = Settings()
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return settings.model_copy(update=changes) if changes else settings
+
+
+def _setup(settings: Settings, service: str) -> Path:
+    """Logging, and a fresh prometheus multiprocess folder (before prometheus_client is imported)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+    )
+    directory = settings.resolved_metrics_dir.resolve() / service
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="API address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="API port [default: 8000]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder [default: ./.tunery]")] = None,
+) -> None:
+    """Run the API, a trainer and an evaluator (and Redis, when TUNERY_REDIS_URL is unset)."""
+    from cli.supervisor import SupervisorError, run_up
+
+    settings = _settings(api_host=host, api_port=port, data_dir=data_dir)
+    try:
+        raise typer.Exit(run_up(settings))
+    except SupervisorError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Address [default: TUNERY_API_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: TUNERY_API_PORT]")] = None,
+) -> None:
+    """Run the API alone."""
+    settings = _settings(api_host=host, api_port=port)
+    metrics_dir = _setup(settings, "api")
+    import uvicorn
+
+    from services.api.app import create_app
+
+    uvicorn.run(create_app(settings, metrics_dir), host=settings.api_host, port=settings.api_port)
+
+
+@app.command()
+def trainer() -> None:
+    """Run a trainer worker for the queue train:<TUNERY_GPU_CLASS>."""
+    settings = _settings()
+    metrics_dir = _setup(settings, "trainer")
+    from services.trainer.worker import run_worker
+
+    run_worker(settings, metrics_dir)
+
+
+@app.command()
+def evaluator() -> None:
+    """Run an evaluator worker for the queue eval."""
+    settings = _settings()
+    metrics_dir = _setup(settings, "evaluator")
+    from services.evaluator.worker import run_worker
+
+    run_worker(settings, metrics_dir)

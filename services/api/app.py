@@ -1,0 +1,100 @@
+"""The FastAPI application: OpenAI-style fine-tuning endpoints plus health and metrics."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis import Redis
+from redis.exceptions import RedisError
+
+from services.api import routes_files, routes_jobs, routes_models
+from services.api.context import Context
+from services.api.errors import install_error_handlers
+from shared import metrics
+from shared.catalog import load_catalog
+from shared.file_store import FileStore
+from shared.job_store import JobStore
+from shared.settings import Settings
+from shared.storage import StorageError, storage_from_settings
+
+
+def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> FastAPI:
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    storage = storage_from_settings(settings)
+    context = Context(
+        settings=settings,
+        redis=redis,
+        storage=storage,
+        files=FileStore(redis),
+        jobs=JobStore(redis, storage, settings.max_events_per_job),
+        catalog=load_catalog(settings),
+    )
+    process_metrics = metrics.registry(multiprocess_dir)
+    state_metrics = CollectorRegistry()
+    state_metrics.register(metrics.RedisStateCollector(redis))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        redis.close()
+
+    app = FastAPI(
+        title="Tunery",
+        version="0.1.0",
+        summary="Self-hosted LLM fine-tuning with an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def observe_latency(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.HTTP_REQUEST_SECONDS.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"], summary="Readiness: Redis and storage are reachable")
+    async def readyz() -> JSONResponse:
+        problems = await run_in_threadpool(_check_dependencies, context)
+        status = 503 if problems else 200
+        return JSONResponse({"status": "unavailable" if problems else "ok", "problems": problems}, status)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def metrics_endpoint() -> Response:
+        body = await run_in_threadpool(
+            lambda: generate_latest(process_metrics) + generate_latest(state_metrics)
+        )
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes_files.router)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_models.router)
+
+    return app
+
+
+def _check_dependencies(context: Context) -> list[str]:
+    problems = []
+    try:
+        context.redis.ping()
+    except RedisError as exc:
+        problems.append(f"redis: {exc}")
+    try:
+        context.storage.ping()
+    except StorageError as exc:
+        problems.append(f"storage: {exc}")
+    return problems

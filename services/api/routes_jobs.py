@@ -1,0 +1,133 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, and list a job's events."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
+
+from services.api.context import Context, current_tenant, get_context
+from services.api.errors import APIError, not_found
+from services.api.schemas import JobCreate, job_object, list_object
+from shared import hyperparams
+from shared.ids import new_job_id
+from shared.job_states import JobState, is_terminal
+from shared.queue import enqueue_training
+from shared.records import FileRecord, JobRecord, LoraSettings, now
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def _usable_file(ctx: Context, tenant: str, file_id: str, param: str) -> FileRecord:
+    record = ctx.files.get(file_id, tenant)
+    if record is None:
+        raise APIError(400, f"{param} {file_id} does not exist", code="file_not_found", param=param)
+    if record.purpose != "fine-tune":
+        raise APIError(400, f"{param} {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param=param)
+    if record.status != "processed":
+        raise APIError(
+            400,
+            f"{param} {file_id} is invalid: {record.status_details}",
+            code=f"invalid_{param}",
+            param=param,
+        )
+    return record
+
+
+def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
+    entry = ctx.catalog.get(body.model)
+    if entry is None:
+        raise APIError(
+            400,
+            f"model {body.model!r} is not in this server's catalog (see GET /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+    if body.integrations:
+        raise APIError(400, "integrations are not supported", param="integrations")
+    training = _usable_file(ctx, tenant, body.training_file, "training_file")
+    if body.validation_file is not None:
+        _usable_file(ctx, tenant, body.validation_file, "validation_file")
+    requested = body.requested_hyperparameters()
+    record = JobRecord(
+        id=new_job_id(),
+        tenant=tenant,
+        created_at=now(),
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        suffix=body.suffix,
+        metadata=body.metadata,
+        requested_hyperparameters=requested,
+        hyperparameters=hyperparams.resolve(requested, training.n_examples or 0),
+        lora=body.lora or LoraSettings(),
+        max_seq_length=entry.max_seq_length,
+    )
+    ctx.jobs.create(record, f"Created fine-tuning job {record.id}")
+    ctx.jobs.transition(record.id, JobState.QUEUED, "Validated training files; job queued")
+    enqueue_training(
+        ctx.redis, record.id, record.attempt, ctx.settings.gpu_class, ctx.settings.train_timeout_seconds
+    )
+    return ctx.jobs.require(record.id)
+
+
+@router.post("", summary="Create a fine-tuning job")
+async def create_job(
+    body: JobCreate, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+) -> dict:
+    return job_object(await run_in_threadpool(_create_job, ctx, tenant, body))
+
+
+@router.get("", summary="List fine-tuning jobs (newest first)")
+def list_jobs(
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(current_tenant),
+) -> dict:
+    records, has_more = ctx.jobs.list(tenant, after=after, limit=limit)
+    return list_object([job_object(r) for r in records], has_more)
+
+
+def _require_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
+    record = ctx.jobs.get(job_id, tenant)
+    if record is None:
+        raise not_found("fine-tuning job", job_id)
+    return record
+
+
+@router.get("/{job_id}", summary="Retrieve a fine-tuning job")
+def retrieve_job(
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+) -> dict:
+    return job_object(_require_job(ctx, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job")
+def cancel_job(
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+) -> dict:
+    record = _require_job(ctx, tenant, job_id)
+    if is_terminal(record.state):
+        # 400, not 409: the openai SDK retries 409s, and retrying cannot change a finished job.
+        raise APIError(
+            400, f"job {job_id} has already {record.state.value}", code="job_not_cancellable", param="job_id"
+        )
+    # A running trainer sees the state at its next optimizer step and stops without publishing.
+    return job_object(ctx.jobs.transition(job_id, JobState.CANCELLED, "Job cancelled by the user"))
+
+
+@router.get("/{job_id}/events", summary="List a job's events (newest first)")
+def list_events(
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(current_tenant),
+) -> dict:
+    _require_job(ctx, tenant, job_id)
+    events, has_more = ctx.jobs.list_events(job_id, after=after, limit=limit)
+    return list_object(events, has_more)

@@ -1,0 +1,175 @@
+"""Request bodies and the OpenAI-shaped objects the API returns.
+
+Objects carry every key the openai SDK's types name (null where empty); Tunery's extras are
+additional keys, which the SDK keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.job_states import public_status
+from shared.records import FileRecord, JobRecord, LoraSettings
+
+Auto = Literal["auto"]
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto | None = Field(default=None, description="1-50, or auto")
+    batch_size: int | Auto | None = Field(default=None, description="1-256, or auto")
+    learning_rate_multiplier: float | Auto | None = Field(
+        default=None, description="> 0 (at most 10), or auto"
+    )
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, value: Any) -> Any:
+        if isinstance(value, int) and not 1 <= value <= 50:
+            raise ValueError("must be between 1 and 50")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: Any) -> Any:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("must be between 1 and 256")
+        return value
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr(cls, value: Any) -> Any:
+        if isinstance(value, float | int) and not 0 < value <= 10:
+            raise ValueError("must be greater than 0 and at most 10")
+        return value
+
+    def requested(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class SupervisedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is available yet.")
+    supervised: SupervisedIn | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A model id from GET /v1/models (the operator's catalog).")
+    training_file: str
+    validation_file: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    metadata: dict[str, str] | None = None
+    hyperparameters: HyperparametersIn | None = Field(
+        default=None, description="Deprecated by OpenAI in favour of method; accepted."
+    )
+    method: MethodIn | None = None
+    integrations: list[dict[str, Any]] | None = None
+    lora: LoraSettings | None = Field(
+        default=None,
+        description="Tunery extra (send via extra_body): LoRA r, alpha, dropout, target modules.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("at most 16 key-value pairs")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+    def requested_hyperparameters(self) -> dict[str, Any]:
+        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
+            return self.method.supervised.hyperparameters.requested()
+        if self.hyperparameters:
+            return self.hyperparameters.requested()
+        return {}
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": record.status,
+        "status_details": record.status_details,
+        "expires_at": None,
+        # Tunery extras
+        "format": record.format,
+        "n_examples": record.n_examples,
+        "sha256": record.sha256,
+    }
+
+
+def job_object(record: JobRecord) -> dict[str, Any]:
+    hp = record.hyperparameters
+    hyperparameters = {
+        "batch_size": hp.batch_size,
+        "learning_rate_multiplier": hp.learning_rate_multiplier,
+        "n_epochs": hp.n_epochs,
+    }
+    return {
+        "id": record.id,
+        "object": "fine_tuning.job",
+        "created_at": record.created_at,
+        "model": record.model,
+        "organization_id": record.tenant,
+        "training_file": record.training_file,
+        "validation_file": record.validation_file,
+        "hyperparameters": hyperparameters,
+        "method": {
+            "type": record.method_type,
+            "supervised": {"hyperparameters": hyperparameters},
+            "dpo": None,
+        },
+        "status": public_status(record.state),
+        "error": record.error.model_dump() if record.error else None,
+        "fine_tuned_model": record.fine_tuned_model,
+        "finished_at": record.finished_at,
+        "trained_tokens": record.trained_tokens,
+        "estimated_finish": record.estimated_finish,
+        "result_files": record.result_files,
+        "seed": record.seed,
+        "suffix": record.suffix,
+        "metadata": record.metadata,
+        "integrations": [],
+        "user_provided_suffix": record.suffix,
+        # Tunery extras
+        "stage": record.state.value,
+        "started_at": record.started_at,
+        "learning_rate": hp.learning_rate,
+        "hyperparameter_reasons": hp.reasons,
+        "requested_hyperparameters": record.requested_hyperparameters,
+        "lora": record.lora.model_dump(),
+        "max_seq_length": record.max_seq_length,
+        "progress": record.progress.model_dump(),
+        "evaluation": record.evaluation,
+        "attempt": record.attempt,
+    }
+
+
+def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

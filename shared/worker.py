@@ -1,0 +1,51 @@
+"""The RQ worker both the trainer and the evaluator run.
+
+RQ forks a work horse per task. The parent never imports torch (so CUDA is never initialised
+before a fork); tasks import it. On SIGTERM RQ would wait for the task to finish (hours) and then
+be SIGKILLed by Kubernetes, so this worker passes the signal on to the work horse, whose task
+stops at its next step and hands its job back to the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from prometheus_client import start_http_server
+from redis import Redis
+from rq import Worker
+from rq.serializers import JSONSerializer
+
+from shared import metrics
+from shared.queue import queue
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PreemptibleWorker(Worker):
+    def request_stop(self, signum, frame):  # type: ignore[no-untyped-def]
+        if self.horse_pid:
+            log.info("passing signal %s on to work horse %s", signum, self.horse_pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.horse_pid, signal.SIGTERM)
+        super().request_stop(signum, frame)
+
+
+def run_worker(
+    settings: Settings, service: str, queue_names: list[str], metrics_port: int, multiprocess_dir: Path | None
+) -> None:
+    start_http_server(metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir))
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    worker = PreemptibleWorker(
+        [queue(redis, name) for name in queue_names],
+        connection=redis,
+        serializer=JSONSerializer,
+        name=f"{service}-{socket.gethostname()}-{os.getpid()}",
+    )
+    log.info("%s worker listening on %s; metrics on :%s", service, ", ".join(queue_names), metrics_port)
+    worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)

@@ -125,3 +125,21 @@ def local_storage(tmp_path: Path) -> LocalStorage:
 def storage(request: pytest.FixtureRequest) -> Storage:
     """Runs a test once per backend, so both keep the same behaviour."""
     return request.getfixturevalue(f"{request.param}_storage")
+
+
+@pytest.fixture
+def api_settings(redis_url: str, tmp_path: Path):
+    from shared.settings import Settings
+
+    return Settings(redis_url=redis_url, data_dir=tmp_path / "data", progress_interval_seconds=0.0)
+
+
+@pytest.fixture
+def api(api_settings):
+    """The API app in-process (TestClient) on the real test Redis and a local storage folder."""
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+
+    with TestClient(create_app(api_settings)) as client:
+        yield client

@@ -1,0 +1,287 @@
+"""Supervised LoRA fine-tuning of a causal LM on chat examples: one readable training loop.
+
+The same code runs a 7B model on GPUs (bf16 where supported, devices and processes from accelerate) and a
+tiny model on a CPU in tests. Loss is per trainable token across the whole accumulation window (and all
+processes), so gradient accumulation and batch size do not change what is optimised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+from shared.chat_data import Messages, check_eos, check_trainable, collate, iter_batches, tokenize_chat
+from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    model_dir: Path
+    output_dir: Path
+    train_examples: list[Messages]
+    valid_examples: list[Messages] | None
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str] | None  # None: peft's default for the architecture, else all linear layers
+    max_seq_length: int
+    seed: int
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    total_steps: int
+    epoch: float  # fractional progress through the epochs
+    train_loss: float  # per trainable token over the step's accumulation window
+    train_accuracy: float  # argmax == label over the window's trainable tokens
+    learning_rate: float
+    grad_norm: float  # before clipping
+    tokens_per_second: float  # non-pad tokens (prompt and completion) per second of this step
+    trained_tokens: int  # cumulative non-pad tokens
+    step_seconds: float
+
+
+class TrainingHooks(Protocol):
+    def on_step(self, m: StepMetrics) -> None:
+        """Called after every optimizer step (on the main process)."""
+
+    def on_epoch_end(self, epoch: int, valid_metrics: dict[str, float] | None) -> None:
+        """Called after each epoch (1-based) with `evaluate_causal_lm` results when there is valid data."""
+
+    def should_stop(self) -> bool:
+        """Checked after every optimizer step: True (cancel, preemption) ends training without saving."""
+
+
+@dataclass
+class SFTResult:
+    steps_completed: int
+    total_steps: int
+    trained_tokens: int
+    stopped_early: bool
+    metrics_rows: list[
+        dict[str, Any]
+    ]  # step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy
+    warnings: list[str]  # data and template problems that do not stop training
+
+
+def count_optimizer_steps(
+    n_examples: int, batch_size: int, gradient_accumulation_steps: int, n_epochs: int, num_processes: int = 1
+) -> int:
+    """Optimizer steps `train_sft` takes: a short last batch and a short last window each still count."""
+    batches_per_process = math.ceil(math.ceil(n_examples / batch_size) / num_processes)
+    return n_epochs * math.ceil(batches_per_process / gradient_accumulation_steps)
+
+
+def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
+    """Train a LoRA adapter; save `adapter/` and `tokenizer/` under output_dir unless stopped early."""
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    set_seed(config.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.model_dir,
+        dtype=_weights_dtype(accelerator.device),  # explicit: transformers 5 defaults to the checkpoint's
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # Data checks before any compute: the stop token, then that every example has something to learn.
+    eos_ids = _generation_eos_ids(model, tokenizer)
+    warnings = check_eos(tokenizer, eos_ids)
+    train = [
+        tokenize_chat(tokenizer, m, config.max_seq_length, eos_token_ids=eos_ids)
+        for m in config.train_examples
+    ]
+    warnings += check_trainable(train, config.train_examples, dataset="training")
+    valid = [
+        tokenize_chat(tokenizer, m, config.max_seq_length, eos_token_ids=eos_ids)
+        for m in config.valid_examples or []
+    ]
+    if valid:
+        warnings += check_trainable(valid, config.valid_examples, dataset="validation")
+    for warning in warnings:
+        log.warning(warning)
+
+    model = get_peft_model(model, _lora_config(config, model.config.model_type))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    loader = DataLoader(
+        train,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        collate_fn=partial(collate, pad_token_id=pad_id),
+    )
+    total_steps = count_optimizer_steps(
+        len(train),
+        config.batch_size,
+        config.gradient_accumulation_steps,
+        config.n_epochs,
+        accelerator.num_processes,
+    )
+    # Not passed to prepare(): accelerate's scheduler wrapper steps once per process per call.
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = total_steps // config.n_epochs
+
+    step, trained_tokens, rows = 0, 0, []
+    for epoch in range(1, config.n_epochs + 1):
+        model.train()
+        window = _Window()
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+                stats = token_stats(logits, batch["labels"])
+                accelerator.backward(stats.loss_sum)
+                window.add(stats, batch["attention_mask"].sum())
+                if accelerator.sync_gradients:
+                    totals = accelerator.reduce(window.totals(), reduction="sum")
+                    loss_sum, n_correct, n_tokens, n_input = totals.tolist()
+                    # Gradients hold the summed token losses, divided by the accumulation steps inside
+                    # accelerator.backward and averaged over processes; make them per trainable token.
+                    scale = config.gradient_accumulation_steps * accelerator.num_processes / n_tokens
+                    for p in model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    learning_rate = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            trained_tokens += int(n_input)
+            seconds = time.perf_counter() - window.started
+            metrics = StepMetrics(
+                step=step,
+                total_steps=total_steps,
+                epoch=step / steps_per_epoch,
+                train_loss=loss_sum / n_tokens,
+                train_accuracy=n_correct / n_tokens,
+                learning_rate=learning_rate,
+                grad_norm=float(grad_norm),
+                tokens_per_second=n_input / seconds,
+                trained_tokens=trained_tokens,
+                step_seconds=seconds,
+            )
+            rows.append(
+                {
+                    "step": step,
+                    "train_loss": metrics.train_loss,
+                    "train_accuracy": metrics.train_accuracy,
+                    "valid_loss": None,
+                    "valid_mean_token_accuracy": None,
+                }
+            )
+            if accelerator.is_main_process:
+                hooks.on_step(metrics)
+            if _stop_requested(accelerator, hooks):
+                return SFTResult(step, total_steps, trained_tokens, True, rows, warnings)
+            window = _Window()
+
+        valid_metrics = None
+        if valid:
+            # Every process evaluates the whole (small) set on its unwrapped model: no collectives, no
+            # process left waiting at a barrier while another evaluates.
+            batches = iter_batches(valid, config.batch_size, pad_id)
+            valid_metrics = evaluate_causal_lm(accelerator.unwrap_model(model), batches)
+            rows[-1]["valid_loss"] = valid_metrics["loss"]
+            rows[-1]["valid_mean_token_accuracy"] = valid_metrics["mean_token_accuracy"]
+        if accelerator.is_main_process:
+            hooks.on_epoch_end(epoch, valid_metrics)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(
+            config.output_dir / "adapter", safe_serialization=True
+        )
+        tokenizer.save_pretrained(config.output_dir / "tokenizer")
+    return SFTResult(step, total_steps, trained_tokens, False, rows, warnings)
+
+
+class _Window:
+    """Running sums over the micro-batches of one optimizer step."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.sums: list[torch.Tensor] = []
+
+    def add(self, stats: TokenStats, n_input: torch.Tensor) -> None:
+        values = (stats.loss_sum.detach(), stats.n_correct, stats.n_tokens, n_input)
+        self.sums.append(torch.stack([v.double() for v in values]))
+
+    def totals(self) -> torch.Tensor:
+        return torch.stack(self.sums).sum(dim=0)
+
+
+def _weights_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _generation_eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The ids generation stops on: generation_config's EOS (an int or a list), else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return {tokenizer.eos_token_id}
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _lora_config(config: SFTConfig, model_type: str) -> LoraConfig:
+    target_modules: list[str] | str | None = config.target_modules
+    if target_modules is None and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        target_modules = "all-linear"  # peft has no default for this architecture
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target_modules,
+    )
+
+
+def _stop_requested(accelerator: Accelerator, hooks: TrainingHooks) -> bool:
+    """The main process's answer, shared with all processes so they stop at the same step."""
+    flag = float(accelerator.is_main_process and hooks.should_stop())
+    return bool(accelerator.reduce(torch.tensor(flag, device=accelerator.device), reduction="sum") > 0)

@@ -1,0 +1,325 @@
+"""The training task an RQ work horse runs: one attempt at one job, from queued to evaluating.
+
+It fetches what the job needs, runs the SFT recipe with hooks that report progress and obey
+cancel and preemption, publishes the artifacts, and hands the job to the evaluator. A stale
+attempt (the job moved on without it) never publishes anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from services.trainer.sft import SFTConfig, SFTResult, StepMetrics, count_optimizer_steps, train_sft
+from shared import metrics, storage_keys
+from shared.catalog import load_catalog, materialize
+from shared.chat_data import ChatTemplateError, DataError, read_chat_jsonl
+from shared.failures import JobFailure, classify
+from shared.file_store import FileStore
+from shared.ids import new_file_id
+from shared.job_states import JobState
+from shared.job_store import JobStore, StaleAttempt
+from shared.queue import enqueue_evaluation, enqueue_training
+from shared.records import FileRecord, JobRecord, now
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, storage_from_settings
+
+log = logging.getLogger(__name__)
+
+# When a job has no validation file, this share of its rows is held out for evaluation.
+HOLDOUT_FRACTION = 0.1
+MAX_HOLDOUT_ROWS = 1000
+RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+
+
+class _Preemption:
+    """Set by SIGTERM (passed on by the worker): stop at the next step and requeue the job."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        cls.requested = False
+        signal.signal(signal.SIGTERM, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum: int, frame: object) -> None:
+        cls.requested = True
+
+
+def run_training(job_id: str, attempt: int) -> str:
+    """RQ entry point. Returns a short outcome for RQ's own record."""
+    _Preemption.install()
+    settings = get_settings()
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    storage = storage_from_settings(settings)
+    jobs = JobStore(redis, storage, settings.max_events_per_job)
+    record = jobs.get(job_id)
+    if record is None or record.attempt != attempt or record.state is not JobState.QUEUED:
+        state = record.state.value if record else "missing"
+        log.info("skipping %s attempt %s: job is %s", job_id, attempt, state)
+        return f"skipped ({state})"
+    try:
+        jobs.transition(job_id, JobState.RUNNING, "Training started", expected_attempt=attempt)
+        return TrainingRun(settings, redis, storage, jobs, record).run()
+    except StaleAttempt as exc:
+        log.warning("%s", exc)
+        return "stale attempt"
+    except Exception as exc:
+        error, expected = classify(exc)
+        _fail(jobs, job_id, attempt, error)
+        metrics.TASKS_FINISHED.labels("trainer", "failed").inc()
+        if not expected:
+            raise
+        return f"failed: {error.code}"
+
+
+def _fail(jobs: JobStore, job_id: str, attempt: int, error: Any) -> None:
+    try:
+        jobs.transition(
+            job_id, JobState.FAILED, f"Job failed: {error.message}", level="error",
+            expected_attempt=attempt, error=error,
+        )  # fmt: skip
+    except Exception:  # already cancelled or moved on: nothing to report
+        log.exception("could not mark %s failed", job_id)
+
+
+@dataclass
+class TrainingRun:
+    settings: Settings
+    redis: Redis
+    storage: Storage
+    jobs: JobStore
+    record: JobRecord
+    workdir: Path = field(init=False)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+    def run(self) -> str:
+        with tempfile.TemporaryDirectory(prefix=f"tunery-{self.job_id}-") as tmp:
+            self.workdir = Path(tmp)
+            model_dir = self._fetch_model()
+            train_rows, valid_rows, valid_source = self._fetch_data()
+            total_steps = count_optimizer_steps(
+                len(train_rows),
+                self.record.hyperparameters.batch_size,
+                1,
+                self.record.hyperparameters.n_epochs,
+            )
+            self._event(
+                f"Training on {len(train_rows)} examples, validating on {len(valid_rows)} ({valid_source}); "
+                f"{total_steps} steps",
+                data={"train_examples": len(train_rows), "valid_examples": len(valid_rows),
+                      "validation_source": valid_source, "total_steps": total_steps},
+            )  # fmt: skip
+            hooks = ProgressHooks(self, total_steps)
+            try:
+                result = train_sft(self._config(model_dir, train_rows, valid_rows), hooks)
+            except DataError as exc:
+                raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
+            except ChatTemplateError as exc:
+                raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
+            if result.stopped_early:
+                return self._stopped(hooks)
+            self._publish(result)
+            metrics.TASKS_FINISHED.labels("trainer", "trained").inc()
+            return "trained"
+
+    def _event(self, message: str, **kwargs: Any) -> None:
+        self.jobs.add_event(self.job_id, message, **kwargs)
+
+    def _fetch_model(self) -> Path:
+        catalog = load_catalog(self.settings)
+        entry = catalog.get(self.record.model)
+        if entry is None:
+            raise JobFailure(
+                "model_not_found", f"model {self.record.model!r} is no longer in the catalog", "model"
+            )
+        self._event(f"Fetching base model {entry.id}")
+        return materialize(entry, self.settings)
+
+    def _download_rows(self, file_id: str, param: str) -> list[list[dict[str, Any]]]:
+        file = FileStore(self.redis).get(file_id, self.record.tenant)
+        if file is None:
+            raise JobFailure(
+                "file_not_found", f"{param} {file_id} was deleted before training started", param
+            )
+        path = self.workdir / f"{file_id}.jsonl"
+        self.storage.download_file(file.storage_key, path)
+        return read_chat_jsonl(path)
+
+    def _fetch_data(self) -> tuple[list, list, str]:
+        rows = self._download_rows(self.record.training_file, "training_file")
+        if self.record.validation_file:
+            return (
+                rows,
+                self._download_rows(self.record.validation_file, "validation_file"),
+                "validation_file",
+            )
+        shuffled = rows[:]
+        random.Random(self.record.seed).shuffle(shuffled)
+        n_valid = max(1, min(MAX_HOLDOUT_ROWS, round(len(rows) * HOLDOUT_FRACTION)))
+        valid, train = shuffled[:n_valid], shuffled[n_valid:]
+        body = "".join(json.dumps({"messages": m}) + "\n" for m in valid).encode()
+        self.storage.put_bytes(storage_keys.validation_split_key(self.record.tenant, self.job_id), body)
+        return train, valid, "held_out_split"
+
+    def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> SFTConfig:
+        hp = self.record.hyperparameters
+        lora = self.record.lora
+        return SFTConfig(
+            model_dir=model_dir,
+            output_dir=self.workdir / "output",
+            train_examples=train_rows,
+            valid_examples=valid_rows,
+            n_epochs=hp.n_epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            lora_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            max_seq_length=self.record.max_seq_length,
+            seed=self.record.seed,
+            torch_threads=self.settings.resolved_torch_threads,
+            trust_remote_code=self.settings.allow_trust_remote_code,
+        )
+
+    def _stopped(self, hooks: ProgressHooks) -> str:
+        if hooks.preempted:
+            next_attempt = self.record.attempt + 1
+
+            def bump(record: JobRecord) -> None:
+                record.attempt = next_attempt
+
+            self.jobs.transition(
+                self.job_id, JobState.QUEUED, "Worker is shutting down; job returned to the queue",
+                level="warn", expected_attempt=self.record.attempt, mutate=bump,
+            )  # fmt: skip
+            enqueue_training(
+                self.redis, self.job_id, next_attempt, self.settings.gpu_class,
+                self.settings.train_timeout_seconds,
+            )  # fmt: skip
+            return "preempted"
+        return "stopped"
+
+    def _publish(self, result: SFTResult) -> None:
+        tenant = self.record.tenant
+        output = self.workdir / "output"
+        self.storage.upload_directory(output / "adapter", storage_keys.adapter_prefix(tenant, self.job_id))
+        self.storage.upload_directory(
+            output / "tokenizer", storage_keys.tokenizer_prefix(tenant, self.job_id)
+        )
+        result_file = self._store_result_csv(result.metrics_rows)
+        self._event("Artifacts uploaded: adapter, tokenizer, step metrics")
+        attempt = self.record.attempt
+
+        def finish_training(record: JobRecord) -> None:
+            record.trained_tokens = result.trained_tokens
+            record.result_files = [result_file.id]
+            record.artifacts = {
+                "adapter": storage_keys.adapter_prefix(tenant, self.job_id),
+                "tokenizer": storage_keys.tokenizer_prefix(tenant, self.job_id),
+            }
+            record.estimated_finish = None
+
+        self.jobs.transition(
+            self.job_id, JobState.EVALUATING,
+            f"Training finished after {result.steps_completed} steps; evaluating",
+            expected_attempt=attempt, mutate=finish_training,
+        )  # fmt: skip
+        enqueue_evaluation(self.redis, self.job_id, attempt, self.settings.eval_timeout_seconds)
+
+    def _store_result_csv(self, rows: list[dict[str, Any]]) -> FileRecord:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in RESULT_COLUMNS})
+        file_id = new_file_id()
+        key = storage_keys.file_key(self.record.tenant, file_id)
+        stored = self.storage.put_stream(key, io.BytesIO(text.getvalue().encode()))
+        record = FileRecord(
+            id=file_id, tenant=self.record.tenant, filename=f"{self.job_id}_step_metrics.csv",
+            purpose="fine-tune-results", bytes=stored.size, created_at=now(), status="processed",
+            sha256=stored.sha256, storage_key=key, format="csv", n_examples=len(rows),
+        )  # fmt: skip
+        FileStore(self.redis).save(record)
+        return record
+
+
+class ProgressHooks:
+    """Reports steps as job progress and metrics events, and says when the loop must stop."""
+
+    def __init__(self, run: TrainingRun, total_steps: int):
+        self.run = run
+        self.total_steps = total_steps
+        self.gpu_class = run.settings.gpu_class
+        self.interval = run.settings.progress_interval_seconds
+        self.last_report = 0.0
+        self.last_tokens = 0
+        self.started = time.monotonic()
+        self.preempted = False
+
+    def on_step(self, m: StepMetrics) -> None:
+        metrics.TRAINED_TOKENS.labels(self.gpu_class).inc(m.trained_tokens - self.last_tokens)
+        metrics.TRAINING_STEP_SECONDS.labels(self.gpu_class).observe(m.step_seconds)
+        metrics.TRAINING_TOKENS_PER_SECOND.labels(self.gpu_class).set(m.tokens_per_second)
+        self.last_tokens = m.trained_tokens
+        clock = time.monotonic()
+        if clock - self.last_report < self.interval and m.step != m.total_steps:
+            return
+        self.last_report = clock
+        elapsed = clock - self.started
+        remaining = elapsed / m.step * (m.total_steps - m.step) if m.step else None
+        data = {
+            "step": m.step, "total_steps": m.total_steps, "epoch": round(m.epoch, 4),
+            "train_loss": m.train_loss, "train_mean_token_accuracy": m.train_accuracy,
+            "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
+            "tokens_per_second": round(m.tokens_per_second, 1), "trained_tokens": m.trained_tokens,
+        }  # fmt: skip
+        self.run.jobs.add_event(
+            self.run.job_id, f"Step {m.step}/{m.total_steps}: training loss={m.train_loss:.4f}",
+            type="metrics", data=data,
+        )  # fmt: skip
+
+        def progress(record: JobRecord) -> None:
+            record.progress.step = m.step
+            record.progress.total_steps = m.total_steps
+            record.progress.epoch = m.epoch
+            record.progress.train_loss = m.train_loss
+            record.progress.learning_rate = m.learning_rate
+            record.progress.tokens_per_second = m.tokens_per_second
+            record.progress.updated_at = now()
+            record.trained_tokens = m.trained_tokens
+            record.estimated_finish = now() + int(remaining) if remaining is not None else None
+
+        self.run.jobs.update(self.run.job_id, progress, expected_attempt=self.run.record.attempt)
+
+    def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
+        detail = f"; validation loss={valid_metrics['loss']:.4f}" if valid_metrics else ""
+        self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
+
+    def should_stop(self) -> bool:
+        if _Preemption.requested:
+            self.preempted = True
+            return True
+        record = self.run.jobs.get(self.run.job_id)
+        return (
+            record is None
+            or record.state is not JobState.RUNNING
+            or record.attempt != self.run.record.attempt
+        )

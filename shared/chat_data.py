@@ -1,0 +1,223 @@
+"""OpenAI chat examples → training tensors, shared by the trainer and the evaluator.
+
+Loss is computed only on what the model must generate: each trained assistant message's content and the
+end-of-turn token after it. The spans come from the tokenizer's own chat template, rendered one turn at a
+time, so masking can never silently drift from what the template produces (the "trains on nothing" bug).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
+
+Messages = list[dict[str, Any]]
+
+
+class DataError(ValueError):
+    """The user's examples cannot be trained on as they are."""
+
+
+class ChatTemplateError(ValueError):
+    """The base model's tokenizer or chat template cannot be used for chat fine-tuning."""
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]  # the token where trained, else IGNORE_INDEX
+    truncated: bool
+
+    @property
+    def n_trainable(self) -> int:
+        """Tokens that carry loss: the first position is never a target (nothing predicts it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+def read_chat_jsonl(path: Path) -> list[Messages]:
+    """The `messages` list of every non-blank line (the file was validated when uploaded)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    max_length: int,
+    *,
+    eos_token_ids: Collection[int] | None = None,
+) -> TokenizedExample:
+    """Token ids and labels for one conversation, truncated to `max_length` tokens.
+
+    Labels cover every assistant message not marked `"weight": 0`, from its first content token through
+    its end-of-turn token (the last of `eos_token_ids` in its turn, default the tokenizer's EOS); what the
+    template puts after that token (e.g. ChatML's newline) is never generated, so it is not trained.
+    """
+    stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
+    input_ids = _encode(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        start = _prefix_length(tokenizer, messages[:i], input_ids, add_generation_prompt=True)
+        end = _prefix_length(tokenizer, messages[: i + 1], input_ids, add_generation_prompt=False)
+        stops = [j for j in range(start, end) if input_ids[j] in stop_ids]
+        if stops:
+            end = stops[-1] + 1
+        labels[start:end] = input_ids[start:end]
+    truncated = len(input_ids) > max_length
+    return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+
+
+def check_trainable(
+    examples: Sequence[TokenizedExample], conversations: Sequence[Messages], *, dataset: str = "training"
+) -> list[str]:
+    """Fail when any example has no trainable token left; return warnings about truncated examples.
+
+    An example without trainable tokens contributes nothing but would hide a data or masking mistake, so it
+    is an error naming the example. `conversations[i]` is the source of `examples[i]`; messages call it
+    line i + 1, its line in a JSONL file without blank lines.
+    """
+    empty = [i for i, example in enumerate(examples) if example.n_trainable == 0]
+    if empty:
+        details = [
+            f"{dataset} example {i} (line {i + 1}) has no trainable tokens after masking: "
+            f"{_why_untrainable(conversations[i], examples[i])}"
+            for i in empty[:5]
+        ]
+        more = f"; and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise DataError("; ".join(details) + more)
+    truncated = [i for i, example in enumerate(examples) if example.truncated]
+    if not truncated:
+        return []
+    first = truncated[0]
+    return [
+        f"{len(truncated)} of {len(examples)} {dataset} examples are longer than the maximum sequence "
+        f"length ({len(examples[first].input_ids)} tokens) and were truncated, e.g. example {first} "
+        f"(line {first + 1}); their tails are not trained"
+    ]
+
+
+def check_eos(tokenizer: PreTrainedTokenizerBase, eos_token_ids: Collection[int] | None = None) -> list[str]:
+    """Fail when the chat template ends assistant turns with a token that does not stop generation.
+
+    A model tuned on such a template learns to emit the template's end-of-turn token, which generation does
+    not stop on: it "never stops". `eos_token_ids` are the ids generation stops on (the model's
+    generation_config); default the tokenizer's EOS. Returns warnings for weaker mismatches.
+    """
+    stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
+    content = "Tunery EOS probe"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]
+    prompt = _render(tokenizer, conversation[:1], add_generation_prompt=True)
+    full = _render(tokenizer, conversation, add_generation_prompt=False)
+    at = full.find(content, len(prompt))
+    if not full.startswith(prompt) or at < 0:
+        raise ChatTemplateError(
+            f"{_name(tokenizer)}: the chat template does not render an assistant reply after its own "
+            f"generation prompt ({prompt!r} → {full!r}), so assistant turns cannot be located"
+        )
+    end_of_turn = full[at + len(content) :]
+    end_ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
+    stop = next((t for t in end_ids if t in stop_ids), None)
+    if stop is None:
+        raise ChatTemplateError(
+            f"{_name(tokenizer)}: the chat template ends assistant turns with {end_of_turn!r}, which "
+            f"contains none of the EOS tokens generation stops on ({_tokens(tokenizer, stop_ids)}); a model "
+            "tuned on it would never stop generating. Fix the tokenizer's eos_token or the model's "
+            "generation_config.eos_token_id"
+        )
+    if stop != tokenizer.eos_token_id:
+        return [
+            f"{_name(tokenizer)}: assistant turns end with {_tokens(tokenizer, [stop])}, which "
+            f"generation_config stops on, but the tokenizer's eos_token is {tokenizer.eos_token!r}; "
+            "servers that stop only on the tokenizer's EOS will not stop"
+        ]
+    return []
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the batch; padding gets no attention and no loss."""
+    width = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def iter_batches(
+    examples: Sequence[TokenizedExample], batch_size: int, pad_token_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Evaluation batches, longest examples first: less padding, and any out-of-memory shows at once."""
+    ordered = sorted(examples, key=lambda example: len(example.input_ids), reverse=True)
+    for i in range(0, len(ordered), batch_size):
+        yield collate(ordered[i : i + batch_size], pad_token_id)
+
+
+def _prefix_length(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    full_ids: list[int],
+    *,
+    add_generation_prompt: bool,
+) -> int:
+    """Length of the rendering of `messages`, checked to be a token prefix of the whole conversation."""
+    ids = _encode(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if full_ids[: len(ids)] != ids:
+        raise ChatTemplateError(
+            f"{_name(tokenizer)}: rendering the first {len(messages)} messages"
+            f"{' with a generation prompt' if add_generation_prompt else ''} does not give a token prefix of "
+            "the whole conversation (the template rewrites earlier turns, or tokens merge across the turn "
+            "boundary), so assistant tokens cannot be located for loss masking"
+        )
+    return len(ids)
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool
+) -> list[int]:
+    # The rendered text already holds any BOS the template wants; adding special tokens would double it.
+    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja errors, raise_exception() in templates, a missing template
+        raise ChatTemplateError(f"{_name(tokenizer)}: the chat template failed: {exc}") from exc
+
+
+def _why_untrainable(messages: Messages, example: TokenizedExample) -> str:
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if not assistants:
+        return "it has no assistant message"
+    if all(m.get("weight", 1) == 0 for m in assistants):
+        return "every assistant message has weight 0"
+    if example.truncated:
+        return (
+            f"truncation to {len(example.input_ids)} tokens (the maximum sequence length) cut off every "
+            "trained assistant message"
+        )
+    return "the chat template rendered no assistant tokens"
+
+
+def _name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return f"model {tokenizer.name_or_path or type(tokenizer).__name__}"
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, ids: Collection[int]) -> str:
+    return ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" for i in sorted(ids))

@@ -1,0 +1,22 @@
+"""Helpers for API tests: an app on the real test Redis, chat files to upload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+IDENTITY_CHAT = EXAMPLES / "identity_chat.jsonl"
+
+
+def chat_lines(n: int) -> bytes:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()

@@ -1,0 +1,115 @@
+"""The fine-tuning job endpoints, without workers: creation, resolution of "auto", cancel, events."""
+
+from __future__ import annotations
+
+import redis
+
+from shared.queue import queue, train_queue_name
+from tests.api_fixtures import chat_lines
+
+
+def upload(api, n: int = 20) -> str:
+    return api.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_lines(n))}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+
+
+def create(api, training_file: str, **body):
+    return api.post(
+        "/v1/fine_tuning/jobs", json={"model": "tunery/tiny-chat", "training_file": training_file, **body}
+    )
+
+
+def test_created_job_is_queued_with_resolved_hyperparameters(api, redis_url):
+    response = create(api, upload(api, 20), suffix="demo", seed=7)
+    assert response.status_code == 200
+    job = response.json()
+    assert job["object"] == "fine_tuning.job"
+    assert job["status"] == "queued"
+    assert job["seed"] == 7
+    # 20 examples × 5 epochs = 100: OpenAI's heuristic lifts epochs until examples × epochs ≥ 100.
+    assert job["hyperparameters"] == {"batch_size": 1, "learning_rate_multiplier": 1.0, "n_epochs": 5}
+    assert job["hyperparameter_reasons"]["n_epochs"].startswith("auto")
+    assert job["requested_hyperparameters"] == {}
+    waiting = queue(redis.Redis.from_url(redis_url), train_queue_name("cpu")).job_ids
+    assert waiting == [f"{job['id']}-train-0"]
+
+
+def test_explicit_hyperparameters_and_lora_settings_are_kept(api):
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}}
+    job = create(api, upload(api), method=method, lora={"r": 4, "alpha": 8, "dropout": 0.0}).json()
+    assert job["hyperparameters"]["n_epochs"] == 2
+    assert job["hyperparameters"]["batch_size"] == 4
+    assert job["hyperparameter_reasons"]["batch_size"] == "set by the request"
+    assert job["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+
+
+def test_out_of_range_hyperparameter_names_the_field(api):
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 99}}}
+    error = create(api, upload(api), method=method).json()["error"]
+    assert error["param"] == "method.supervised.hyperparameters.n_epochs"
+    assert "between 1 and 50" in error["message"]
+
+
+def test_model_outside_the_catalog_is_refused(api):
+    response = api.post("/v1/fine_tuning/jobs", json={"model": "/etc/passwd", "training_file": upload(api)})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "model"
+
+
+def test_invalid_training_file_is_refused_with_its_problems(api):
+    file_id = api.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_lines(3))}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    response = create(api, file_id)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "training_file"
+    assert "at least 10 are required" in error["message"]
+
+
+def test_cancel_stops_a_queued_job_and_a_second_cancel_is_not_409(api):
+    job_id = create(api, upload(api)).json()["id"]
+    cancelled = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["finished_at"] is not None
+    again = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert again.status_code == 400
+    assert again.json()["error"]["code"] == "job_not_cancellable"
+
+
+def test_events_are_listed_newest_first_and_page_with_after(api):
+    job_id = create(api, upload(api)).json()["id"]
+    api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()
+    messages = [e["message"] for e in events["data"]]
+    assert messages[0] == "Job cancelled by the user"
+    assert messages[-1].startswith("Created fine-tuning job")
+    first_page = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1}).json()
+    assert first_page["has_more"] is True
+    rest = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": first_page["last_id"]}).json()
+    assert [e["message"] for e in rest["data"]] == messages[1:]
+
+
+def test_jobs_list_pages_newest_first(api):
+    file_id = upload(api)
+    ids = [create(api, file_id).json()["id"] for _ in range(3)]
+    page = api.get("/v1/fine_tuning/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in page["data"]] == [ids[2], ids[1]]
+    assert page["has_more"] is True
+    rest = api.get("/v1/fine_tuning/jobs", params={"limit": 2, "after": page["last_id"]}).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]]
+    assert rest["has_more"] is False
+
+
+def test_unknown_job_answers_404(api):
+    assert api.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
+    assert api.post("/v1/fine_tuning/jobs/ftjob-nope/cancel").status_code == 404
+
+
+def test_models_list_the_catalog(api):
+    models = api.get("/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert "tunery/tiny-chat" in ids
+    assert api.get("/v1/models/tunery/tiny-chat").json()["object"] == "model"
+    assert api.get("/v1/models/no-such-model").status_code == 404

@@ -38,6 +38,8 @@ class CatalogEntry:
     license: str | None = None
     max_seq_length: int = 2048
     owned_by: str = "tunery"
+    # Base LoRA learning rate for this model (the job's multiplier scales it); None → the general rule.
+    learning_rate: float | None = None
 
 
 BUILTIN_ARCHS = {"tiny-chat-llama": "llama", "tiny-chat-qwen2": "qwen2"}
@@ -62,7 +64,7 @@ def load_catalog(settings: Settings) -> dict[str, CatalogEntry]:
         if not isinstance(spec, dict) or not isinstance(spec.get("source"), str):
             raise CatalogError(f"{origin}: model {model_id!r} needs a 'source' string")
         _check_source(origin, model_id, spec["source"])
-        known = {"source", "description", "license", "max_seq_length", "owned_by"}
+        known = {"source", "description", "license", "max_seq_length", "owned_by", "learning_rate"}
         unknown = set(spec) - known
         if unknown:
             raise CatalogError(f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)}")

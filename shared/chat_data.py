@@ -61,19 +61,39 @@ def tokenize_chat(
     template puts after that token (e.g. ChatML's newline) is never generated, so it is not trained.
     """
     stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
-    input_ids = _encode(tokenizer, messages, add_generation_prompt=False)
+    text = _render(tokenizer, messages, add_generation_prompt=False)
+    # The rendered text already holds any BOS the template wants; adding special tokens would double it.
+    input_ids = tokenizer.encode(text, add_special_tokens=False)
     labels = [IGNORE_INDEX] * len(input_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        start = _prefix_length(tokenizer, messages[:i], input_ids, add_generation_prompt=True)
-        end = _prefix_length(tokenizer, messages[: i + 1], input_ids, add_generation_prompt=False)
+        start = _prefix_length(tokenizer, messages[:i], text, input_ids, add_generation_prompt=True)
+        end = _prefix_length(tokenizer, messages[: i + 1], text, input_ids, add_generation_prompt=False)
         stops = [j for j in range(start, end) if input_ids[j] in stop_ids]
         if stops:
             end = stops[-1] + 1
         labels[start:end] = input_ids[start:end]
     truncated = len(input_ids) > max_length
     return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Messages],
+    max_length: int,
+    *,
+    eos_token_ids: Collection[int] | None = None,
+    dataset: str = "training",
+) -> tuple[list[TokenizedExample], list[str]]:
+    """`tokenize_chat` every conversation, then `check_trainable`; errors name the example."""
+    examples = []
+    for i, messages in enumerate(conversations):
+        try:
+            examples.append(tokenize_chat(tokenizer, messages, max_length, eos_token_ids=eos_token_ids))
+        except DataError as exc:
+            raise DataError(f"{dataset} example {i} (line {i + 1}): {exc}") from exc
+    return examples, check_trainable(examples, conversations, dataset=dataset)
 
 
 def check_trainable(
@@ -168,28 +188,28 @@ def iter_batches(
 def _prefix_length(
     tokenizer: PreTrainedTokenizerBase,
     messages: Messages,
+    full_text: str,
     full_ids: list[int],
     *,
     add_generation_prompt: bool,
 ) -> int:
-    """Length of the rendering of `messages`, checked to be a token prefix of the whole conversation."""
-    ids = _encode(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    if full_ids[: len(ids)] != ids:
+    """Token length of the rendering of `messages`, checked to be a prefix of the whole conversation's."""
+    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    if not full_text.startswith(text):
         raise ChatTemplateError(
-            f"{_name(tokenizer)}: rendering the first {len(messages)} messages"
-            f"{' with a generation prompt' if add_generation_prompt else ''} does not give a token prefix of "
-            "the whole conversation (the template rewrites earlier turns, or tokens merge across the turn "
-            "boundary), so assistant tokens cannot be located for loss masking"
+            f"{_name(tokenizer)}: the chat template renders the first {len(messages)} messages"
+            f"{' with a generation prompt' if add_generation_prompt else ''} differently once later "
+            "messages follow (it rewrites earlier turns), so assistant tokens cannot be located for loss "
+            "masking"
+        )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if full_ids[: len(ids)] != ids:
+        raise DataError(
+            f"message {len(messages)} starts with {full_text[len(text) :][:12]!r}, which the tokenizer "
+            "merges with the chat template's text before it, so the reply cannot be separated from the "
+            "prompt; remove leading whitespace and line breaks from messages"
         )
     return len(ids)
-
-
-def _encode(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool
-) -> list[int]:
-    # The rendered text already holds any BOS the template wants; adding special tokens would double it.
-    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool) -> str:

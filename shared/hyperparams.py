@@ -45,8 +45,13 @@ def auto_batch_size(n_examples: int) -> tuple[int, str]:
     )
 
 
-def resolve(requested: dict[str, Any], n_examples: int) -> Hyperparameters:
-    """Resolve `n_epochs`, `batch_size` and `learning_rate_multiplier` ("auto" or missing → rule)."""
+def resolve(
+    requested: dict[str, Any], n_examples: int, base_learning_rate: float | None = None
+) -> Hyperparameters:
+    """Resolve `n_epochs`, `batch_size` and `learning_rate_multiplier` ("auto" or missing → rule).
+
+    `base_learning_rate` is the model's own base rate from the catalog, when the operator set one.
+    """
     reasons: dict[str, str] = {}
 
     def pick(name: str, rule: tuple[Any, str]) -> Any:
@@ -59,9 +64,14 @@ def resolve(requested: dict[str, Any], n_examples: int) -> Hyperparameters:
 
     n_epochs = pick("n_epochs", auto_epochs(n_examples))
     batch_size = pick("batch_size", auto_batch_size(n_examples))
-    multiplier = pick("learning_rate_multiplier", (1.0, "auto: 1.0 × the LoRA base learning rate"))
-    learning_rate = LORA_BASE_LEARNING_RATE * float(multiplier)
-    reasons["learning_rate"] = f"{LORA_BASE_LEARNING_RATE:g} (LoRA base) × multiplier {float(multiplier):g}"
+    multiplier = pick("learning_rate_multiplier", (1.0, "auto: 1.0 × the base learning rate"))
+    base, source = (
+        (base_learning_rate, "the model's base rate in the catalog")
+        if base_learning_rate is not None
+        else (LORA_BASE_LEARNING_RATE, "the LoRA base rate")
+    )
+    learning_rate = base * float(multiplier)
+    reasons["learning_rate"] = f"{base:g} ({source}) × multiplier {float(multiplier):g}"
     return Hyperparameters(
         n_epochs=int(n_epochs),
         batch_size=int(batch_size),

@@ -26,13 +26,13 @@ class TokenStats:
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
     """Sums over trainable tokens: position t's logits predict the label at t + 1."""
-    logits = logits[:, :-1].float()  # fp32 cross-entropy: bf16 log-softmax over a large vocabulary is lossy
     targets = labels[:, 1:].to(logits.device)
     mask = targets != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    n_correct = ((logits.argmax(dim=-1) == targets) & mask).sum()
+    # Only trainable positions are upcast: fp32 cross-entropy without an fp32 copy of every position's logits.
+    picked = logits[:, :-1][mask].float()
+    targets = targets[mask]
+    loss_sum = F.cross_entropy(picked, targets, reduction="sum")
+    n_correct = (picked.argmax(dim=-1) == targets).sum()
     return TokenStats(loss_sum, n_correct, mask.sum())
 
 

@@ -62,7 +62,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         suffix=body.suffix,
         metadata=body.metadata,
         requested_hyperparameters=requested,
-        hyperparameters=hyperparams.resolve(requested, training.n_examples or 0),
+        hyperparameters=hyperparams.resolve(requested, training.n_examples or 0, entry.learning_rate),
         lora=body.lora or LoraSettings(),
         max_seq_length=entry.max_seq_length,
     )

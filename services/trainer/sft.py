@@ -19,12 +19,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig, TaskType, get_peft_model
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer, get_scheduler
 
-from shared.chat_data import Messages, check_eos, check_trainable, collate, iter_batches, tokenize_chat
+from shared.chat_data import Messages, check_eos, collate, iter_batches, tokenize_dataset
 from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
+from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 
 log = logging.getLogger(__name__)
 
@@ -104,33 +104,30 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
     set_seed(config.seed)
 
+    # Data checks before loading the weights (minutes for a large model): the stop token, then that
+    # every example has something to learn.
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        config.model_dir,
-        dtype=_weights_dtype(accelerator.device),  # explicit: transformers 5 defaults to the checkpoint's
-        use_safetensors=True,
-        trust_remote_code=config.trust_remote_code,
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    # Data checks before any compute: the stop token, then that every example has something to learn.
-    eos_ids = _generation_eos_ids(model, tokenizer)
+    eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
     warnings = check_eos(tokenizer, eos_ids)
-    train = [
-        tokenize_chat(tokenizer, m, config.max_seq_length, eos_token_ids=eos_ids)
-        for m in config.train_examples
-    ]
-    warnings += check_trainable(train, config.train_examples, dataset="training")
-    valid = [
-        tokenize_chat(tokenizer, m, config.max_seq_length, eos_token_ids=eos_ids)
-        for m in config.valid_examples or []
-    ]
-    if valid:
-        warnings += check_trainable(valid, config.valid_examples, dataset="validation")
+    train, train_warnings = tokenize_dataset(
+        tokenizer, config.train_examples, config.max_seq_length, eos_token_ids=eos_ids
+    )
+    valid, valid_warnings = tokenize_dataset(
+        tokenizer,
+        config.valid_examples or [],
+        config.max_seq_length,
+        eos_token_ids=eos_ids,
+        dataset="validation",
+    )
+    warnings += train_warnings + valid_warnings
     for warning in warnings:
         log.warning(warning)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    model = get_peft_model(model, _lora_config(config, model.config.model_type))
+    model = load_causal_lm(
+        config.model_dir, trust_remote_code=config.trust_remote_code, dtype=weights_dtype(accelerator.device)
+    )
+    model = get_peft_model(model, _lora_config(config))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.learning_rate,
@@ -166,10 +163,9 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         window = _Window()
         for batch in loader:
             with accelerator.accumulate(model):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-                stats = token_stats(logits, batch["labels"])
+                # Logits passed inline: no reference keeps the (large) tensor alive into the next forward.
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                stats = token_stats(model(**inputs, use_cache=False).logits, batch["labels"])
                 accelerator.backward(stats.loss_sum)
                 window.add(stats, batch["attention_mask"].sum())
                 if accelerator.sync_gradients:
@@ -232,9 +228,10 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(
-            config.output_dir / "adapter", safe_serialization=True
-        )
+        adapter_dir = config.output_dir / "adapter"
+        accelerator.unwrap_model(model).save_pretrained(adapter_dir, safe_serialization=True)
+        # peft adds a model card naming this machine's paths; the adapter is its config and weights.
+        (adapter_dir / "README.md").unlink(missing_ok=True)
         tokenizer.save_pretrained(config.output_dir / "tokenizer")
     return SFTResult(step, total_steps, trained_tokens, False, rows, warnings)
 
@@ -254,24 +251,10 @@ class _Window:
         return torch.stack(self.sums).sum(dim=0)
 
 
-def _weights_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _generation_eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    """The ids generation stops on: generation_config's EOS (an int or a list), else the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return {tokenizer.eos_token_id}
-    return {eos} if isinstance(eos, int) else set(eos)
-
-
-def _lora_config(config: SFTConfig, model_type: str) -> LoraConfig:
-    target_modules: list[str] | str | None = config.target_modules
-    if target_modules is None and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        target_modules = "all-linear"  # peft has no default for this architecture
+def _lora_config(config: SFTConfig) -> LoraConfig:
+    # Every linear layer by default, as QLoRA showed and Axolotl/Unsloth default to: adapters on the
+    # attention projections alone (peft's default) learn markedly less for the same rank.
+    target_modules: list[str] | str = config.target_modules or "all-linear"
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=config.lora_r,

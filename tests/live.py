@@ -1,0 +1,89 @@
+"""A live Tunery for end-to-end tests: the real API, trainer and evaluator processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import free_port, port_open, stop_process, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LiveTunery:
+    env: dict[str, str]
+    base_url: str
+    logs: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, service: str, *, wait: bool = True) -> subprocess.Popen:
+        log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cli", service],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.processes[service] = process
+        if wait:
+            if service == "api":
+                ready = lambda: httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200  # noqa: E731
+            else:
+                port = int(self.env[f"TUNERY_{service.upper()}_METRICS_PORT"])
+                ready = lambda: port_open(port)  # noqa: E731
+            wait_for(ready, timeout=60, what=f"tunery {service}", process=process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            stop_process(process, timeout=30)
+
+    def log_tail(self, service: str, chars: int = 4000) -> str:
+        return (self.logs / f"{service}.log").read_text(errors="replace")[-chars:]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def wait_for_job(self, job_id: str, statuses: set[str], timeout: float = 300) -> tuple[dict, list[str]]:
+        """Poll the job until its status is in `statuses`; returns it and every status seen on the way."""
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        with self.client() as client:
+            while True:
+                job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+                if not seen or seen[-1] != job["status"]:
+                    seen.append(job["status"])
+                if job["status"] in statuses:
+                    return job, seen
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"job {job_id} still {job['status']} after {timeout}s\n"
+                        f"--- trainer ---\n{self.log_tail('trainer')}\n--- evaluator ---\n{self.log_tail('evaluator')}"
+                    )
+                time.sleep(0.1)
+
+
+def live_env(tmp: Path, redis_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")}
+    env.update(
+        {
+            "TUNERY_REDIS_URL": redis_url,
+            "TUNERY_DATA_DIR": str(tmp / "data"),
+            "TUNERY_API_PORT": str(free_port()),
+            "TUNERY_TRAINER_METRICS_PORT": str(free_port()),
+            "TUNERY_EVALUATOR_METRICS_PORT": str(free_port()),
+            "TUNERY_PROGRESS_INTERVAL_SECONDS": "0.5",
+            "TUNERY_LOG_LEVEL": "INFO",
+        }
+    )
+    env.update(extra or {})
+    return env

@@ -1,0 +1,168 @@
+"""Chat examples → tokens and labels: what is trained, what is checked, how batches are padded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from shared.builtin_models import CHAT_TEMPLATE, build_tiny_chat_model, build_tokenizer
+from shared.chat_data import (
+    IGNORE_INDEX,
+    ChatTemplateError,
+    DataError,
+    TokenizedExample,
+    check_eos,
+    check_trainable,
+    collate,
+    read_chat_jsonl,
+    tokenize_chat,
+    tokenize_dataset,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(build_tiny_chat_model(tmp_path_factory.mktemp("model") / "tiny"))
+
+
+def labelled_spans(tokenizer: PreTrainedTokenizerBase, example: TokenizedExample) -> list[str]:
+    """Each run of consecutive labelled tokens, decoded."""
+    spans: list[list[int]] = []
+    previous_labelled = False
+    for label in example.labels:
+        labelled = label != IGNORE_INDEX
+        if labelled and not previous_labelled:
+            spans.append([])
+        if labelled:
+            spans[-1].append(label)
+        previous_labelled = labelled
+    return [tokenizer.decode(span) for span in spans]
+
+
+def qa(question: str, answer: str, **assistant: int) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer, **assistant}]
+
+
+def test_labels_cover_exactly_the_reply_and_its_end_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    example = tokenize_chat(tokenizer, qa("What is 2+2?", "4, of course."), max_length=128)
+
+    assert labelled_spans(tokenizer, example) == ["4, of course.<|im_end|>"]
+    assert example.input_ids[-1] == tokenizer.encode("\n", add_special_tokens=False)[0]  # not trained
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(
+        qa("What is 2+2?", "4, of course."), tokenize=False
+    )
+
+
+def test_weight_zero_assistant_message_is_not_trained(tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [*qa("Hi", "Bad reply", weight=0), *qa("Again", "Good reply", weight=1)]
+
+    example = tokenize_chat(tokenizer, messages, max_length=256)
+
+    assert labelled_spans(tokenizer, example) == ["Good reply<|im_end|>"]
+
+
+def test_multi_turn_with_system_trains_every_reply(tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        *qa("Sky?", "Blue"),
+        *qa("Grass?", "Green"),
+    ]
+
+    example = tokenize_chat(tokenizer, messages, max_length=256)
+
+    assert labelled_spans(tokenizer, example) == ["Blue<|im_end|>", "Green<|im_end|>"]
+
+
+def test_example_with_only_a_weight_zero_reply_is_named_in_the_error(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    conversations = [qa("Q0", "A0"), qa("Q1", "A1", weight=0), qa("Q2", "A2")]
+    examples = [tokenize_chat(tokenizer, messages, max_length=128) for messages in conversations]
+
+    with pytest.raises(DataError) as error:
+        check_trainable(examples, conversations)
+
+    assert str(error.value) == (
+        "training example 1 (line 2) has no trainable tokens after masking: "
+        "every assistant message has weight 0"
+    )
+
+
+def test_example_whose_reply_is_truncated_away_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
+    conversations = [qa("A long question " * 10, "Answer")]
+    examples = [tokenize_chat(tokenizer, conversations[0], max_length=32)]
+
+    with pytest.raises(DataError, match=r"example 0 \(line 1\) .* truncation to 32 tokens"):
+        check_trainable(examples, conversations, dataset="validation")
+
+
+def test_truncation_is_flagged_and_reported_as_a_warning(tokenizer: PreTrainedTokenizerBase) -> None:
+    conversations = [qa("Hi", "A reply that is much too long " * 4), qa("Hi", "Short")]
+    examples = [tokenize_chat(tokenizer, messages, max_length=48) for messages in conversations]
+
+    warnings = check_trainable(examples, conversations)
+
+    assert [example.truncated for example in examples] == [True, False]
+    assert len(examples[0].input_ids) == len(examples[0].labels) == 48
+    assert examples[0].labels[-1] != IGNORE_INDEX
+    assert len(warnings) == 1
+    assert "1 of 2 training examples" in warnings[0]
+
+
+def test_collate_right_pads_with_no_attention_and_no_loss() -> None:
+    short = TokenizedExample(input_ids=[5, 6], labels=[IGNORE_INDEX, 6], truncated=False)
+    long = TokenizedExample(
+        input_ids=[1, 2, 3, 4], labels=[IGNORE_INDEX, IGNORE_INDEX, 3, 4], truncated=False
+    )
+
+    batch = collate([short, long], pad_token_id=0)
+
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 0], [1, 2, 3, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, -100], [-100, -100, 3, 4]]
+    assert all(tensor.dtype == torch.long for tensor in batch.values())
+
+
+def test_eos_check_catches_turns_that_end_with_a_non_eos_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    mismatched = AutoTokenizer.from_pretrained(tokenizer.name_or_path, eos_token="<|pad|>")
+
+    with pytest.raises(ChatTemplateError, match=r"ends assistant turns with '<\|im_end\|>\\n'.*never stop"):
+        check_eos(mismatched)
+
+
+def test_template_that_rewrites_earlier_turns_is_rejected(tokenizer: PreTrainedTokenizerBase) -> None:
+    counting = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    counting.chat_template = "{{ messages | length }}\n" + tokenizer.chat_template
+
+    with pytest.raises(ChatTemplateError, match="rewrites earlier turns"):
+        tokenize_chat(counting, qa("Hi", "Hello"), max_length=128)
+
+
+def test_reply_whose_tokens_merge_with_the_prompt_is_a_data_error_naming_it() -> None:
+    # Like Qwen's and Llama 3's tokenizers, merge two line breaks into one token: a reply starting with a
+    # line break then shares a token with the generation prompt "<|im_start|>assistant\n".
+    data = json.loads(build_tokenizer().to_str())
+    data["model"]["vocab"]["ĊĊ"] = 259
+    data["model"]["merges"] = [["Ċ", "Ċ"]]
+    data["pre_tokenizer"]["use_regex"] = False
+    merging = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    with pytest.raises(DataError, match=r"^training example 1 \(line 2\): message 1 starts with '\\nFour"):
+        tokenize_dataset(merging, [qa("2+2?", "Four"), qa("2+2?", "\nFour")], max_length=128)
+
+
+def test_read_chat_jsonl_returns_each_lines_messages(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    lines = [json.dumps({"messages": qa("Q1", "A1")}), json.dumps({"messages": qa("Q2", "A2")}), ""]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    assert read_chat_jsonl(path) == [qa("Q1", "A1"), qa("Q2", "A2")]

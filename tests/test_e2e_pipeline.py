@@ -1,0 +1,181 @@
+"""End to end on real processes: upload → job → queued → running → succeeded, cancel, bad files.
+
+The API, trainer and evaluator run as separate `tunery` processes on the test Redis and the
+S3-compatible test server, and train the built-in tiny Llama on real chat data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from shared import storage_keys
+from shared.storage import S3Storage
+from tests.api_fixtures import IDENTITY_CHAT, chat_lines
+from tests.live import LiveTunery, live_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bucket_storage(s3_server) -> S3Storage:
+    storage = S3Storage(
+        bucket=f"e2e-{uuid.uuid4().hex[:12]}",
+        endpoint_url=s3_server.endpoint_url,
+        access_key_id=s3_server.access_key_id,
+        secret_access_key=s3_server.secret_access_key,
+    )
+    storage.ensure_bucket()
+    return storage
+
+
+@pytest.fixture
+def live(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage):
+    env = live_env(
+        tmp_path,
+        redis_url,
+        {
+            "TUNERY_S3_BUCKET": bucket_storage.bucket,
+            "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
+            "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+        },
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
+    try:
+        for service in ("api", "trainer", "evaluator"):
+            tunery.start(service)
+        yield tunery
+    finally:
+        tunery.stop()
+
+
+def upload(client, body: bytes, name: str = "train.jsonl") -> dict:
+    response = client.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_job_trains_evaluates_and_publishes_a_working_adapter(live: LiveTunery, bucket_storage, tmp_path):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        assert file["status"] == "processed"
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method, "seed": 3},
+        ).json()
+        assert job["status"] == "queued"
+    job, seen = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert job["status"] == "succeeded", job["error"]
+    assert seen[0] == "queued" and "running" in seen
+
+    # The fine-tuned model beats the base model on held-out rows it never trained on.
+    report = job["evaluation"]
+    assert report["validation_source"] == "held_out_split"
+    assert report["fine_tuned"]["loss"] < report["base"]["loss"]
+    assert job["fine_tuned_model"] == f"ft:tunery/tiny-chat:{job['organization_id']}::{job['id']}"
+
+    with live.client() as client:
+        csv_text = client.get(f"/v1/files/{job['result_files'][0]}/content").text
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert job["fine_tuned_model"] in models
+
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert list(rows[0]) == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+    ]
+    steps = job["progress"]["total_steps"]
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    metric_steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
+    assert max(metric_steps) == steps == len(rows)
+
+    losses = [float(r["train_loss"]) for r in rows]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.8
+
+    _assert_adapter_changes_the_model(job, bucket_storage, tmp_path)
+
+
+def _assert_adapter_changes_the_model(job: dict, storage: S3Storage, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shared.builtin_models import build_tiny_chat_model
+
+    adapter = tmp_path / "adapter"
+    storage.download_prefix(storage_keys.adapter_prefix(job["organization_id"], job["id"]), adapter)
+    assert (adapter / "adapter_model.safetensors").exists()
+    base_dir = build_tiny_chat_model(tmp_path / "base", arch="llama")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    inputs = tokenizer("<|im_start|>user\nWho are you?<|im_end|>\n", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        before = base(**inputs).logits
+        tuned = PeftModel.from_pretrained(base, adapter)
+        after = tuned(**inputs).logits
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_cancelling_a_running_job_stops_training(live: LiveTunery, bucket_storage, redis_url):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
+        ).json()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+            assert time.monotonic() < deadline, live.log_tail("trainer")
+            time.sleep(0.1)
+        cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+
+        def last_step() -> int:
+            events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()
+            return max((e["data"]["step"] for e in events["data"] if e["type"] == "metrics"), default=0)
+
+        time.sleep(3)
+        settled = last_step()
+        time.sleep(2)
+        assert last_step() == settled
+        final = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert final["status"] == "cancelled"
+    assert final["progress"]["step"] < final["progress"]["total_steps"]
+    assert bucket_storage.list_keys(storage_keys.adapter_prefix(final["organization_id"], final["id"])) == []
+    task = Job.fetch(
+        f"{final['id']}-train-0", connection=Redis.from_url(redis_url), serializer=JSONSerializer
+    )
+    assert task.return_value() == "stopped"
+
+
+def test_a_broken_upload_reports_its_line_numbers(live: LiveTunery):
+    lines = chat_lines(12).splitlines(keepends=True)
+    lines[4] = b"not json at all\n"
+    lines[9] = b'{"messages": [{"role": "user", "content": "only a question"}]}\n'
+    with live.client() as client:
+        file = upload(client, b"".join(lines))
+        assert file["status"] == "error"
+        assert "line 5: invalid JSON" in file["status_details"]
+        assert "line 10: no assistant message" in file["status_details"]
+        refused = client.post(
+            "/v1/fine_tuning/jobs", json={"model": "tunery/tiny-chat", "training_file": file["id"]}
+        )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "training_file"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -179,3 +180,29 @@ def test_a_broken_upload_reports_its_line_numbers(live: LiveTunery):
         )
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "training_file"
+
+
+def test_a_trainer_stopped_with_sigterm_requeues_its_job_and_another_finishes_it(live: LiveTunery):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 1}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
+        ).json()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+            assert time.monotonic() < deadline, live.log_tail("trainer")
+            time.sleep(0.1)
+        trainer = live.processes["trainer"]
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=60) == 0
+        requeued = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+        assert requeued["status"] == "queued"
+        assert requeued["attempt"] == 1
+    live.start("trainer")
+    final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "succeeded", final["error"]
+    with live.client() as client:
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    assert any("returned to the queue" in e["message"] for e in events)

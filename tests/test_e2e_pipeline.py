@@ -13,7 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -38,12 +40,30 @@ def bucket_storage(s3_server) -> S3Storage:
     return storage
 
 
+CATALOG = """
+models:
+  tunery/tiny-chat:
+    source: builtin:tiny-chat-llama
+    max_seq_length: 512
+    learning_rate: 1.0e-2
+  tunery/tiny-chat-qwen2:
+    source: builtin:tiny-chat-qwen2
+    max_seq_length: 512
+    learning_rate: 1.0e-2
+  missing-weights:
+    source: {missing}
+"""
+
+
 @pytest.fixture
 def live(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
     env = live_env(
         tmp_path,
         redis_url,
         {
+            "TUNERY_MODEL_CATALOG": str(catalog),
             "TUNERY_S3_BUCKET": bucket_storage.bucket,
             "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
             "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
@@ -110,6 +130,12 @@ def test_a_job_trains_evaluates_and_publishes_a_working_adapter(live: LiveTunery
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 * 0.8
 
     _assert_adapter_changes_the_model(job, bucket_storage, tmp_path)
+
+    # The trainer's own /metrics counted the work (summed over its forked work horses).
+    scrape = httpx.get(f"http://127.0.0.1:{live.env['TUNERY_TRAINER_METRICS_PORT']}/metrics").text
+    samples = {s.name: s.value for f in text_string_to_metric_families(scrape) for s in f.samples}
+    assert samples["tunery_trained_tokens_total"] == job["trained_tokens"] > 0
+    assert samples["tunery_training_step_duration_seconds_count"] == steps
 
 
 def _assert_adapter_changes_the_model(job: dict, storage: S3Storage, tmp_path: Path) -> None:
@@ -206,3 +232,32 @@ def test_a_trainer_stopped_with_sigterm_requeues_its_job_and_another_finishes_it
     with live.client() as client:
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     assert any("returned to the queue" in e["message"] for e in events)
+
+
+def test_a_second_architecture_trains_too(live: LiveTunery):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tunery/tiny-chat-qwen2",
+                "training_file": file["id"],
+                "hyperparameters": {"n_epochs": 2},
+            },
+        ).json()
+    final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "succeeded", final["error"]
+    assert final["evaluation"]["fine_tuned"]["loss"] < final["evaluation"]["base"]["loss"]
+
+
+def test_a_model_that_cannot_be_loaded_fails_the_job_with_an_actionable_error(live: LiveTunery):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        job = client.post(
+            "/v1/fine_tuning/jobs", json={"model": "missing-weights", "training_file": file["id"]}
+        ).json()
+    final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "model_unavailable"
+    assert "no config.json" in final["error"]["message"]
+    assert final["finished_at"] is not None

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.settings import Settings
 
@@ -30,16 +30,18 @@ class ModelUnavailable(Exception):
     """A catalog model could not be materialised on this worker."""
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
+class CatalogEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     id: str
     source: str
     description: str = ""
     license: str | None = None
-    max_seq_length: int = 2048
+    max_seq_length: int = Field(default=2048, ge=16, le=1_048_576)
     owned_by: str = "tunery"
     # Base LoRA learning rate for this model (the job's multiplier scales it); None → the general rule.
-    learning_rate: float | None = None
+    # A string such as "2e-4" (YAML reads exponents without a dot as strings) is read as a number.
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
 
 
 BUILTIN_ARCHS = {"tiny-chat-llama": "llama", "tiny-chat-qwen2": "qwen2"}
@@ -64,11 +66,16 @@ def load_catalog(settings: Settings) -> dict[str, CatalogEntry]:
         if not isinstance(spec, dict) or not isinstance(spec.get("source"), str):
             raise CatalogError(f"{origin}: model {model_id!r} needs a 'source' string")
         _check_source(origin, model_id, spec["source"])
-        known = {"source", "description", "license", "max_seq_length", "owned_by", "learning_rate"}
-        unknown = set(spec) - known
+        unknown = set(spec) - set(CatalogEntry.model_fields) | ({"id"} & set(spec))
         if unknown:
             raise CatalogError(f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)}")
-        catalog[str(model_id)] = CatalogEntry(id=str(model_id), **spec)
+        try:
+            catalog[str(model_id)] = CatalogEntry(id=str(model_id), **spec)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise CatalogError(f"{origin}: model {model_id!r}: {problems}") from exc
     return catalog
 
 
@@ -77,12 +84,13 @@ def _check_source(origin: str, model_id: str, source: str) -> None:
         if source.removeprefix("builtin:") not in BUILTIN_ARCHS:
             raise CatalogError(f"{origin}: model {model_id!r}: unknown builtin {source!r}")
     elif source.startswith("hf:"):
-        if "@" not in source:
+        if not source.rpartition("@")[2] or "@" not in source:
             raise CatalogError(
                 f"{origin}: model {model_id!r}: hub sources need a pinned revision (hf:repo@rev)"
             )
     elif source.startswith("s3://"):
-        if len(source.removeprefix("s3://").split("/", 1)) < 2:
+        bucket, _, prefix = source.removeprefix("s3://").partition("/")
+        if not bucket or not prefix.strip("/"):
             raise CatalogError(f"{origin}: model {model_id!r}: s3 sources need s3://bucket/prefix")
     elif not Path(source.removeprefix("path:")).is_absolute():
         raise CatalogError(f"{origin}: model {model_id!r}: local sources must be absolute paths")

@@ -26,6 +26,7 @@ MAX_AUTO_BATCH_SIZE = 8
 
 
 def auto_epochs(n_examples: int) -> tuple[int, str]:
+    n_examples = max(1, n_examples)
     epochs = TARGET_EPOCHS
     if n_examples * epochs < MIN_TARGET_EXAMPLES:
         epochs = min(MAX_AUTO_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / n_examples))

@@ -24,6 +24,7 @@ from shared.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 STATE_COUNTS_KEY = "tunery:jobs:states"
+MANIFEST_WRITE_ROUNDS = 5
 
 
 class JobNotFound(Exception):
@@ -185,14 +186,24 @@ class JobStore:
                     continue
 
     def _write_manifest(self, record: JobRecord) -> None:
-        """Best effort after the Redis commit; the storage client already retries transient errors."""
-        try:
-            self.storage.put_bytes(
-                storage_keys.job_manifest_key(record.tenant, record.id),
-                record.model_dump_json(indent=2).encode(),
-            )
-        except StorageError:
-            log.exception("could not write the manifest of job %s", record.id)
+        """Write the manifest, then check it is still the latest record; rewrite it if not.
+
+        Two transitions can write their manifests in either order (a slow S3 PUT finishes last).
+        Every writer re-reads Redis after its write, so the last write to land is always followed by
+        a check that puts the newest record in place. Best effort: storage already retries.
+        """
+        key = storage_keys.job_manifest_key(record.tenant, record.id)
+        body = record.model_dump_json(indent=2)
+        for _ in range(MANIFEST_WRITE_ROUNDS):
+            try:
+                self.storage.put_bytes(key, body.encode())
+            except StorageError:
+                log.exception("could not write the manifest of job %s", record.id)
+                return
+            current = self.get(record.id)
+            if current is None or current.state is record.state:
+                return
+            body, record = current.model_dump_json(indent=2), current
 
     # -- fine-tuned models ---------------------------------------------------------------------
 

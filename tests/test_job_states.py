@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from shared.job_states import (
@@ -26,7 +28,7 @@ def test_the_happy_path_from_validating_files_to_succeeded_is_legal() -> None:
         JobState.EVALUATING,
         JobState.SUCCEEDED,
     ]
-    for current, target in zip(path, path[1:], strict=False):
+    for current, target in itertools.pairwise(path):
         check_transition(current, target)  # raises if illegal
 
 

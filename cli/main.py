@@ -84,3 +84,64 @@ def evaluator() -> None:
     from services.evaluator.worker import run_worker
 
     run_worker(settings, metrics_dir)
+
+
+keys_app = typer.Typer(
+    help="Manage API keys (stored only as hashes; a key is shown once).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(settings: Settings):
+    from redis import Redis
+
+    from shared.api_keys import KeyStore
+
+    url = settings.redis_url
+    url_file = settings.data_dir / "redis" / "url"
+    if url is None and url_file.exists():
+        url = url_file.read_text().strip()
+    if url is None:
+        typer.secho(
+            "No Redis: set TUNERY_REDIS_URL, or start `tunery up` in this data folder", fg="red", err=True
+        )
+        raise typer.Exit(2)
+    return KeyStore(Redis.from_url(url), settings.api_key_secret)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The organization the key acts for")] = "org-default",
+    role: Annotated[str, typer.Option(help="member or admin")] = "member",
+    name: Annotated[str, typer.Option(help="A label for lists")] = "",
+) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    from shared.api_keys import ROLES
+
+    if role not in ROLES:
+        typer.secho(f"role must be one of {', '.join(ROLES)}", fg="red", err=True)
+        raise typer.Exit(2)
+    record, plain = _key_store(_settings()).create(tenant, role, name)  # type: ignore[arg-type]
+    typer.echo(plain)
+    typer.secho(f"key {record.id}: tenant {record.tenant}, role {record.role}", err=True)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this organization")] = None) -> None:
+    """List keys (ids, never the keys themselves)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "tenant", "role", "name", "created", "revoked")
+    for key in _key_store(_settings()).list(tenant):
+        table.add_row(key.id, key.tenant, key.role, key.name, str(key.created_at), str(key.revoked_at or ""))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key: requests with it answer 401 from now on."""
+    if _key_store(_settings()).revoke(key_id) is None:
+        typer.secho(f"no key {key_id}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")

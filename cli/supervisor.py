@@ -16,6 +16,8 @@ from pathlib import Path
 from redis import Redis
 from rich.console import Console
 
+from shared.api_keys import KeyStore
+from shared.records import DEFAULT_TENANT
 from shared.settings import Settings
 
 console = Console(stderr=True)
@@ -59,6 +61,7 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
     ]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
+    (redis_dir / "url").write_text(url)  # so `tunery keys` finds the embedded Redis
     client = Redis.from_url(url, socket_connect_timeout=1)
     deadline = time.monotonic() + 30
     while True:
@@ -107,6 +110,7 @@ def run_up(settings: Settings) -> int:
         console.print(
             f"[dim]redis-server (AOF on) at {env['TUNERY_REDIS_URL']}, data in {data_dir / 'redis'}[/]"
         )
+    _announce_api_key(settings, env["TUNERY_REDIS_URL"])
     storage = f"s3://{settings.s3_bucket}" if settings.s3_bucket else str(settings.resolved_storage_path)
     console.print(f"[dim]storage: {storage}[/]")
 
@@ -144,6 +148,26 @@ def run_up(settings: Settings) -> int:
                 redis_process.kill()
         console.print("[dim]Tunery stopped.[/]")
     return exit_code
+
+
+def _announce_api_key(settings: Settings, redis_url: str) -> None:
+    """First start: make an admin key for the default tenant and keep it (0600) in the data folder."""
+    key_file = settings.data_dir / "api-key"
+    if settings.bootstrap_api_key:
+        console.print("API key: the value of TUNERY_BOOTSTRAP_API_KEY (admin, tenant org-default)")
+        return
+    redis = Redis.from_url(redis_url)
+    keys = KeyStore(redis, settings.api_key_secret)
+    if not keys.any_active():
+        _, plain = keys.create(DEFAULT_TENANT, "admin", "created by tunery up")
+        key_file.write_text(plain + "\n")
+        key_file.chmod(0o600)
+        console.print(f"Created an admin API key for {DEFAULT_TENANT}, saved in {key_file}")
+    elif key_file.exists():
+        console.print(f"Admin API key in {key_file}")
+    else:
+        console.print("Create an API key with: tunery keys create --tenant org-default --role admin")
+    redis.close()
 
 
 def _stop_children(children: list[Child]) -> None:

@@ -1,7 +1,9 @@
 """The job state machine: the one place that says which status changes are legal.
 
-Internal states are OpenAI's status values plus `evaluating` (a finer stage of `running`).
-The API shows `evaluating` as status `running` with `stage: "evaluating"`.
+Internal states are OpenAI's status values plus `evaluating` (a finer stage of `running`) and
+`paused`. The API's `status` keeps to the values the openai SDK's types accept (its strict mode
+rejects any other), so `evaluating` reads `running` and `paused` reads `queued` (waiting, not
+training); the exact state is the job's `stage`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def is_terminal(state: JobState) -> bool:
     return state in TERMINAL_STATES
 
 
+PUBLIC_STATUS = {JobState.EVALUATING: JobState.RUNNING, JobState.PAUSED: JobState.QUEUED}
+
+
 def public_status(state: JobState) -> str:
-    """The OpenAI `status` value for a state: `evaluating` is part of `running` there."""
-    return JobState.RUNNING.value if state is JobState.EVALUATING else state.value
+    """The OpenAI `status` value for a state (see the module docstring)."""
+    return PUBLIC_STATUS.get(state, state).value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +46,14 @@ def _index_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:jobs"
 
 
+def _active_key(tenant: str) -> str:
+    return f"tunery:tenant:{tenant}:active_jobs"
+
+
+def _checkpoints_key(job_id: str) -> str:
+    return f"tunery:job:{job_id}:checkpoints"
+
+
 def _models_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:models"
 
@@ -72,6 +79,7 @@ class JobStore:
             pipe.set(_record_key(record.id), record.model_dump_json())
             pipe.zadd(_index_key(record.tenant), {record.id: creation_score()}, nx=True)
             pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
+            pipe.sadd(_active_key(record.tenant), record.id)
             self._queue_event(pipe, record.id, "info", message, "message", None)
             pipe.execute()
         self._write_manifest(record)
@@ -92,10 +100,28 @@ class JobStore:
             raise JobNotFound(job_id)
         return record
 
-    def list(self, tenant: str, *, after: str | None, limit: int) -> tuple[list[JobRecord], bool]:
-        ids, has_more = page_ids(self.redis, _index_key(tenant), after=after, limit=limit)
-        raws = self.redis.mget([_record_key(i) for i in ids]) if ids else []
-        return [JobRecord.model_validate_json(r) for r in raws if r is not None], has_more
+    def list(
+        self, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        """Newest first; with `metadata`, only jobs whose metadata holds every given pair."""
+        records: list[JobRecord] = []
+        cursor, has_more = after, True
+        while len(records) <= limit and has_more:
+            ids, has_more = page_ids(self.redis, _index_key(tenant), after=cursor, limit=limit)
+            if not ids:
+                break
+            cursor = ids[-1]
+            for raw in self.redis.mget([_record_key(i) for i in ids]):
+                record = JobRecord.model_validate_json(raw) if raw is not None else None
+                if record is not None and _matches(record, metadata):
+                    records.append(record)
+            if not metadata:
+                break
+        return records[:limit], has_more or len(records) > limit
+
+    def active_count(self, tenant: str) -> int:
+        """Jobs of the tenant not yet succeeded, failed or cancelled."""
+        return self.redis.scard(_active_key(tenant))
 
     def state_counts(self) -> dict[str, int]:
         raw = self.redis.hgetall(STATE_COUNTS_KEY)
@@ -177,6 +203,8 @@ class JobStore:
                     if record.state is not previous:
                         pipe.hincrby(STATE_COUNTS_KEY, previous.value, -1)
                         pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
+                        if is_terminal(record.state):
+                            pipe.srem(_active_key(record.tenant), record.id)
                     if event is not None:
                         level, message, data = event
                         self._queue_event(pipe, job_id, level, message, "message", data)
@@ -205,11 +233,29 @@ class JobStore:
                 return
             body, record = current.model_dump_json(indent=2), current
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def add_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
+        self.redis.lpush(_checkpoints_key(job_id), json.dumps(checkpoint))
+
+    def list_checkpoints(
+        self, job_id: str, *, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first, paged with `after` (a checkpoint id)."""
+        checkpoints = [json.loads(raw) for raw in self.redis.lrange(_checkpoints_key(job_id), 0, -1)]
+        if after is not None:
+            ids = [c["id"] for c in checkpoints]
+            checkpoints = checkpoints[ids.index(after) + 1 :] if after in ids else []
+        return checkpoints[:limit], len(checkpoints) > limit
+
     # -- fine-tuned models ---------------------------------------------------------------------
 
     def register_fine_tuned_model(self, record: JobRecord) -> None:
         assert record.fine_tuned_model is not None
         self.redis.zadd(_models_key(record.tenant), {f"{record.fine_tuned_model}\t{record.id}": now()})
+
+    def unregister_fine_tuned_model(self, tenant: str, model_id: str, job_id: str) -> bool:
+        return bool(self.redis.zrem(_models_key(tenant), f"{model_id}\t{job_id}"))
 
     def fine_tuned_models(self, tenant: str) -> list[tuple[str, str, int]]:
         """(model id, job id, created) of a tenant's fine-tuned models, oldest first."""
@@ -264,13 +310,7 @@ class JobStore:
         ]
 
 
-def wait_for_state(
-    store: JobStore, job_id: str, states: set[JobState], timeout: float, poll: float = 0.2
-) -> JobRecord:
-    """Poll until the job reaches one of `states` (used by the CLI and tests)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        record = store.require(job_id)
-        if record.state in states or time.monotonic() > deadline:
-            return record
-        time.sleep(poll)
+def _matches(record: JobRecord, metadata: dict[str, str] | None) -> bool:
+    if not metadata:
+        return True
+    return all((record.metadata or {}).get(k) == v for k, v in metadata.items())

@@ -95,3 +95,8 @@ class JobRecord(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     artifacts: dict[str, str] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+
+
+def fine_tuned_model_id(record: JobRecord) -> str:
+    """OpenAI's shape: ft:<base>:<org>:<suffix>:<job id>."""
+    return f"ft:{record.model}:{record.tenant}:{record.suffix or ''}:{record.id}"

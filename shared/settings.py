@@ -48,8 +48,18 @@ class Settings(BaseSettings):
     trainer_metrics_port: int = 9101
     evaluator_metrics_port: int = 9102
 
+    # Access. Keys are stored as HMAC-SHA256 with this secret when set (else SHA-256).
+    api_key_secret: str | None = None
+    # Registered at API start as an admin key of the default tenant (first use, tests).
+    bootstrap_api_key: str | None = None
+
+    # Request limits.
     max_upload_bytes: int = 1024**3
     max_line_bytes: int = 1024 * 1024
+    max_json_bytes: int = 1024 * 1024
+    max_upload_part_bytes: int = 64 * 1024 * 1024
+    rate_limit_per_minute: int = 600
+    max_active_jobs_per_tenant: int = 10
 
     # RQ job timeouts. RQ's own default (180 s) would kill every real training run.
     train_timeout_seconds: int = 48 * 3600

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Registered as the default tenant's admin key through TUNERY_BOOTSTRAP_API_KEY.
+ADMIN_KEY = "tun_bootstrap_test-admin-key"
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 IDENTITY_CHAT = EXAMPLES / "identity_chat.jsonl"
 

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from shared.storage import LocalStorage, S3Storage, Storage
+from tests.api_fixtures import ADMIN_KEY
 from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_for
 
 
@@ -131,7 +132,12 @@ def storage(request: pytest.FixtureRequest) -> Storage:
 def api_settings(redis_url: str, tmp_path: Path):
     from shared.settings import Settings
 
-    return Settings(redis_url=redis_url, data_dir=tmp_path / "data", progress_interval_seconds=0.0)
+    return Settings(
+        redis_url=redis_url,
+        data_dir=tmp_path / "data",
+        progress_interval_seconds=0.0,
+        bootstrap_api_key=ADMIN_KEY,
+    )
 
 
 @pytest.fixture
@@ -141,5 +147,5 @@ def api(api_settings):
 
     from services.api.app import create_app
 
-    with TestClient(create_app(api_settings)) as client:
+    with TestClient(create_app(api_settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client

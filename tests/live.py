@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.api_fixtures import ADMIN_KEY
 from tests.helpers import free_port, port_open, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,9 @@ class LiveTunery:
         return (self.logs / f"{service}.log").read_text(errors="replace")[-chars:]
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+        return httpx.Client(
+            base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
 
     def wait_for_job(self, job_id: str, statuses: set[str], timeout: float = 300) -> tuple[dict, list[str]]:
         """Poll the job until its status is in `statuses`; returns it and every status seen on the way."""
@@ -83,6 +86,7 @@ def live_env(tmp: Path, redis_url: str, extra: dict[str, str] | None = None) -> 
             "TUNERY_EVALUATOR_METRICS_PORT": str(free_port()),
             "TUNERY_PROGRESS_INTERVAL_SECONDS": "0.5",
             "TUNERY_LOG_LEVEL": "INFO",
+            "TUNERY_BOOTSTRAP_API_KEY": ADMIN_KEY,
         }
     )
     env.update(extra or {})

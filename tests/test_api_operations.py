@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.api.app import create_app
+from tests.api_fixtures import ADMIN_KEY
 from tests.helpers import free_port
 
 
@@ -17,7 +18,7 @@ def test_ready_when_redis_and_storage_answer(api):
 
 def test_not_ready_while_redis_is_unreachable(api_settings):
     settings = api_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         response = client.get("/readyz")
         assert response.status_code == 503
         assert response.json()["problems"][0].startswith("redis:")

@@ -108,6 +108,21 @@ def test_public_status_shows_evaluating_as_running() -> None:
     assert public_status(JobState.EVALUATING) == "running"
 
 
-@pytest.mark.parametrize("state", [s for s in JobState if s is not JobState.EVALUATING], ids=str)
+def test_public_status_shows_paused_as_queued_since_the_sdk_types_lack_paused() -> None:
+    assert public_status(JobState.PAUSED) == "queued"
+
+
+@pytest.mark.parametrize(
+    "state", [s for s in JobState if s not in (JobState.EVALUATING, JobState.PAUSED)], ids=str
+)
 def test_public_status_is_the_state_value_for_every_other_state(state: JobState) -> None:
     assert public_status(state) == state.value
+
+
+def test_every_public_status_is_one_the_openai_sdk_accepts() -> None:
+    from typing import get_args
+
+    from openai.types.fine_tuning import FineTuningJob
+
+    accepted = set(get_args(FineTuningJob.model_fields["status"].annotation))
+    assert {public_status(s) for s in JobState} <= accepted

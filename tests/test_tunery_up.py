@@ -41,7 +41,10 @@ def test_tunery_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path: P
     try:
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 60, "tunery up", process)
         wait_for(lambda: port_open(trainer_port) and port_open(evaluator_port), 60, "workers", process)
-        with httpx.Client(base_url=base, timeout=30) as client:
+        key = (data_dir / "api-key").read_text().strip()
+        assert (data_dir / "api-key").stat().st_mode & 0o777 == 0o600
+        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+            assert client.get("/v1/files", headers={"Authorization": "Bearer wrong"}).status_code == 401
             file = client.post(
                 "/v1/files",
                 files={"file": ("identity.jsonl", IDENTITY_CHAT.read_bytes())},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,15 +14,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis import Redis
 from redis.exceptions import RedisError
 
-from services.api import routes_files, routes_jobs, routes_models
+from services.api import routes_files, routes_jobs, routes_models, routes_uploads
 from services.api.context import Context
-from services.api.errors import install_error_handlers
+from services.api.errors import error_body, install_error_handlers
 from shared import metrics
+from shared.api_keys import KeyStore
 from shared.catalog import load_catalog
 from shared.file_store import FileStore
 from shared.job_store import JobStore
 from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
+
+log = logging.getLogger(__name__)
+
+# Room for multipart boundaries and form fields around an upload of the maximum size.
+MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> FastAPI:
@@ -34,6 +41,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
         files=FileStore(redis),
         jobs=JobStore(redis, storage, settings.max_events_per_job),
         catalog=load_catalog(settings),
+        keys=KeyStore(redis, settings.api_key_secret),
     )
     process_metrics = metrics.registry(multiprocess_dir)
     state_metrics = CollectorRegistry()
@@ -41,6 +49,10 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        try:
+            context.ensure_bootstrap_key()
+        except RedisError:
+            log.warning("Redis is unreachable; the bootstrap API key is registered once it answers")
         yield
         redis.close()
 
@@ -52,6 +64,21 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     )
     app.state.context = context
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        """Refuse oversized bodies from their Content-Length, before reading a byte of them."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit():
+            multipart = request.headers.get("content-type", "").startswith("multipart/")
+            limit = settings.max_upload_bytes + MULTIPART_OVERHEAD if multipart else settings.max_json_bytes
+            if int(length) > limit:
+                setting = "TUNERY_MAX_UPLOAD_BYTES" if multipart else "TUNERY_MAX_JSON_BYTES"
+                body = error_body(
+                    413, f"the request body is larger than {limit} bytes ({setting})", "body_too_large", None
+                )
+                return JSONResponse(body, status_code=413)
+        return await call_next(request)
 
     @app.middleware("http")
     async def observe_latency(request: Request, call_next):
@@ -83,6 +110,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_files.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_models.router)
+    app.include_router(routes_uploads.router)
 
     return app
 

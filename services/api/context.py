@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from redis import Redis
 
+from shared.api_keys import KeyStore
 from shared.catalog import CatalogEntry
 from shared.file_store import FileStore
 from shared.job_store import JobStore
@@ -23,12 +24,22 @@ class Context:
     files: FileStore
     jobs: JobStore
     catalog: dict[str, CatalogEntry]
+    keys: KeyStore
+    bootstrap_registered: bool = False
+
+    def ensure_bootstrap_key(self) -> None:
+        """Register TUNERY_BOOTSTRAP_API_KEY once Redis answers (the API may start before Redis)."""
+        if self.bootstrap_registered or not self.settings.bootstrap_api_key:
+            return
+        self.keys.register(
+            self.settings.bootstrap_api_key,
+            key_id="bootstrap",
+            tenant=DEFAULT_TENANT,
+            role="admin",
+            name="bootstrap",
+        )
+        self.bootstrap_registered = True
 
 
 def get_context(request: Request) -> Context:
     return request.app.state.context
-
-
-def current_tenant() -> str:
-    """The tenant of the caller. Until API keys exist every caller is the default tenant."""
-    return DEFAULT_TENANT

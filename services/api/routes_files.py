@@ -2,63 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from services.api.context import Context, current_tenant, get_context
+from services.api.auth import caller_tenant
+from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
+from services.api.file_ingest import UPLOAD_PURPOSES, ingest
 from services.api.schemas import file_object, list_object
-from shared import storage_keys
-from shared.file_validation import ChatJsonlValidator
-from shared.ids import new_file_id
-from shared.records import FileRecord, now
+from shared.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
-
-UPLOAD_PURPOSES = ("fine-tune",)
-
-
-class _TeeReader:
-    """A file-like reader that also hands every chunk it returns to a callback (the validator)."""
-
-    def __init__(self, source, on_chunk: Callable[[bytes], None]):
-        self.source = source
-        self.on_chunk = on_chunk
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.source.read(size)
-        if chunk:
-            self.on_chunk(chunk)
-        return chunk
-
-
-def _store_upload(ctx: Context, tenant: str, upload: UploadFile, purpose: str) -> FileRecord:
-    file_id = new_file_id()
-    key = storage_keys.file_key(tenant, file_id)
-    validator = ChatJsonlValidator(max_line_bytes=ctx.settings.max_line_bytes)
-    upload.file.seek(0)
-    stored = ctx.storage.put_stream(key, _TeeReader(upload.file, validator.feed))
-    result = validator.finish()
-    record = FileRecord(
-        id=file_id,
-        tenant=tenant,
-        filename=upload.filename or "upload.jsonl",
-        purpose=purpose,
-        bytes=stored.size,
-        created_at=now(),
-        status="processed" if result.ok else "error",
-        status_details=None if result.ok else result.summary(),
-        sha256=stored.sha256,
-        storage_key=key,
-        format=result.format,
-        n_examples=result.n_examples,
-    )
-    ctx.files.save(record)
-    return record
 
 
 @router.post("", summary="Upload a file")
@@ -66,7 +24,7 @@ async def create_file(
     file: Annotated[UploadFile, File(description='Chat JSONL: one {"messages": [...]} per line.')],
     purpose: Annotated[str, Form()],
     ctx: Context = Depends(get_context),
-    tenant: str = Depends(current_tenant),
+    tenant: str = Depends(caller_tenant),
 ) -> dict:
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
@@ -74,7 +32,8 @@ async def create_file(
         raise APIError(
             413, f"the file is larger than the limit of {ctx.settings.max_upload_bytes} bytes", param="file"
         )
-    record = await run_in_threadpool(_store_upload, ctx, tenant, file, purpose)
+    file.file.seek(0)
+    record = await run_in_threadpool(ingest, ctx, tenant, file.file, file.filename or "upload.jsonl", purpose)
     return file_object(record)
 
 
@@ -85,7 +44,7 @@ def list_files(
     order: Literal["asc", "desc"] = "desc",
     purpose: str | None = None,
     ctx: Context = Depends(get_context),
-    tenant: str = Depends(current_tenant),
+    tenant: str = Depends(caller_tenant),
 ) -> dict:
     records, has_more = ctx.files.list(tenant, after=after, limit=limit, order=order, purpose=purpose)
     return list_object([file_object(r) for r in records], has_more)
@@ -100,14 +59,14 @@ def _require_file(ctx: Context, tenant: str, file_id: str) -> FileRecord:
 
 @router.get("/{file_id}", summary="Retrieve a file")
 def retrieve_file(
-    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     return file_object(_require_file(ctx, tenant, file_id))
 
 
 @router.get("/{file_id}/content", summary="Download a file's content", response_class=StreamingResponse)
 def file_content(
-    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> StreamingResponse:
     record = _require_file(ctx, tenant, file_id)
     chunks: Iterator[bytes] = ctx.storage.iter_chunks(record.storage_key)
@@ -117,7 +76,7 @@ def file_content(
 
 @router.delete("/{file_id}", summary="Delete a file")
 def delete_file(
-    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     record = _require_file(ctx, tenant, file_id)
     ctx.files.delete(record)

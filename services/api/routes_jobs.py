@@ -5,11 +5,13 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from services.api.context import Context, current_tenant, get_context
+from services.api.auth import caller_tenant
+from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
+from services.api.idempotency import create_once
 from services.api.schemas import JobCreate, job_object, list_object
 from shared import hyperparams
 from shared.ids import new_job_id
@@ -66,6 +68,15 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         lora=body.lora or LoraSettings(),
         max_seq_length=entry.max_seq_length,
     )
+    limit = ctx.settings.max_active_jobs_per_tenant
+    if ctx.jobs.active_count(tenant) >= limit:
+        raise APIError(
+            429,
+            f"your organization already has {limit} jobs queued or running (TUNERY_MAX_ACTIVE_JOBS_PER_TENANT); "
+            "wait for one to finish or cancel one",
+            code="too_many_active_jobs",
+            headers={"retry-after": "60"},
+        )
     ctx.jobs.create(record, f"Created fine-tuning job {record.id}")
     ctx.jobs.transition(record.id, JobState.QUEUED, "Validated training files; job queued")
     enqueue_training(
@@ -76,19 +87,41 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
 
 @router.post("", summary="Create a fine-tuning job")
 async def create_job(
-    body: JobCreate, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    body: JobCreate,
+    request: Request,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(caller_tenant),
+    idempotency_key: Annotated[
+        str | None, Header(description="Replays of a key return the job the first request created (24 h).")
+    ] = None,
 ) -> dict:
-    return job_object(await run_in_threadpool(_create_job, ctx, tenant, body))
+    raw = await request.body()
+
+    def create() -> str:
+        return _create_job(ctx, tenant, body).id
+
+    job_id = await run_in_threadpool(create_once, ctx.redis, request, tenant, "job", raw, create)
+    return job_object(_require_job(ctx, tenant, job_id))
 
 
-@router.get("", summary="List fine-tuning jobs (newest first)")
+@router.get(
+    "",
+    summary="List fine-tuning jobs (newest first)",
+    description="Filter by metadata with query parameters `metadata[key]=value` (all must match).",
+)
 def list_jobs(
+    request: Request,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     ctx: Context = Depends(get_context),
-    tenant: str = Depends(current_tenant),
+    tenant: str = Depends(caller_tenant),
 ) -> dict:
-    records, has_more = ctx.jobs.list(tenant, after=after, limit=limit)
+    metadata = {
+        name[len("metadata[") : -1]: value
+        for name, value in request.query_params.multi_items()
+        if name.startswith("metadata[") and name.endswith("]")
+    }
+    records, has_more = ctx.jobs.list(tenant, after=after, limit=limit, metadata=metadata)
     return list_object([job_object(r) for r in records], has_more)
 
 
@@ -101,14 +134,14 @@ def _require_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
 
 @router.get("/{job_id}", summary="Retrieve a fine-tuning job")
 def retrieve_job(
-    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     return job_object(_require_job(ctx, tenant, job_id))
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job")
 def cancel_job(
-    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     record = _require_job(ctx, tenant, job_id)
     if is_terminal(record.state):
@@ -120,13 +153,64 @@ def cancel_job(
     return job_object(ctx.jobs.transition(job_id, JobState.CANCELLED, "Job cancelled by the user"))
 
 
+@router.post(
+    "/{job_id}/pause",
+    summary="Pause a queued or running fine-tuning job",
+    description=(
+        "A running trainer stops at its next optimizer step. The job's `stage` becomes `paused`; its "
+        "`status` reads `queued`, because the openai SDK's types do not list `paused`."
+    ),
+)
+def pause_job(job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)) -> dict:
+    record = _require_job(ctx, tenant, job_id)
+    if record.state not in (JobState.QUEUED, JobState.RUNNING):
+        raise APIError(
+            400,
+            f"only queued or running jobs can be paused; job {job_id} is {record.state.value}",
+            code="job_not_pausable",
+        )
+    return job_object(ctx.jobs.transition(job_id, JobState.PAUSED, "Job paused by the user"))
+
+
+@router.post("/{job_id}/resume", summary="Resume a paused fine-tuning job (it is queued again)")
+def resume_job(
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
+) -> dict:
+    record = _require_job(ctx, tenant, job_id)
+    if record.state is not JobState.PAUSED:
+        raise APIError(400, f"job {job_id} is not paused (it is {record.state.value})", code="job_not_paused")
+    next_attempt = record.attempt + 1
+
+    def bump(job: JobRecord) -> None:
+        job.attempt = next_attempt
+
+    resumed = ctx.jobs.transition(job_id, JobState.QUEUED, "Job resumed by the user; queued", mutate=bump)
+    enqueue_training(
+        ctx.redis, job_id, next_attempt, ctx.settings.gpu_class, ctx.settings.train_timeout_seconds
+    )
+    return job_object(resumed)
+
+
+@router.get("/{job_id}/checkpoints", summary="List a job's checkpoints (newest first)")
+def list_checkpoints(
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(caller_tenant),
+) -> dict:
+    _require_job(ctx, tenant, job_id)
+    checkpoints, has_more = ctx.jobs.list_checkpoints(job_id, after=after, limit=limit)
+    return list_object(checkpoints, has_more)
+
+
 @router.get("/{job_id}/events", summary="List a job's events (newest first)")
 def list_events(
     job_id: str,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     ctx: Context = Depends(get_context),
-    tenant: str = Depends(current_tenant),
+    tenant: str = Depends(caller_tenant),
 ) -> dict:
     _require_job(ctx, tenant, job_id)
     events, has_more = ctx.jobs.list_events(job_id, after=after, limit=limit)

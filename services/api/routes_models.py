@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from services.api.context import Context, current_tenant, get_context
-from services.api.errors import not_found
+from services.api.auth import Caller, caller_tenant, require_admin
+from services.api.context import Context, get_context
+from services.api.errors import APIError, not_found
 from services.api.schemas import list_object
+from shared import storage_keys
 from shared.catalog import CatalogEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -41,7 +43,7 @@ def _fine_tuned_model(model_id: str, created: int, tenant: str, job_id: str) -> 
 
 
 @router.get("", summary="List models")
-def list_models(ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)) -> dict:
+def list_models(ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)) -> dict:
     data = [_catalog_model(entry) for entry in ctx.catalog.values()]
     data += [
         _fine_tuned_model(model_id, created, tenant, job_id)
@@ -52,11 +54,38 @@ def list_models(ctx: Context = Depends(get_context), tenant: str = Depends(curre
 
 @router.get("/{model_id:path}", summary="Retrieve a model")
 def retrieve_model(
-    model_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(current_tenant)
+    model_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     if model_id in ctx.catalog:
         return _catalog_model(ctx.catalog[model_id])
     for fine_tuned, job_id, created in ctx.jobs.fine_tuned_models(tenant):
         if fine_tuned == model_id:
             return _fine_tuned_model(model_id, created, tenant, job_id)
+    raise not_found("model", model_id, param="model")
+
+
+@router.delete(
+    "/{model_id:path}",
+    summary="Delete a fine-tuned model (admin keys only)",
+    description="Removes the model from the list and deletes its adapter and tokenizer; the job stays.",
+)
+def delete_model(
+    model_id: str,
+    ctx: Context = Depends(get_context),
+    caller: Caller = Depends(require_admin),
+) -> dict:
+    if model_id in ctx.catalog:
+        raise APIError(
+            400,
+            f"{model_id} is a base model of the operator's catalog; only fine-tuned models can be deleted",
+            code="model_not_deletable",
+            param="model",
+        )
+    for fine_tuned, job_id, _ in ctx.jobs.fine_tuned_models(caller.tenant):
+        if fine_tuned == model_id:
+            ctx.jobs.unregister_fine_tuned_model(caller.tenant, model_id, job_id)
+            ctx.storage.delete_prefix(storage_keys.adapter_prefix(caller.tenant, job_id))
+            ctx.storage.delete_prefix(storage_keys.tokenizer_prefix(caller.tenant, job_id))
+            ctx.jobs.add_event(job_id, f"Fine-tuned model {model_id} deleted", level="warn")
+            return {"id": model_id, "object": "model", "deleted": True}
     raise not_found("model", model_id, param="model")

@@ -25,7 +25,7 @@ from shared.job_store import JobStore, StaleAttempt
 from shared.lm_metrics import evaluate_causal_lm
 from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
 from shared.queue import enqueue_evaluation
-from shared.records import JobRecord
+from shared.records import JobRecord, fine_tuned_model_id
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -135,11 +135,6 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
         "verdict": verdict,
         "loss_change": change,
     }
-
-
-def fine_tuned_model_id(record: JobRecord) -> str:
-    """OpenAI's shape: ft:<base>:<org>:<suffix>:<job id>."""
-    return f"ft:{record.model}:{record.tenant}:{record.suffix or ''}:{record.id}"
 
 
 def _succeed(jobs: JobStore, storage: Storage, record: JobRecord, report: dict[str, Any]) -> None:

@@ -27,11 +27,11 @@ from shared.catalog import load_catalog, materialize
 from shared.chat_data import ChatTemplateError, DataError, read_chat_jsonl
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
-from shared.ids import new_file_id
+from shared.ids import new_file_id, new_id
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.queue import enqueue_evaluation, enqueue_training
-from shared.records import FileRecord, JobRecord, now
+from shared.records import FileRecord, JobRecord, fine_tuned_model_id, now
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -225,6 +225,7 @@ class TrainingRun:
         )
         result_file = self._store_result_csv(result.metrics_rows)
         self._event("Artifacts uploaded: adapter, tokenizer, step metrics")
+        self._record_checkpoint(result)
         attempt = self.record.attempt
 
         def finish_training(record: JobRecord) -> None:
@@ -242,6 +243,32 @@ class TrainingRun:
             expected_attempt=attempt, mutate=finish_training,
         )  # fmt: skip
         enqueue_evaluation(self.redis, self.job_id, attempt, self.settings.eval_timeout_seconds)
+
+    def _record_checkpoint(self, result: SFTResult) -> None:
+        """The final adapter, listed as OpenAI lists a job's checkpoints."""
+        last = result.metrics_rows[-1]
+        self.jobs.add_checkpoint(
+            self.job_id,
+            {
+                "id": new_id("ftckpt"),
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": now(),
+                "fine_tuned_model_checkpoint": f"{fine_tuned_model_id(self.record)}:ckpt-step-{result.steps_completed}",
+                "fine_tuning_job_id": self.job_id,
+                "step_number": result.steps_completed,
+                "metrics": {
+                    "step": float(result.steps_completed),
+                    "train_loss": last["train_loss"],
+                    "train_mean_token_accuracy": last["train_accuracy"],
+                    "valid_loss": last["valid_loss"],
+                    "valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
+                    "full_valid_loss": last["valid_loss"],
+                    "full_valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
+                },
+                # Tunery extra: where the adapter of this checkpoint is stored.
+                "adapter": storage_keys.adapter_prefix(self.record.tenant, self.job_id),
+            },
+        )
 
     def _store_result_csv(self, rows: list[dict[str, Any]]) -> FileRecord:
         text = io.StringIO()

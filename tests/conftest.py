@@ -21,6 +21,7 @@ import redis
 from shared.storage import LocalStorage, S3Storage, Storage
 from tests.api_fixtures import ADMIN_KEY
 from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_for
+from tests.live import LiveTunery, live_env
 
 
 def _wait_or_fail(predicate: Callable[[], object], what: str, process: subprocess.Popen, log: Path) -> None:
@@ -149,3 +150,56 @@ def api(api_settings):
 
     with TestClient(create_app(api_settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client
+
+
+@pytest.fixture
+def bucket_storage(s3_server) -> S3Storage:
+    storage = S3Storage(
+        bucket=f"e2e-{uuid.uuid4().hex[:12]}",
+        endpoint_url=s3_server.endpoint_url,
+        access_key_id=s3_server.access_key_id,
+        secret_access_key=s3_server.secret_access_key,
+    )
+    storage.ensure_bucket()
+    return storage
+
+
+CATALOG = """
+models:
+  tunery/tiny-chat:
+    source: builtin:tiny-chat-llama
+    max_seq_length: 512
+    learning_rate: 1.0e-2
+  tunery/tiny-chat-qwen2:
+    source: builtin:tiny-chat-qwen2
+    max_seq_length: 512
+    learning_rate: 1.0e-2
+  missing-weights:
+    source: {missing}
+"""
+
+
+@pytest.fixture
+def live(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
+    env = live_env(
+        tmp_path,
+        redis_url,
+        {
+            "TUNERY_MODEL_CATALOG": str(catalog),
+            "TUNERY_S3_BUCKET": bucket_storage.bucket,
+            "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
+            "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+        },
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
+    try:
+        for service in ("api", "trainer", "evaluator"):
+            tunery.start(service)
+        yield tunery
+    finally:
+        tunery.stop()

@@ -10,7 +10,6 @@ import csv
 import io
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -23,62 +22,9 @@ from rq.serializers import JSONSerializer
 from shared import storage_keys
 from shared.storage import S3Storage
 from tests.api_fixtures import IDENTITY_CHAT, chat_lines
-from tests.live import LiveTunery, live_env
+from tests.live import LiveTunery
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def bucket_storage(s3_server) -> S3Storage:
-    storage = S3Storage(
-        bucket=f"e2e-{uuid.uuid4().hex[:12]}",
-        endpoint_url=s3_server.endpoint_url,
-        access_key_id=s3_server.access_key_id,
-        secret_access_key=s3_server.secret_access_key,
-    )
-    storage.ensure_bucket()
-    return storage
-
-
-CATALOG = """
-models:
-  tunery/tiny-chat:
-    source: builtin:tiny-chat-llama
-    max_seq_length: 512
-    learning_rate: 1.0e-2
-  tunery/tiny-chat-qwen2:
-    source: builtin:tiny-chat-qwen2
-    max_seq_length: 512
-    learning_rate: 1.0e-2
-  missing-weights:
-    source: {missing}
-"""
-
-
-@pytest.fixture
-def live(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage):
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
-    env = live_env(
-        tmp_path,
-        redis_url,
-        {
-            "TUNERY_MODEL_CATALOG": str(catalog),
-            "TUNERY_S3_BUCKET": bucket_storage.bucket,
-            "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
-            "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
-            "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        },
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
-    try:
-        for service in ("api", "trainer", "evaluator"):
-            tunery.start(service)
-        yield tunery
-    finally:
-        tunery.stop()
 
 
 def upload(client, body: bytes, name: str = "train.jsonl") -> dict:

@@ -13,13 +13,13 @@ from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest
-from services.api.schemas import file_object, list_object
+from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
 from shared.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 
-@router.post("", summary="Upload a file")
+@router.post("", summary="Upload a file", response_model=FileObject)
 async def create_file(
     file: Annotated[UploadFile, File(description='Chat JSONL: one {"messages": [...]} per line.')],
     purpose: Annotated[str, Form()],
@@ -37,7 +37,7 @@ async def create_file(
     return file_object(record)
 
 
-@router.get("", summary="List files")
+@router.get("", summary="List files", response_model=FileList)
 def list_files(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
@@ -57,7 +57,7 @@ def _require_file(ctx: Context, tenant: str, file_id: str) -> FileRecord:
     return record
 
 
-@router.get("/{file_id}", summary="Retrieve a file")
+@router.get("/{file_id}", summary="Retrieve a file", response_model=FileObject)
 def retrieve_file(
     file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
@@ -74,7 +74,7 @@ def file_content(
     return StreamingResponse(chunks, media_type=media)
 
 
-@router.delete("/{file_id}", summary="Delete a file")
+@router.delete("/{file_id}", summary="Delete a file", response_model=Deleted)
 def delete_file(
     file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:

@@ -12,7 +12,15 @@ from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.idempotency import create_once
-from services.api.schemas import JobCreate, job_object, list_object
+from services.api.schemas import (
+    CheckpointList,
+    EventList,
+    FineTuningJob,
+    JobCreate,
+    JobList,
+    job_object,
+    list_object,
+)
 from shared import hyperparams
 from shared.ids import new_job_id
 from shared.job_states import JobState, is_terminal
@@ -85,7 +93,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
     return ctx.jobs.require(record.id)
 
 
-@router.post("", summary="Create a fine-tuning job")
+@router.post("", summary="Create a fine-tuning job", response_model=FineTuningJob)
 async def create_job(
     body: JobCreate,
     request: Request,
@@ -107,6 +115,7 @@ async def create_job(
 @router.get(
     "",
     summary="List fine-tuning jobs (newest first)",
+    response_model=JobList,
     description="Filter by metadata with query parameters `metadata[key]=value` (all must match).",
 )
 def list_jobs(
@@ -132,14 +141,14 @@ def _require_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
     return record
 
 
-@router.get("/{job_id}", summary="Retrieve a fine-tuning job")
+@router.get("/{job_id}", summary="Retrieve a fine-tuning job", response_model=FineTuningJob)
 def retrieve_job(
     job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
     return job_object(_require_job(ctx, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job")
+@router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job", response_model=FineTuningJob)
 def cancel_job(
     job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
@@ -156,6 +165,7 @@ def cancel_job(
 @router.post(
     "/{job_id}/pause",
     summary="Pause a queued or running fine-tuning job",
+    response_model=FineTuningJob,
     description=(
         "A running trainer stops at its next optimizer step. The job's `stage` becomes `paused`; its "
         "`status` reads `queued`, because the openai SDK's types do not list `paused`."
@@ -172,7 +182,11 @@ def pause_job(job_id: str, ctx: Context = Depends(get_context), tenant: str = De
     return job_object(ctx.jobs.transition(job_id, JobState.PAUSED, "Job paused by the user"))
 
 
-@router.post("/{job_id}/resume", summary="Resume a paused fine-tuning job (it is queued again)")
+@router.post(
+    "/{job_id}/resume",
+    summary="Resume a paused fine-tuning job (it is queued again)",
+    response_model=FineTuningJob,
+)
 def resume_job(
     job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
@@ -191,7 +205,9 @@ def resume_job(
     return job_object(resumed)
 
 
-@router.get("/{job_id}/checkpoints", summary="List a job's checkpoints (newest first)")
+@router.get(
+    "/{job_id}/checkpoints", summary="List a job's checkpoints (newest first)", response_model=CheckpointList
+)
 def list_checkpoints(
     job_id: str,
     after: str | None = None,
@@ -204,7 +220,7 @@ def list_checkpoints(
     return list_object(checkpoints, has_more)
 
 
-@router.get("/{job_id}/events", summary="List a job's events (newest first)")
+@router.get("/{job_id}/events", summary="List a job's events (newest first)", response_model=EventList)
 def list_events(
     job_id: str,
     after: str | None = None,

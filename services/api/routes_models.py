@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends
 from services.api.auth import Caller, caller_tenant, require_admin
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.schemas import list_object
+from services.api.schemas import Deleted, Model, ModelList, list_object
 from shared import storage_keys
 from shared.catalog import CatalogEntry
 
@@ -23,6 +23,7 @@ def _catalog_model(entry: CatalogEntry) -> dict:
         "object": "model",
         "created": CATALOG_CREATED_AT,
         "owned_by": entry.owned_by,
+        "shutdown_date": None,
         # Tunery extras
         "description": entry.description,
         "license": entry.license,
@@ -37,12 +38,13 @@ def _fine_tuned_model(model_id: str, created: int, tenant: str, job_id: str) -> 
         "object": "model",
         "created": created,
         "owned_by": tenant,
+        "shutdown_date": None,
         "fine_tuned": True,
         "fine_tuning_job": job_id,
     }
 
 
-@router.get("", summary="List models")
+@router.get("", summary="List models", response_model=ModelList)
 def list_models(ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)) -> dict:
     data = [_catalog_model(entry) for entry in ctx.catalog.values()]
     data += [
@@ -52,7 +54,7 @@ def list_models(ctx: Context = Depends(get_context), tenant: str = Depends(calle
     return list_object(data, False)
 
 
-@router.get("/{model_id:path}", summary="Retrieve a model")
+@router.get("/{model_id:path}", summary="Retrieve a model", response_model=Model)
 def retrieve_model(
     model_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
@@ -67,6 +69,7 @@ def retrieve_model(
 @router.delete(
     "/{model_id:path}",
     summary="Delete a fine-tuned model (admin keys only)",
+    response_model=Deleted,
     description="Removes the model from the list and deletes its adapter and tokenizer; the job stays.",
 )
 def delete_model(

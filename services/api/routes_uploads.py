@@ -18,7 +18,7 @@ from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ChunksReader, ingest
-from services.api.schemas import file_object
+from services.api.schemas import Upload, UploadPart, file_object
 from shared.ids import new_id
 from shared.records import now
 
@@ -107,7 +107,7 @@ def upload_object(ctx: Context, record: UploadRecord) -> dict:
     }
 
 
-@router.post("", summary="Create an upload")
+@router.post("", summary="Create an upload", response_model=Upload)
 def create_upload(
     body: UploadCreate, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
@@ -134,7 +134,7 @@ def create_upload(
     return upload_object(ctx, record)
 
 
-@router.post("/{upload_id}/parts", summary="Add a part to an upload")
+@router.post("/{upload_id}/parts", summary="Add a part to an upload", response_model=UploadPart)
 async def add_part(
     upload_id: str,
     data: Annotated[UploadFile, File(description="The bytes of this part.")],
@@ -194,7 +194,9 @@ def _complete(ctx: Context, record: UploadRecord, part_ids: list[str]) -> Upload
     return record
 
 
-@router.post("/{upload_id}/complete", summary="Complete an upload: its parts become one file")
+@router.post(
+    "/{upload_id}/complete", summary="Complete an upload: its parts become one file", response_model=Upload
+)
 async def complete_upload(
     upload_id: str,
     body: UploadComplete,
@@ -206,7 +208,7 @@ async def complete_upload(
     return upload_object(ctx, completed)
 
 
-@router.post("/{upload_id}/cancel", summary="Cancel an upload and drop its parts")
+@router.post("/{upload_id}/cancel", summary="Cancel an upload and drop its parts", response_model=Upload)
 def cancel_upload(
     upload_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:

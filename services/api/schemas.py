@@ -138,6 +138,7 @@ def job_object(record: JobRecord) -> dict[str, Any]:
             "type": record.method_type,
             "supervised": {"hyperparameters": hyperparameters},
             "dpo": None,
+            "reinforcement": None,
         },
         "status": public_status(record.state),
         "error": record.error.model_dump() if record.error else None,
@@ -173,3 +174,147 @@ def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
     }
+
+
+# -- response shapes, for the OpenAPI description (extra keys are Tunery's additions) --------------
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FileObject(_Open):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None
+    expires_at: int | None
+    format: str | None = Field(description="Tunery: the detected data format")
+    n_examples: int | None = Field(description="Tunery: valid examples in the file")
+    sha256: str = Field(description="Tunery: SHA-256 of the bytes")
+
+
+class Deleted(_Open):
+    id: str
+    object: str
+    deleted: bool
+
+
+class JobError(_Open):
+    code: str
+    message: str
+    param: str | None
+
+
+class JobHyperparameters(_Open):
+    batch_size: int | Auto | None
+    learning_rate_multiplier: float | Auto | None
+    n_epochs: int | Auto | None
+
+
+class FineTuningJob(_Open):
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    model: str
+    organization_id: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: JobHyperparameters
+    method: dict[str, Any]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    trained_tokens: int | None
+    estimated_finish: int | None
+    result_files: list[str]
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    integrations: list[dict[str, Any]] | None
+    stage: str = Field(description="Tunery: the exact state, including evaluating and paused")
+    progress: dict[str, Any] = Field(
+        description="Tunery: step, total_steps, epoch, loss, learning rate, tokens/s"
+    )
+    lora: dict[str, Any] = Field(description="Tunery: LoRA r, alpha, dropout, target modules")
+    evaluation: dict[str, Any] | None = Field(
+        description="Tunery: base vs fine-tuned metrics on held-out rows"
+    )
+
+
+class JobEvent(_Open):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] | None
+    data: dict[str, Any] | None
+
+
+class Checkpoint(_Open):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float | None]
+
+
+class Model(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class Upload(_Open):
+    id: str
+    object: Literal["upload"]
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    file: FileObject | None
+
+
+class UploadPart(_Open):
+    id: str
+    object: Literal["upload.part"]
+    created_at: int
+    upload_id: str
+
+
+class _Page(_Open):
+    object: Literal["list"]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileList(_Page):
+    data: list[FileObject]
+
+
+class JobList(_Page):
+    data: list[FineTuningJob]
+
+
+class EventList(_Page):
+    data: list[JobEvent]
+
+
+class CheckpointList(_Page):
+    data: list[Checkpoint]
+
+
+class ModelList(_Page):
+    data: list[Model]

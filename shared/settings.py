@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # RQ job timeouts. RQ's own default (180 s) would kill every real training run.
     train_timeout_seconds: int = 48 * 3600
     eval_timeout_seconds: int = 6 * 3600
+    # Attempts a job gets when its training process dies (killed, out of host memory, node lost).
+    max_attempts: int = Field(default=3, ge=1)
     # Progress events: one at least every this many seconds while training (and at each epoch end).
     progress_interval_seconds: float = 10.0
     # Examples kept per job's event stream (older ones are trimmed).

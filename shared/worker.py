@@ -22,12 +22,20 @@ from rq.serializers import JSONSerializer
 
 from shared import metrics
 from shared.queue import queue
+from shared.recovery import recover_killed_task
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class PreemptibleWorker(Worker):
+    settings: Settings
+
+    def handle_work_horse_killed(self, job, retpid, ret_val, rusage):  # type: ignore[no-untyped-def]
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        reason = f"signal {os.WTERMSIG(ret_val)}" if os.WIFSIGNALED(ret_val) else f"exit status {os.WEXITSTATUS(ret_val)}"
+        recover_killed_task(self.settings, self.connection, job.func_name, list(job.args), reason)
+
     def request_stop(self, signum, frame):  # type: ignore[no-untyped-def]
         if self.horse_pid:
             log.info("passing signal %s on to work horse %s", signum, self.horse_pid)
@@ -47,5 +55,6 @@ def run_worker(
         serializer=JSONSerializer,
         name=f"{service}-{socket.gethostname()}-{os.getpid()}",
     )
+    worker.settings = settings
     log.info("%s worker listening on %s; metrics on :%s", service, ", ".join(queue_names), metrics_port)
     worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import signal
 import time
 from pathlib import Path
@@ -207,3 +208,32 @@ def test_a_model_that_cannot_be_loaded_fails_the_job_with_an_actionable_error(li
     assert final["error"]["code"] == "model_unavailable"
     assert "no config.json" in final["error"]["message"]
     assert final["finished_at"] is not None
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_a_killed_training_process_is_retried_as_a_new_attempt_and_finishes(live: LiveTunery):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
+        ).json()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+            assert time.monotonic() < deadline, live.log_tail("trainer")
+            time.sleep(0.1)
+        (horse,) = _children(live.processes["trainer"].pid)
+        os.kill(horse, signal.SIGKILL)
+    final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "succeeded", final["error"]
+    assert final["attempt"] == 1
+    with live.client() as client:
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    assert any(
+        "The training process died (signal 9); retrying as attempt 2 of 3" in e["message"] for e in events
+    )

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shared.estimate import DataStats, peak_memory_gib, percentile
+from shared.gpu_classes import GpuClass
+from shared.model_facts import ModelFacts
 from shared.records import Hyperparameters
 
 # LoRA adapters train well around 1e-4..3e-4 across model sizes (QLoRA paper, Together/Axolotl
@@ -46,13 +49,68 @@ def auto_batch_size(n_examples: int) -> tuple[int, str]:
     )
 
 
-def resolve(
-    requested: dict[str, Any], n_examples: int, base_learning_rate: float | None = None
-) -> Hyperparameters:
-    """Resolve `n_epochs`, `batch_size` and `learning_rate_multiplier` ("auto" or missing → rule).
+# Sequence length: the 99th percentile of the data's token lengths, rounded up to a multiple of 64,
+# capped by the model's configured context. Longer examples are truncated (the estimate counts them).
+SEQ_LEN_PERCENTILE = 0.99
+SEQ_LEN_MULTIPLE = 64
+# A short linear warmup steadies Adam's first steps (3 %: the common LoRA default, e.g. Axolotl/TRL).
+AUTO_WARMUP_RATIO = 0.03
+# Peak memory may use this share of a device; the rest is headroom for fragmentation.
+MEMORY_HEADROOM = 0.9
+# Early stopping on validation loss, when there is validation data and at least 3 epochs to stop in.
+AUTO_EARLY_STOPPING_PATIENCE = 2
+SCHEDULERS = ("linear", "cosine", "constant")
 
-    `base_learning_rate` is the model's own base rate from the catalog, when the operator set one.
-    """
+
+def auto_max_seq_length(lengths: list[int], context: int) -> tuple[int, str]:
+    p99 = percentile(lengths, SEQ_LEN_PERCENTILE)
+    length = min(context, max(SEQ_LEN_MULTIPLE, math.ceil(p99 / SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE))
+    return length, (
+        f"auto: p99 of the training tokens ({p99}) rounded up to a multiple of {SEQ_LEN_MULTIPLE}, "
+        f"at most the model's context ({context})"
+    )
+
+
+def micro_batching(
+    batch_size: int, facts: ModelFacts, seq_len: int, lora_r: int, gpu_class: GpuClass
+) -> tuple[int, int, str]:
+    """The largest micro-batch dividing `batch_size` whose peak memory fits the class."""
+    on_gpu = gpu_class.name != "cpu"
+    budget = gpu_class.memory_gb * MEMORY_HEADROOM
+    for micro in sorted((d for d in range(1, batch_size + 1) if batch_size % d == 0), reverse=True):
+        peak = peak_memory_gib(facts, micro, seq_len, lora_r, on_gpu)
+        if peak <= budget:
+            accumulation = batch_size // micro
+            return (
+                micro,
+                accumulation,
+                (
+                    f"micro-batches of {micro} × {accumulation} accumulation steps: peak ≈ {peak:.1f} GiB "
+                    f"of {gpu_class.name}'s {gpu_class.memory_gb:g} GiB"
+                ),
+            )
+    peak = peak_memory_gib(facts, 1, seq_len, lora_r, on_gpu)
+    return (
+        1,
+        batch_size,
+        (
+            f"even one example needs ≈ {peak:.1f} GiB, more than {gpu_class.name}'s {gpu_class.memory_gb:g} GiB: "
+            "choose a larger GPU class or a shorter max_seq_length"
+        ),
+    )
+
+
+def resolve(
+    requested: dict[str, Any],
+    stats: DataStats,
+    *,
+    facts: ModelFacts,
+    context: int,
+    base_learning_rate: float | None,
+    lora_r: int,
+    gpu_class: GpuClass,
+) -> Hyperparameters:
+    """Every setting of a job: the request's value where given, else the rule's, with the reason."""
     reasons: dict[str, str] = {}
 
     def pick(name: str, rule: tuple[Any, str]) -> Any:
@@ -63,20 +121,51 @@ def resolve(
         reasons[name] = "set by the request"
         return value
 
-    n_epochs = pick("n_epochs", auto_epochs(n_examples))
-    batch_size = pick("batch_size", auto_batch_size(n_examples))
-    multiplier = pick("learning_rate_multiplier", (1.0, "auto: 1.0 × the base learning rate"))
+    n = stats.n_train
+    n_epochs = int(pick("n_epochs", auto_epochs(n)))
+    batch_size = int(pick("batch_size", auto_batch_size(n)))
+    multiplier = float(pick("learning_rate_multiplier", (1.0, "auto: 1.0 × the base learning rate")))
     base, source = (
         (base_learning_rate, "the model's base rate in the catalog")
         if base_learning_rate is not None
         else (LORA_BASE_LEARNING_RATE, "the LoRA base rate")
     )
-    learning_rate = base * float(multiplier)
-    reasons["learning_rate"] = f"{base:g} ({source}) × multiplier {float(multiplier):g}"
+    reasons["learning_rate"] = f"{base:g} ({source}) × multiplier {multiplier:g}"
+    max_seq_length = int(pick("max_seq_length", auto_max_seq_length(stats.train_lengths, context)))
+    micro, accumulation, reasons["micro_batch_size"] = micro_batching(
+        batch_size, facts, max_seq_length, lora_r, gpu_class
+    )
+    reasons["method"] = "LoRA on every linear layer: a small adapter over frozen weights"
+    has_validation = bool(stats.valid_lengths)
+    patience_rule = (
+        (
+            AUTO_EARLY_STOPPING_PATIENCE,
+            f"auto: stop after {AUTO_EARLY_STOPPING_PATIENCE} epochs without a lower validation loss",
+        )
+        if has_validation and n_epochs >= 3
+        else (None, "auto: off (needs validation data and at least 3 epochs)")
+    )
     return Hyperparameters(
-        n_epochs=int(n_epochs),
-        batch_size=int(batch_size),
-        learning_rate_multiplier=float(multiplier),
-        learning_rate=learning_rate,
-        reasons=reasons,
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        learning_rate_multiplier=multiplier,
+        learning_rate=base * multiplier,
+        max_seq_length=max_seq_length,
+        warmup_ratio=float(
+            pick("warmup_ratio", (AUTO_WARMUP_RATIO, f"auto: {AUTO_WARMUP_RATIO:.0%} of the steps"))
+        ),
+        weight_decay=float(
+            pick("weight_decay", (0.0, "auto: 0; LoRA's dropout and few trained weights already regularize"))
+        ),
+        scheduler=str(pick("scheduler", ("linear", "auto: linear decay to 0 after warmup"))),
+        max_grad_norm=float(pick("max_grad_norm", (1.0, "auto: clip gradients at norm 1"))),
+        early_stopping_patience=pick("early_stopping_patience", patience_rule),
+        early_stopping_min_delta=float(
+            pick("early_stopping_min_delta", (0.0, "auto: any decrease of the validation loss counts"))
+        ),
+        packing=False,
+        reasons=reasons
+        | {"packing": "off: batches are padded to their longest row (packing is not available yet)"},
     )

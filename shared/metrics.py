@@ -42,6 +42,14 @@ TRAINING_TOKENS_PER_SECOND = Gauge(
     ["gpu_class"],
     multiprocess_mode="mostrecent",
 )
+DEVICE_SECONDS = Counter(
+    "tunery_device_seconds_total", "Device-seconds held by training, every device counted.", ["gpu_class"]
+)
+COST_USD = Counter(
+    "tunery_cost_usd_total",
+    "Cost of training in USD (device-seconds × the class's price).",
+    ["tenant", "gpu_class"],
+)
 TASKS_FINISHED = Counter(
     "tunery_worker_tasks_total", "Tasks a worker finished, by outcome.", ["service", "outcome"]
 )

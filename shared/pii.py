@@ -8,14 +8,16 @@ real address for IPs), so that ordinary numbers, dates, times and version string
 What is covered (and deliberately not):
 
 - email: `local@domain.tld` with an alphabetic TLD (`user@localhost` is not counted).
-- phone: international numbers written with a `+` and a country code, 8-15 digits (`+44 20 7946 0958`,
-  `+1 (415) 555-0132`, `+33612345678`); North American `(415) 555-0132`, `415-555-0132`,
+- phone: international numbers written with a `+` and a country code, 8-15 digits (8-13 when written
+  without separators), not right after a digit or an operator (`12\n+34567890123` is a sum)
+  (`+44 20 7946 0958`, `+1 (415) 555-0132`, `+33612345678`); North American `(415) 555-0132`, `415-555-0132`,
   `415.555.0132` (area code and exchange starting 2-9, the same separator twice); European national forms
   with a leading trunk `0` and at least one separator (`020 7946 0958`, `07700 900123`,
   `01 23 45 67 89`, `030 1234567`). Bare digit runs (`4155550132`) are not counted: they are
   indistinguishable from ids and amounts.
-- payment_card: 13-19 digits, bare or in groups separated by single spaces or dashes, starting 2-6
-  (the issuer ranges in use), passing the Luhn check.
+- payment_card: 13-19 digits, bare or in groups separated by single spaces or dashes (the same one
+  throughout), with the length and leading digits of a card scheme in use (Visa, Mastercard, Amex,
+  Diners, JCB, Discover, UnionPay, Maestro), passing the Luhn check.
 - iban: country code, check digits and the country's exact length, compact or in groups of four,
   passing the ISO 13616 mod-97 check.
 - us_ssn: `123-45-6789` only (dashed; bare nine digits are too common), area not 000, 666 or 9xx,
@@ -42,6 +44,7 @@ ipv6, ipv4, phone): a span claimed by one kind is not counted again as another.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections.abc import Callable
@@ -112,143 +115,265 @@ def iban_ok(compact: str) -> bool:
     return int(number) % 97 == 1
 
 
-# -- patterns -------------------------------------------------------------------------------------
+def card_issuer_ok(digits: str) -> bool:
+    """Whether a number has the length and leading digits of a card scheme in use (ISO/IEC 7812 IINs)."""
+    n = len(digits)
+    if digits[0] == "4":  # Visa (13-digit Visa numbers are no longer issued)
+        return n in (16, 19)
+    if "51" <= digits[:2] <= "55" or "2221" <= digits[:4] <= "2720":  # Mastercard
+        return n == 16
+    if digits[:2] in ("34", "37"):  # American Express
+        return n == 15
+    if digits[:2] in ("30", "36", "38", "39"):  # Diners Club
+        return 14 <= n <= 19
+    if digits[:2] == "35":  # JCB
+        return 16 <= n <= 19
+    if digits[0] == "6" or digits[:2] in ("50", "56", "57", "58"):  # Discover, UnionPay, Maestro, RuPay
+        return 13 <= n <= 19
+    return False
 
-_EMAIL = re.compile(
-    r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@"
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])"
-)
+
+# -- patterns -------------------------------------------------------------------------------------
+# Every pattern starts with a literal or a character class, never a lookbehind, so that the regex engine
+# can skip ahead quickly (a leading lookbehind makes it try every position: ~10x slower); what must not
+# come before a match is checked in Python on the few candidates.
+
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+_ALNUM = _WORD - {"_"}
+
+
+def _before(match: re.Match[str], forbidden: frozenset[str] | str) -> bool:
+    """Whether the character before the match is allowed (not in `forbidden`)."""
+    start = match.start()
+    return start == 0 or match.string[start - 1] not in forbidden
+
+
+_EMAIL_LOCAL = _ALNUM | frozenset("._%+-")
+_EMAIL_AT = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?P<t>(?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----"
     r"(?:.*?-----END (?P=t)PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)",
     re.DOTALL,
 )
-_JWT = re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*(?![\w-])")
-_AWS = re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])")
-_GITHUB = re.compile(
-    r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59})(?![A-Za-z0-9_])"
-)
-_OPENAI = re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-|ant-)?(?P<body>[A-Za-z0-9_-]{20,})(?![\w-])")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*(?![\w-])")
+_AWS = re.compile(r"A[KS]IA[0-9A-Z]{16}(?![A-Za-z0-9])")
+_GITHUB = re.compile(r"gh[pousr]_[A-Za-z0-9]{36}(?!\w)|github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}(?!\w)")
+_OPENAI = re.compile(r"sk-(?:proj-|svcacct-|admin-|ant-)?(?P<body>[A-Za-z0-9_-]{20,})(?![\w-])")
 _SLACK = re.compile(
-    r"(?<![\w-])xox[abposr]-[A-Za-z0-9]{4,}-[A-Za-z0-9-]{6,}(?![\w-])"
+    r"xox[abposr]-[A-Za-z0-9]{4,}-[A-Za-z0-9-]{6,}(?![\w-])"
     r"|https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]{16,}"
 )
 _IBAN = re.compile(
-    r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)(?![A-Za-z0-9])"
+    r"[A-Z][A-Z]\d\d(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?)(?![A-Za-z0-9])"
 )
-_CARD = re.compile(r"(?<![\d.,-])(?:\d{13,19}|\d{4}(?:([ -])\d{2,7})(?:\1\d{1,7}){0,4})(?![\d-]|[.,]\d)")
-_SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
-_NINO = re.compile(
-    r"(?<![A-Za-z0-9])(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
-    r"(?: ?\d{2}){3} ?[A-D](?![A-Za-z0-9])"
-)
-_IPV4 = re.compile(
-    r"(?<![\w.])(?<!version )(?<!ver )(?<!Version )"
-    r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.]|\.\d)"
-)
-_IPV6 = re.compile(
-    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:.])"
-)
-_PHONE_INTL = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,5}\)?){1,6}(?![\w-]|[.,]\d)")
-_PHONE_NANP = re.compile(r"(?<![\w.+-])(?:\([2-9]\d{2}\) ?|[2-9]\d{2}([-. ]))[2-9]\d{2}(?(1)\1|[-. ])\d{4}(?![\w-]|[.,]\d)")
+_CARD = re.compile(r"\d(?:\d{12,18}|\d{3}(?:([ -])\d{2,7})(?:\1\d{1,7}){0,4})(?![\d-]|[.,]\d)")
+_SSN = re.compile(r"\d\d\d-\d\d-\d\d\d\d(?![\d-])")
+_NINO = re.compile(r"[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z](?: ?\d\d){3} ?[A-D](?![A-Za-z0-9])")
+_NINO_NEVER = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
+_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\w|\.\d)")
+_IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+_PHONE_INTL = re.compile(r"\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,5}\)?){1,6}(?![\w-]|[.,]\d)")
+_PHONE_NANP = re.compile(r"(?:\([2-9]\d\d\) ?|[2-9]\d\d([-. ]))[2-9]\d\d(?(1)\1|[-. ])\d{4}(?![\w-]|[.,]\d)")
 _PHONE_TRUNK = re.compile(
-    r"(?<![\w.+/-])(?:0[1-9](?:([ .-])\d{2})(?:\1\d{2}){3}|0\d{2,4}[ -]\d{3,4}(?:[ -]?\d{3,4})?)(?![\w-]|[.,/:]\d)"
+    r"0[1-9](?:([ .-])\d\d(?:\1\d\d){3}|\d{0,3}[ -]\d{3,4}(?:[ -]?\d{3,4})?)(?![\w-]|[.,/:]\d)"
 )
+_VERSION_WORDS = ("version ", "Version ", "ver ", "ver. ")
+
+Span = tuple[int, int]
+
+
+def _matches(pattern: re.Pattern[str], check: Callable[[re.Match[str]], bool]) -> Callable[[str], list[Span]]:
+    def spans(text: str) -> list[Span]:
+        return [m.span() for m in pattern.finditer(text) if check(m)]
+
+    return spans
+
+
+def _emails(text: str) -> list[Span]:
+    found = []
+    for match in _EMAIL_AT.finditer(text):
+        at = start = match.start()
+        while start > 0 and text[start - 1] in _EMAIL_LOCAL:
+            start -= 1
+        while start < at and not text[start].isalnum():
+            start += 1
+        if 0 < at - start <= 64:
+            found.append((start, match.end()))
+    return found
+
+
+def _ipv6(text: str) -> list[Span]:
+    found: list[Span] = []
+    position = 0
+    while (seed := _IPV6_SEED.search(text, position)) is not None:
+        start, end = seed.start(), seed.end()
+        while start > 0 and text[start - 1] in _IPV6_CHARS:
+            start -= 1
+        while end < len(text) and text[end] in _IPV6_CHARS:
+            end += 1
+        position = end
+        while end > start and text[end - 1] == ".":
+            end -= 1
+        if (start and text[start - 1] in _WORD) or (end < len(text) and text[end] in _WORD):
+            continue
+        candidate = text[start:end]
+        if sum(1 for g in candidate.split(":") if g) < 2 or not any(c.isdigit() for c in candidate):
+            continue
+        try:
+            address = ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        if not (address.is_loopback or address.is_unspecified):
+            found.append((start, end))
+    return found
 
 
 def _card_ok(match: re.Match[str]) -> bool:
-    digits = re.sub(r"[ -]", "", match[0])
-    return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_ok(digits)
+    digits = match[0].replace(" ", "").replace("-", "")
+    return (
+        _before(match, "0123456789.,-")
+        and 13 <= len(digits) <= 19
+        and card_issuer_ok(digits)
+        and luhn_ok(digits)
+    )
 
 
 def _iban_ok(match: re.Match[str]) -> bool:
-    return iban_ok(match[0].replace(" ", ""))
+    return _before(match, _ALNUM) and iban_ok(match[0].replace(" ", ""))
+
+
+def _ssn_ok(match: re.Match[str]) -> bool:
+    area, group, serial = match[0].split("-")
+    return (
+        _before(match, "0123456789-")
+        and area not in ("000", "666")
+        and area[0] != "9"
+        and group != "00"
+        and serial != "0000"
+    )
+
+
+def _nino_ok(match: re.Match[str]) -> bool:
+    return _before(match, _ALNUM) and match[0][:2] not in _NINO_NEVER
 
 
 def _ipv4_ok(match: re.Match[str]) -> bool:
-    start = match.start()
-    if start and match.string[start - 1] in "vV":
+    if not _before(match, _WORD | {"."}):
         return False
-    address = ipaddress.IPv4Address(match[0])
+    preceding = match.string[max(0, match.start() - 8) : match.start()]
+    if preceding.endswith(_VERSION_WORDS):
+        return False
+    try:
+        address = ipaddress.IPv4Address(match[0])  # refuses octets over 255 and leading zeros
+    except ValueError:
+        return False
     first = int(match[0].split(".", 1)[0])
     return not (address.is_loopback or first in (0, 255))
 
 
-def _ipv6_ok(match: re.Match[str]) -> bool:
-    text = match[0]
-    groups = [g for g in text.split(":") if g]
-    if len(groups) < 2 or not any(ch.isdigit() for ch in text):
-        return False
-    try:
-        address = ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return not (address.is_loopback or address.is_unspecified)
-
-
 def _openai_ok(match: re.Match[str]) -> bool:
     body = match["body"]
-    return any(c.isdigit() for c in body) and any(c.isupper() for c in body) and any(c.islower() for c in body)
+    return (
+        _before(match, _WORD | {"-"})
+        and any(c.isdigit() for c in body)
+        and any(c.isupper() for c in body)
+        and any(c.islower() for c in body)
+    )
 
 
 def _phone_intl_ok(match: re.Match[str]) -> bool:
-    return 8 <= sum(ch.isdigit() for ch in match[0]) <= 15
+    if not _before(match, _WORD | {"+"}):
+        return False
+    preceding = match.string[max(0, match.start() - 16) : match.start()].rstrip()
+    if preceding and (preceding[-1].isdigit() or preceding[-1] in "=+-*/^()"):
+        return False  # a signed number in a sum, not a phone number
+    digits = sum(ch.isdigit() for ch in match[0])
+    compact = digits == len(match[0]) - 1
+    return 8 <= digits <= (13 if compact else 15)
+
+
+def _phone_nanp_ok(match: re.Match[str]) -> bool:
+    return _before(match, _WORD | frozenset(".+-"))
 
 
 def _phone_trunk_ok(match: re.Match[str]) -> bool:
-    return 9 <= sum(ch.isdigit() for ch in match[0]) <= 12
+    return _before(match, _WORD | frozenset(".+/-")) and 9 <= sum(ch.isdigit() for ch in match[0]) <= 12
+
+
+def _word_start(match: re.Match[str]) -> bool:
+    return _before(match, _WORD | {"-"})
+
+
+def _alnum_start(match: re.Match[str]) -> bool:
+    return _before(match, _ALNUM)
 
 
 def _always(_: re.Match[str]) -> bool:
     return True
 
 
-# (kind, pattern, check, a substring that must be present for the pattern to be tried): in priority order.
-_DETECTORS: tuple[tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool], str | None], ...] = (
-    ("private_key", _PRIVATE_KEY, _always, "PRIVATE KEY-----"),
-    ("jwt", _JWT, _always, "eyJ"),
-    ("aws_access_key", _AWS, _always, None),
-    ("github_token", _GITHUB, _always, "_"),
-    ("slack_token", _SLACK, _always, None),
-    ("openai_key", _OPENAI, _openai_ok, "sk-"),
-    ("email", _EMAIL, _always, "@"),
-    ("iban", _IBAN, _iban_ok, None),
-    ("payment_card", _CARD, _card_ok, None),
-    ("us_ssn", _SSN, _always, "-"),
-    ("uk_nino", _NINO, _always, None),
-    ("ipv6", _IPV6, _ipv6_ok, ":"),
-    ("ipv4", _IPV4, _ipv4_ok, "."),
-    ("phone", _PHONE_INTL, _phone_intl_ok, "+"),
-    ("phone", _PHONE_NANP, _always, None),
-    ("phone", _PHONE_TRUNK, _phone_trunk_ok, "0"),
+# (kind, finder, substrings of which one must be present for the finder to run): in priority order.
+_DETECTORS: tuple[tuple[str, Callable[[str], list[Span]], tuple[str, ...]], ...] = (
+    ("private_key", _matches(_PRIVATE_KEY, _always), ("PRIVATE KEY-----",)),
+    ("jwt", _matches(_JWT, _word_start), ("eyJ",)),
+    ("aws_access_key", _matches(_AWS, _alnum_start), ("AKIA", "ASIA")),
+    ("github_token", _matches(_GITHUB, lambda m: _before(m, _WORD)), ("gh", "github_pat_")),
+    ("slack_token", _matches(_SLACK, _word_start), ("xox", "hooks.slack.com")),
+    ("openai_key", _matches(_OPENAI, _openai_ok), ("sk-",)),
+    ("email", _emails, ("@",)),
+    ("iban", _matches(_IBAN, _iban_ok), ()),
+    ("payment_card", _matches(_CARD, _card_ok), ()),
+    ("us_ssn", _matches(_SSN, _ssn_ok), ("-",)),
+    ("uk_nino", _matches(_NINO, _nino_ok), ()),
+    ("ipv6", _ipv6, ("::", ":")),
+    ("ipv4", _matches(_IPV4, _ipv4_ok), (".",)),
+    ("phone", _matches(_PHONE_INTL, _phone_intl_ok), ("+",)),
+    ("phone", _matches(_PHONE_NANP, _phone_nanp_ok), ()),
+    ("phone", _matches(_PHONE_TRUNK, _phone_trunk_ok), ("0",)),
 )
-_DIGIT = re.compile(r"\d")
-_NEEDS_DIGIT = frozenset({"iban", "payment_card", "us_ssn", "uk_nino", "ipv4", "ipv6", "phone"})
-_SLACK_HINT = ("xox", "hooks.slack.com")
-_AWS_HINT = ("AKIA", "ASIA")
+# Digit-driven kinds run only on windows around runs of digits and separators, which are a small part
+# of most text: every such finding holds one (IBAN and NINO letters sit within the margin before it).
+_DIGIT_KINDS = frozenset({"iban", "payment_card", "us_ssn", "uk_nino", "ipv4", "phone"})
+_DIGIT_RUN = re.compile(r"\d[\d .()/-]{4,}\d")
+_WINDOW_MARGIN = 40
+
+
+def _digit_windows(text: str) -> list[Span]:
+    windows: list[Span] = []
+    for match in _DIGIT_RUN.finditer(text):
+        start, end = max(0, match.start() - _WINDOW_MARGIN), match.end() + _WINDOW_MARGIN
+        if windows and start <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], end)
+        else:
+            windows.append((start, end))
+    return windows
 
 
 def find(text: str) -> list[Finding]:
     """Every finding in `text`, in order of position, none overlapping another."""
-    has_digit = _DIGIT.search(text) is not None
-    taken: list[tuple[int, int]] = []
+    windows: list[Span] | None = None
+    starts: list[int] = []  # the spans taken so far, sorted; they never overlap one another
+    findings_end: dict[int, int] = {}
     findings: list[Finding] = []
-    for kind, pattern, check, hint in _DETECTORS:
-        if hint is not None and hint not in text:
+    for kind, finder, hints in _DETECTORS:
+        if hints and not any(hint in text for hint in hints):
             continue
-        if kind in _NEEDS_DIGIT and not has_digit:
-            continue
-        if kind == "slack_token" and not any(h in text for h in _SLACK_HINT):
-            continue
-        if kind == "aws_access_key" and not any(h in text for h in _AWS_HINT):
-            continue
-        for match in pattern.finditer(text):
-            start, end = match.span()
-            if any(start < t_end and t_start < end for t_start, t_end in taken):
+        if kind in _DIGIT_KINDS:
+            if windows is None:
+                windows = _digit_windows(text)
+            spans = [(a + s, a + e) for a, b in windows for s, e in finder(text[a:b])]
+        else:
+            spans = finder(text)
+        for start, end in spans:
+            i = bisect.bisect_right(starts, start)
+            if i and findings_end[starts[i - 1]] > start:
                 continue
-            if check(match):
-                taken.append((start, end))
-                findings.append(Finding(kind, start, end))
+            if i < len(starts) and starts[i] < end:
+                continue
+            starts.insert(i, start)
+            findings_end[start] = end
+            findings.append(Finding(kind, start, end))
     findings.sort(key=lambda f: f.start)
     return findings
 

@@ -7,13 +7,20 @@ enqueue them without importing torch.
 
 from __future__ import annotations
 
+import time
+
 from redis import Redis
 from rq import Queue
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 EVAL_QUEUE = "eval"
+# Data preparation (validating_files) and estimates, served by evaluator workers (CPU, transformers).
+PREPARE_QUEUE = "prepare"
 TRAIN_TASK = "services.trainer.task.run_training"
 EVAL_TASK = "services.evaluator.task.run_evaluation"
+PREPARE_TASK = "services.evaluator.prepare.prepare_job"
+ESTIMATE_TASK = "services.evaluator.prepare.estimate_request"
 
 # RQ's record of a finished task is only a delivery receipt: keep it briefly.
 RESULT_TTL_SECONDS = 3600
@@ -52,5 +59,37 @@ def enqueue_evaluation(redis: Redis, job_id: str, attempt: int, timeout_seconds:
     )
 
 
-def queue_depths(redis: Redis, names: list[str]) -> dict[str, int]:
-    return {name: queue(redis, name).count for name in names}
+def enqueue_preparation(redis: Redis, job_id: str, timeout_seconds: int) -> None:
+    queue(redis, PREPARE_QUEUE).enqueue_call(
+        PREPARE_TASK,
+        args=[job_id],
+        job_id=f"{job_id}-prepare",
+        timeout=timeout_seconds,
+        result_ttl=RESULT_TTL_SECONDS,
+        failure_ttl=FAILURE_TTL_SECONDS,
+        description=f"prepare {job_id}",
+    )
+
+
+def run_estimate(redis: Redis, spec: dict, timeout_seconds: float) -> dict | None:
+    """Ask an evaluator for an estimate and wait for it; None when no worker answered in time."""
+    task = queue(redis, PREPARE_QUEUE).enqueue_call(
+        ESTIMATE_TASK, args=[spec], timeout=int(timeout_seconds) + 60, result_ttl=600, ttl=int(timeout_seconds),
+        at_front=True, description="estimate",
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        status = task.get_status(refresh=True)
+        if status == JobStatus.FINISHED:
+            return task.return_value(refresh=True)
+        if status == JobStatus.FAILED:
+            return {
+                "error": {
+                    "code": "internal_error",
+                    "message": "the estimate failed on the worker",
+                    "param": None,
+                }
+            }
+        time.sleep(0.05)
+    task.cancel()
+    return None

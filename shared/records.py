@@ -42,11 +42,34 @@ class JobError(BaseModel):
 class Hyperparameters(BaseModel):
     """Resolved values, each with the reason it was chosen (user-set or the rule that picked it)."""
 
+    method: str = "lora"
     n_epochs: int
-    batch_size: int
+    batch_size: int  # examples per optimizer step = micro_batch_size × gradient_accumulation_steps
+    micro_batch_size: int
+    gradient_accumulation_steps: int = 1
     learning_rate_multiplier: float
     learning_rate: float
+    max_seq_length: int
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    packing: bool = False
     reasons: dict[str, str] = Field(default_factory=dict)
+
+
+class Budget(BaseModel):
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_duration_seconds: int | None = Field(default=None, gt=0)
+
+
+class Usage(BaseModel):
+    """What a job has consumed so far: every device it held counts."""
+
+    device_seconds: float = 0.0
+    cost_usd: float = 0.0
 
 
 class LoraSettings(BaseModel):
@@ -64,6 +87,7 @@ class Progress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     updated_at: int | None = None
+    trained_tokens: int = 0
 
 
 class JobRecord(BaseModel):
@@ -79,9 +103,13 @@ class JobRecord(BaseModel):
     method_type: str = "supervised"
     # What the client asked for, "auto" included, as the API echoes it back.
     requested_hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    hyperparameters: Hyperparameters
+    # Resolved when the job's files are validated (None until then, shown as the request).
+    hyperparameters: Hyperparameters | None = None
     lora: LoraSettings
-    max_seq_length: int
+    gpu_class: str = "cpu"
+    budget: Budget = Field(default_factory=Budget)
+    usage: Usage = Field(default_factory=Usage)
+    estimate: dict[str, Any] | None = None
     state: JobState = JobState.VALIDATING_FILES
     error: JobError | None = None
     fine_tuned_model: str | None = None

@@ -67,4 +67,4 @@ def _retry_training(
         f"The training process died ({reason}); retrying as attempt {attempt + 2} of {settings.max_attempts}",
         level="warn", expected_attempt=attempt, mutate=bump,
     )  # fmt: skip
-    enqueue_training(redis, job_id, attempt + 1, settings.gpu_class, settings.train_timeout_seconds)
+    enqueue_training(redis, job_id, attempt + 1, record.gpu_class, settings.train_timeout_seconds)

@@ -36,8 +36,12 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = None
     allow_trust_remote_code: bool = False
 
-    # Which train queue a trainer worker serves: `train:<gpu_class>`.
+    # GPU classes (memory, speed, price): a YAML file; None means the single class `cpu`.
+    gpu_classes: Path | None = None
+    # Which train queue a trainer worker serves (`train:<gpu_class>`); also the default class of a job.
     gpu_class: str = "cpu"
+    # How long the API waits for a worker to compute an estimate.
+    estimate_timeout_seconds: float = 120.0
     # Threads for CPU training; 0 means one per core.
     torch_threads: int = 0
 

@@ -33,7 +33,11 @@ class PreemptibleWorker(Worker):
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):  # type: ignore[no-untyped-def]
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        reason = f"signal {os.WTERMSIG(ret_val)}" if os.WIFSIGNALED(ret_val) else f"exit status {os.WEXITSTATUS(ret_val)}"
+        reason = (
+            f"signal {os.WTERMSIG(ret_val)}"
+            if os.WIFSIGNALED(ret_val)
+            else f"exit status {os.WEXITSTATUS(ret_val)}"
+        )
         recover_killed_task(self.settings, self.connection, job.func_name, list(job.args), reason)
 
     def request_stop(self, signum, frame):  # type: ignore[no-untyped-def]

@@ -23,3 +23,11 @@ def chat_lines(n: int) -> bytes:
         for i in range(n)
     ]
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def prepared(api, settings, job_id: str) -> dict:
+    """Run the real `validating_files` task (an evaluator's) in this process, then read the job."""
+    from services.evaluator.prepare import prepare_job
+
+    prepare_job(job_id, settings)
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()

@@ -129,13 +129,20 @@ def storage(request: pytest.FixtureRequest) -> Storage:
     return request.getfixturevalue(f"{request.param}_storage")
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache for the session: the built-in tiny models are built once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
 @pytest.fixture
-def api_settings(redis_url: str, tmp_path: Path):
+def api_settings(redis_url: str, tmp_path: Path, model_cache: Path):
     from shared.settings import Settings
 
     return Settings(
         redis_url=redis_url,
         data_dir=tmp_path / "data",
+        model_cache_dir=model_cache,
         progress_interval_seconds=0.0,
         bootstrap_api_key=ADMIN_KEY,
     )

@@ -13,7 +13,7 @@ from shared.api_keys import KeyStore
 from shared.job_store import JobStore
 from shared.records import fine_tuned_model_id
 from shared.storage import LocalStorage
-from tests.api_fixtures import chat_lines
+from tests.api_fixtures import chat_lines, prepared
 
 
 def upload(client, n: int = 20) -> str:
@@ -172,8 +172,9 @@ def test_an_sdk_retry_of_the_same_create_returns_the_first_job(api):
     assert fresh.json()["id"] != first.json()["id"]
 
 
-def test_pause_and_resume_a_queued_job(api):
+def test_pause_and_resume_a_queued_job(api, api_settings):
     job_id = create_job(api, upload(api)).json()["id"]
+    prepared(api, api_settings, job_id)
     paused = api.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()
     assert (paused["status"], paused["stage"]) == ("queued", "paused")
     resumed = api.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()
@@ -216,7 +217,7 @@ def test_other_tenants_jobs_are_invisible(api, other_tenant):
     ]:
         assert getattr(other_tenant, method)(path).status_code == 404, path
     assert other_tenant.get("/v1/fine_tuning/jobs").json()["data"] == []
-    assert api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+    assert api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "validating_files"
 
 
 def test_another_tenants_file_cannot_be_trained_on(api, other_tenant):

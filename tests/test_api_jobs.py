@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from shared.queue import queue, train_queue_name
-from tests.api_fixtures import chat_lines
+from shared.queue import PREPARE_QUEUE, queue, train_queue_name
+from tests.api_fixtures import chat_lines, prepared
 
 
 def upload(api, n: int = 20) -> str:
@@ -20,24 +20,36 @@ def create(api, training_file: str, **body):
     )
 
 
-def test_created_job_is_queued_with_resolved_hyperparameters(api, redis_url):
+def test_a_created_job_validates_its_files_then_is_queued_with_resolved_hyperparameters(
+    api, api_settings, redis_url
+):
     response = create(api, upload(api, 20), suffix="demo", seed=7)
     assert response.status_code == 200
     job = response.json()
     assert job["object"] == "fine_tuning.job"
+    assert (job["status"], job["seed"]) == ("validating_files", 7)
+    assert job["hyperparameters"] == {
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+        "n_epochs": "auto",
+    }
+    client = redis.Redis.from_url(redis_url)
+    assert queue(client, PREPARE_QUEUE).job_ids == [f"{job['id']}-prepare"]
+
+    job = prepared(api, api_settings, job["id"])
     assert job["status"] == "queued"
-    assert job["seed"] == 7
-    # 20 examples × 5 epochs = 100: OpenAI's heuristic lifts epochs until examples × epochs ≥ 100.
-    assert job["hyperparameters"] == {"batch_size": 1, "learning_rate_multiplier": 1.0, "n_epochs": 5}
+    # 18 training rows (2 held out): OpenAI's heuristic lifts epochs until examples × epochs ≥ 100.
+    assert job["hyperparameters"] == {"batch_size": 1, "learning_rate_multiplier": 1.0, "n_epochs": 6}
     assert job["hyperparameter_reasons"]["n_epochs"].startswith("auto")
     assert job["requested_hyperparameters"] == {}
-    waiting = queue(redis.Redis.from_url(redis_url), train_queue_name("cpu")).job_ids
-    assert waiting == [f"{job['id']}-train-0"]
+    assert job["estimate"]["optimizer_steps"] == 6 * 18
+    assert queue(client, train_queue_name("cpu")).job_ids == [f"{job['id']}-train-0"]
 
 
-def test_explicit_hyperparameters_and_lora_settings_are_kept(api):
+def test_explicit_hyperparameters_and_lora_settings_are_kept(api, api_settings):
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}}
     job = create(api, upload(api), method=method, lora={"r": 4, "alpha": 8, "dropout": 0.0}).json()
+    job = prepared(api, api_settings, job["id"])
     assert job["hyperparameters"]["n_epochs"] == 2
     assert job["hyperparameters"]["batch_size"] == 4
     assert job["hyperparameter_reasons"]["batch_size"] == "set by the request"

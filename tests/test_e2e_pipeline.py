@@ -43,10 +43,14 @@ def test_a_job_trains_evaluates_and_publishes_a_working_adapter(live: LiveTunery
             "/v1/fine_tuning/jobs",
             json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method, "seed": 3},
         ).json()
-        assert job["status"] == "queued"
+        assert job["status"] == "validating_files"
     job, seen = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job["error"]
-    assert seen[0] == "queued" and "running" in seen
+    assert seen[0] == "validating_files" and "running" in seen
+    # What the estimate said before training is what training did.
+    assert job["estimate"]["optimizer_steps"] == job["progress"]["total_steps"]
+    assert job["estimate"]["trained_tokens"] == job["trained_tokens"]
+    assert job["usage"]["device_seconds"] > 0 and job["usage"]["cost_usd"] > 0
 
     # The fine-tuned model beats the base model on held-out rows it never trained on.
     report = job["evaluation"]

@@ -37,10 +37,14 @@ def job_record(
         training_file=new_file_id(),
         seed=7,
         hyperparameters=Hyperparameters(
-            n_epochs=3, batch_size=1, learning_rate_multiplier=1.0, learning_rate=2e-4
+            n_epochs=3,
+            batch_size=1,
+            micro_batch_size=1,
+            learning_rate_multiplier=1.0,
+            learning_rate=2e-4,
+            max_seq_length=512,
         ),
         lora=LoraSettings(),
-        max_seq_length=512,
         state=state,
         attempt=attempt,
     )

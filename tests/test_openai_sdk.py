@@ -58,7 +58,7 @@ def test_a_full_job_through_the_sdk(sdk: OpenAI):
         },
         extra_body={"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     )
-    assert job.status == "queued"
+    assert job.status == "validating_files"
     assert job.model_extra["lora"]["r"] == 4
     done = wait(sdk, job.id, lambda j: j.status in FINISHED)
     assert done.status == "succeeded", done.error
@@ -92,9 +92,11 @@ def test_auto_and_explicit_hyperparameters_and_list_pagination(sdk: OpenAI):
         hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 0.5},
     )
     third = sdk.fine_tuning.jobs.create(model="tunery/tiny-chat", training_file=file.id)
+    assert auto.hyperparameters.n_epochs == "auto"  # resolved once the files are validated
+    auto, explicit = (wait(sdk, j.id, lambda j: j.status != "validating_files") for j in (auto, explicit))
     for job in (auto, explicit, third):
         sdk.fine_tuning.jobs.cancel(job.id)
-    assert auto.hyperparameters.n_epochs == 3  # 91 examples: the heuristic keeps 3 epochs
+    assert auto.hyperparameters.n_epochs == 3  # 82 training rows: the heuristic keeps 3 epochs
     assert auto.model_extra["hyperparameter_reasons"]["n_epochs"].startswith("auto")
     assert (explicit.hyperparameters.batch_size, explicit.hyperparameters.learning_rate_multiplier) == (
         8,

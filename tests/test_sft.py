@@ -11,9 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.trainer.sft import SFTConfig, StepMetrics, count_optimizer_steps, train_sft
+from services.trainer.sft import SFTConfig, StepMetrics, train_sft
 from shared.builtin_models import ARCHITECTURES, build_tiny_chat_model
 from shared.chat_data import DataError, iter_batches, tokenize_chat
+from shared.estimate import count_optimizer_steps
 from shared.lm_metrics import evaluate_causal_lm
 
 
@@ -32,10 +33,11 @@ LONG_REPLY = [
 
 
 class RecordingHooks:
-    def __init__(self, stop_after: int | None = None) -> None:
+    def __init__(self, stop_after: int | None = None, action: str = "discard") -> None:
         self.steps: list[StepMetrics] = []
         self.epochs: list[tuple[int, dict | None]] = []
         self.stop_after = stop_after
+        self.action = action
 
     def on_step(self, m: StepMetrics) -> None:
         self.steps.append(m)
@@ -43,8 +45,8 @@ class RecordingHooks:
     def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
         self.epochs.append((epoch, valid_metrics))
 
-    def should_stop(self) -> bool:
-        return self.stop_after is not None and len(self.steps) >= self.stop_after
+    def should_stop(self) -> str | None:
+        return self.action if self.stop_after is not None and len(self.steps) >= self.stop_after else None
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_training_lowers_train_loss_and_valid_loss_below_base(
     assert final_valid is not None
     assert final_valid["loss"] < base_valid_loss(model_dirs[arch]) - 0.2
     assert result.metrics_rows[-1]["valid_loss"] == final_valid["loss"]
-    assert not result.stopped_early
+    assert result.stopped is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "tokenizer"]
 
 
@@ -104,11 +106,59 @@ def test_should_stop_ends_training_after_that_step_without_saving(
 
     result = train_sft(make_config(model_dirs["llama"], tmp_path / "out"), hooks)
 
-    assert result.stopped_early
+    assert result.stopped == "discard"
     assert result.steps_completed == 2
     assert [m.step for m in hooks.steps] == [1, 2]
     assert hooks.epochs == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_that_saves_keeps_the_adapter_trained_so_far(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    result = train_sft(
+        make_config(model_dirs["llama"], tmp_path / "out"), RecordingHooks(stop_after=3, action="save")
+    )
+    assert result.stopped == "save"
+    assert result.steps_completed == 3
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_early_stopping_ends_training_when_validation_loss_stops_improving(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    # A learning rate this small barely moves the loss: with min_delta 1.0 no epoch counts as better.
+    config = make_config(
+        model_dirs["llama"], tmp_path / "out", n_epochs=5, early_stopping_patience=2,
+        early_stopping_min_delta=1.0, learning_rate=1e-6,
+    )  # fmt: skip
+    hooks = RecordingHooks()
+    result = train_sft(config, hooks)
+    assert result.early_stopped
+    assert [epoch for epoch, _ in hooks.epochs] == [1, 2, 3]
+    assert (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
+def test_each_scheduler_warms_up_then_follows_its_shape(
+    model_dirs: dict[str, Path], tmp_path: Path, scheduler: str
+) -> None:
+    config = make_config(
+        model_dirs["llama"],
+        tmp_path / "out",
+        n_epochs=2,
+        warmup_ratio=0.2,
+        scheduler=scheduler,
+        learning_rate=1e-3,
+    )
+    hooks = RecordingHooks()
+    train_sft(config, hooks)
+    rates = [m.learning_rate for m in hooks.steps]
+    assert rates[0] < rates[2]  # warming up
+    if scheduler == "constant":
+        assert rates[-1] == pytest.approx(1e-3)
+    else:
+        assert rates[-1] < 0.2e-3  # decayed towards 0
 
 
 def test_untrainable_example_fails_before_any_step(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -152,7 +202,7 @@ def test_on_step_is_called_count_optimizer_steps_times(model_dirs: dict[str, Pat
 
     result = train_sft(config, hooks)
 
-    expected = count_optimizer_steps(7, batch_size=2, gradient_accumulation_steps=3, n_epochs=2)
+    expected = count_optimizer_steps(7, micro_batch_size=2, gradient_accumulation_steps=3, n_epochs=2)
     assert expected == 4
     assert [m.step for m in hooks.steps] == [1, 2, 3, 4]
     assert [m.total_steps for m in hooks.steps] == [expected] * 4

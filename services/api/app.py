@@ -21,6 +21,7 @@ from shared import metrics
 from shared.api_keys import KeyStore
 from shared.catalog import load_catalog
 from shared.file_store import FileStore
+from shared.gpu_classes import load_gpu_classes
 from shared.job_store import JobStore
 from shared.settings import Settings
 from shared.storage import StorageError, storage_from_settings
@@ -41,6 +42,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
         files=FileStore(redis),
         jobs=JobStore(redis, storage, settings.max_events_per_job),
         catalog=load_catalog(settings),
+        gpu_classes=load_gpu_classes(settings.gpu_classes),
         keys=KeyStore(redis, settings.api_key_secret),
     )
     process_metrics = metrics.registry(multiprocess_dir)

@@ -10,6 +10,7 @@ from redis import Redis
 from shared.api_keys import KeyStore
 from shared.catalog import CatalogEntry
 from shared.file_store import FileStore
+from shared.gpu_classes import GpuClass
 from shared.job_store import JobStore
 from shared.records import DEFAULT_TENANT
 from shared.settings import Settings
@@ -24,6 +25,7 @@ class Context:
     files: FileStore
     jobs: JobStore
     catalog: dict[str, CatalogEntry]
+    gpu_classes: dict[str, GpuClass]
     keys: KeyStore
     bootstrap_registered: bool = False
 

@@ -21,11 +21,10 @@ from services.api.schemas import (
     job_object,
     list_object,
 )
-from shared import hyperparams
 from shared.ids import new_job_id
 from shared.job_states import JobState, is_terminal
-from shared.queue import enqueue_training
-from shared.records import FileRecord, JobRecord, LoraSettings, now
+from shared.queue import enqueue_preparation, enqueue_training, run_estimate
+from shared.records import Budget, FileRecord, JobRecord, LoraSettings, now
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -46,21 +45,33 @@ def _usable_file(ctx: Context, tenant: str, file_id: str, param: str) -> FileRec
     return record
 
 
-def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
-    entry = ctx.catalog.get(body.model)
-    if entry is None:
+def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
+    """Refuse what can be refused at once (unknown model or class, unusable files); the GPU class."""
+    if body.model not in ctx.catalog:
         raise APIError(
             400,
             f"model {body.model!r} is not in this server's catalog (see GET /v1/models)",
             code="model_not_found",
             param="model",
         )
+    gpu_class = body.gpu_class or ctx.settings.gpu_class
+    if gpu_class not in ctx.gpu_classes:
+        raise APIError(
+            400,
+            f"gpu_class {gpu_class!r} is not configured; choose one of {', '.join(sorted(ctx.gpu_classes))}",
+            code="gpu_class_not_found",
+            param="gpu_class",
+        )
     if body.integrations:
         raise APIError(400, "integrations are not supported", param="integrations")
-    training = _usable_file(ctx, tenant, body.training_file, "training_file")
+    _usable_file(ctx, tenant, body.training_file, "training_file")
     if body.validation_file is not None:
         _usable_file(ctx, tenant, body.validation_file, "validation_file")
-    requested = body.requested_hyperparameters()
+    return gpu_class
+
+
+def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
+    gpu_class = _check_request(ctx, tenant, body)
     record = JobRecord(
         id=new_job_id(),
         tenant=tenant,
@@ -71,10 +82,10 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix,
         metadata=body.metadata,
-        requested_hyperparameters=requested,
-        hyperparameters=hyperparams.resolve(requested, training.n_examples or 0, entry.learning_rate),
+        requested_hyperparameters=body.requested_hyperparameters(),
         lora=body.lora or LoraSettings(),
-        max_seq_length=entry.max_seq_length,
+        gpu_class=gpu_class,
+        budget=Budget(max_cost_usd=body.max_cost_usd, max_duration_seconds=body.max_duration_seconds),
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:
@@ -85,12 +96,47 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
             code="too_many_active_jobs",
             headers={"retry-after": "60"},
         )
-    ctx.jobs.create(record, f"Created fine-tuning job {record.id}")
-    ctx.jobs.transition(record.id, JobState.QUEUED, "Validated training files; job queued")
-    enqueue_training(
-        ctx.redis, record.id, record.attempt, ctx.settings.gpu_class, ctx.settings.train_timeout_seconds
-    )
-    return ctx.jobs.require(record.id)
+    # validating_files: an evaluator tokenizes the data with the model's template, resolves every
+    # "auto" and estimates the job, then queues it for training (services/evaluator/prepare.py).
+    ctx.jobs.create(record, f"Created fine-tuning job {record.id}; validating files")
+    enqueue_preparation(ctx.redis, record.id, int(ctx.settings.estimate_timeout_seconds) * 10)
+    return record
+
+
+@router.post(
+    "/estimate",
+    summary="Estimate a fine-tuning job without creating it",
+    description=(
+        "Takes the body of a job creation. Answers the resolved hyperparameters with a reason each, "
+        "the token count, optimizer steps, peak memory per device and whether it fits each GPU class, "
+        "and the expected duration and cost per GPU class. Computed by an evaluator worker with the "
+        "model's own tokenizer; 503 when none answers in TUNERY_ESTIMATE_TIMEOUT_SECONDS."
+    ),
+)
+def estimate_job(
+    body: JobCreate, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
+) -> dict:
+    gpu_class = _check_request(ctx, tenant, body)
+    spec = {
+        "tenant": tenant,
+        "model": body.model,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "seed": body.seed if body.seed is not None else 0,
+        "requested": body.requested_hyperparameters(),
+        "lora": (body.lora or LoraSettings()).model_dump(),
+        "gpu_class": gpu_class,
+    }
+    result = run_estimate(ctx.redis, spec, ctx.settings.estimate_timeout_seconds)
+    if result is None:
+        raise APIError(
+            503, "no evaluator worker answered in time to compute the estimate; retry later", code="no_worker",
+            headers={"retry-after": "10"},
+        )  # fmt: skip
+    if "error" in result:
+        error = result["error"]
+        raise APIError(400, error["message"], code=error["code"], param=error.get("param"))
+    return {"object": "fine_tuning.job.estimate", "gpu_class": gpu_class, **result}
 
 
 @router.post("", summary="Create a fine-tuning job", response_model=FineTuningJob)

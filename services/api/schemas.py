@@ -24,6 +24,33 @@ class HyperparametersIn(BaseModel):
     learning_rate_multiplier: float | Auto | None = Field(
         default=None, description="> 0 (at most 10), or auto"
     )
+    # Tunery extras (the SDK passes unknown nested keys through unchanged).
+    max_seq_length: int | Auto | None = Field(default=None, description="Tunery: 16-131072 tokens, or auto")
+    warmup_ratio: float | Auto | None = Field(
+        default=None, ge=0, le=0.5, description="Tunery: share of steps"
+    )
+    weight_decay: float | Auto | None = Field(
+        default=None, ge=0, le=1, description="Tunery: AdamW weight decay"
+    )
+    scheduler: Literal["linear", "cosine", "constant", "auto"] | None = Field(
+        default=None, description="Tunery: learning-rate schedule after the warmup"
+    )
+    max_grad_norm: float | Auto | None = Field(
+        default=None, gt=0, description="Tunery: gradient clipping norm"
+    )
+    early_stopping_patience: int | Auto | None = Field(
+        default=None, ge=1, description="Tunery: epochs without a better validation loss before stopping"
+    )
+    early_stopping_min_delta: float | Auto | None = Field(
+        default=None, ge=0, description="Tunery: the decrease of the validation loss that counts as better"
+    )
+
+    @field_validator("max_seq_length")
+    @classmethod
+    def _seq(cls, value: Any) -> Any:
+        if isinstance(value, int) and not 16 <= value <= 131072:
+            raise ValueError("must be between 16 and 131072")
+        return value
 
     @field_validator("n_epochs")
     @classmethod
@@ -75,6 +102,16 @@ class JobCreate(BaseModel):
     )
     method: MethodIn | None = None
     integrations: list[dict[str, Any]] | None = None
+    gpu_class: str | None = Field(
+        default=None,
+        description="Tunery extra: the GPU class to train on (default: the server's TUNERY_GPU_CLASS)",
+    )
+    max_cost_usd: float | None = Field(
+        default=None, gt=0, description="Tunery extra: stop training when the job has cost this much"
+    )
+    max_duration_seconds: int | None = Field(
+        default=None, gt=0, description="Tunery extra: stop training after this many seconds of training"
+    )
     lora: LoraSettings | None = Field(
         default=None,
         description="Tunery extra (send via extra_body): LoRA r, alpha, dropout, target modules.",
@@ -120,10 +157,10 @@ def file_object(record: FileRecord) -> dict[str, Any]:
 
 def job_object(record: JobRecord) -> dict[str, Any]:
     hp = record.hyperparameters
+    requested = record.requested_hyperparameters
     hyperparameters = {
-        "batch_size": hp.batch_size,
-        "learning_rate_multiplier": hp.learning_rate_multiplier,
-        "n_epochs": hp.n_epochs,
+        name: getattr(hp, name) if hp is not None else requested.get(name, "auto")
+        for name in ("batch_size", "learning_rate_multiplier", "n_epochs")
     }
     return {
         "id": record.id,
@@ -155,11 +192,14 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         # Tunery extras
         "stage": record.state.value,
         "started_at": record.started_at,
-        "learning_rate": hp.learning_rate,
-        "hyperparameter_reasons": hp.reasons,
-        "requested_hyperparameters": record.requested_hyperparameters,
+        "resolved_hyperparameters": hp.model_dump(exclude={"reasons"}) if hp is not None else None,
+        "hyperparameter_reasons": hp.reasons if hp is not None else {},
+        "requested_hyperparameters": requested,
         "lora": record.lora.model_dump(),
-        "max_seq_length": record.max_seq_length,
+        "gpu_class": record.gpu_class,
+        "budget": record.budget.model_dump(),
+        "usage": record.usage.model_dump(),
+        "estimate": record.estimate,
         "progress": record.progress.model_dump(),
         "evaluation": record.evaluation,
         "attempt": record.attempt,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -23,10 +23,14 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
 from shared.chat_data import Messages, check_eos, collate, iter_batches, tokenize_dataset
+from shared.estimate import count_optimizer_steps
 from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
 from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 
 log = logging.getLogger(__name__)
+
+# transformers' scheduler names, each with warmup: constant holds the rate after warming up.
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -48,6 +52,9 @@ class SFTConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    scheduler: str = "linear"  # linear, cosine or constant (each after the warmup)
+    early_stopping_patience: int | None = None  # epochs without a better validation loss before stopping
+    early_stopping_min_delta: float = 0.0
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
 
@@ -73,8 +80,12 @@ class TrainingHooks(Protocol):
     def on_epoch_end(self, epoch: int, valid_metrics: dict[str, float] | None) -> None:
         """Called after each epoch (1-based) with `evaluate_causal_lm` results when there is valid data."""
 
-    def should_stop(self) -> bool:
-        """Checked after every optimizer step: True (cancel, preemption) ends training without saving."""
+    def should_stop(self) -> StopAction | None:
+        """Checked after every optimizer step: "discard" (cancel, preemption) ends training without
+        saving; "save" (a budget reached) ends it and saves the adapter trained so far."""
+
+
+StopAction = Literal["discard", "save"]
 
 
 @dataclass
@@ -82,19 +93,12 @@ class SFTResult:
     steps_completed: int
     total_steps: int
     trained_tokens: int
-    stopped_early: bool
+    stopped: StopAction | None  # why training ended before its last step (None: it ran them all)
+    early_stopped: bool  # validation loss stopped improving (the adapter is saved)
     metrics_rows: list[
         dict[str, Any]
     ]  # step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy
     warnings: list[str]  # data and template problems that do not stop training
-
-
-def count_optimizer_steps(
-    n_examples: int, batch_size: int, gradient_accumulation_steps: int, n_epochs: int, num_processes: int = 1
-) -> int:
-    """Optimizer steps `train_sft` takes: a short last batch and a short last window each still count."""
-    batches_per_process = math.ceil(math.ceil(n_examples / batch_size) / num_processes)
-    return n_epochs * math.ceil(batches_per_process / gradient_accumulation_steps)
 
 
 def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
@@ -149,7 +153,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     )
     # Not passed to prepare(): accelerate's scheduler wrapper steps once per process per call.
     scheduler = get_scheduler(
-        "linear",
+        SCHEDULERS[config.scheduler],
         optimizer,
         num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
@@ -158,6 +162,8 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     steps_per_epoch = total_steps // config.n_epochs
 
     step, trained_tokens, rows = 0, 0, []
+    stopped: StopAction | None = None
+    early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
     for epoch in range(1, config.n_epochs + 1):
         model.train()
         window = _Window()
@@ -211,9 +217,12 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             )
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
-            if _stop_requested(accelerator, hooks):
-                return SFTResult(step, total_steps, trained_tokens, True, rows, warnings)
+            stopped = _stop_requested(accelerator, hooks)
+            if stopped:
+                break
             window = _Window()
+        if stopped:
+            break
 
         valid_metrics = None
         if valid:
@@ -225,7 +234,16 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             rows[-1]["valid_mean_token_accuracy"] = valid_metrics["mean_token_accuracy"]
         if accelerator.is_main_process:
             hooks.on_epoch_end(epoch, valid_metrics)
+        if valid_metrics is not None and early_stopping.should_stop(valid_metrics["loss"]):
+            log.info(
+                "early stopping after epoch %d: no better validation loss in %d epochs",
+                epoch,
+                early_stopping.patience,
+            )
+            break
 
+    if stopped == "discard":
+        return SFTResult(step, total_steps, trained_tokens, stopped, False, rows, warnings)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_dir = config.output_dir / "adapter"
@@ -233,7 +251,28 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         # peft adds a model card naming this machine's paths; the adapter is its config and weights.
         (adapter_dir / "README.md").unlink(missing_ok=True)
         tokenizer.save_pretrained(config.output_dir / "tokenizer")
-    return SFTResult(step, total_steps, trained_tokens, False, rows, warnings)
+    return SFTResult(step, total_steps, trained_tokens, stopped, early_stopping.stopped, rows, warnings)
+
+
+class _EarlyStopping:
+    """Stop when `patience` epochs in a row bring no validation loss below the best by `min_delta`."""
+
+    def __init__(self, patience: int | None, min_delta: float):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.stopped = False
+
+    def should_stop(self, valid_loss: float) -> bool:
+        if self.patience is None:
+            return False
+        if valid_loss < self.best - self.min_delta:
+            self.best, self.bad_epochs = valid_loss, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped = self.bad_epochs >= self.patience
+        return self.stopped
 
 
 class _Window:
@@ -264,7 +303,11 @@ def _lora_config(config: SFTConfig) -> LoraConfig:
     )
 
 
-def _stop_requested(accelerator: Accelerator, hooks: TrainingHooks) -> bool:
+_STOP_CODES: dict[StopAction | None, float] = {None: 0.0, "save": 1.0, "discard": 2.0}
+
+
+def _stop_requested(accelerator: Accelerator, hooks: TrainingHooks) -> StopAction | None:
     """The main process's answer, shared with all processes so they stop at the same step."""
-    flag = float(accelerator.is_main_process and hooks.should_stop())
-    return bool(accelerator.reduce(torch.tensor(flag, device=accelerator.device), reduction="sum") > 0)
+    action = hooks.should_stop() if accelerator.is_main_process else None
+    code = accelerator.reduce(torch.tensor(_STOP_CODES[action], device=accelerator.device), reduction="max")
+    return {0.0: None, 1.0: "save", 2.0: "discard"}[float(code)]

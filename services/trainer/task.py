@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import random
 import signal
 import tempfile
 import time
@@ -21,25 +20,27 @@ from typing import Any
 
 from redis import Redis
 
-from services.trainer.sft import SFTConfig, SFTResult, StepMetrics, count_optimizer_steps, train_sft
+from services.trainer.sft import SFTConfig, SFTResult, StepMetrics, StopAction, train_sft
 from shared import metrics, storage_keys
+from shared.calibration import record_throughput
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import ChatTemplateError, DataError, read_chat_jsonl
+from shared.cost import cost_usd
+from shared.estimate import count_optimizer_steps
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
+from shared.gpu_classes import load_gpu_classes
 from shared.ids import new_file_id, new_id
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.queue import enqueue_evaluation, enqueue_training
-from shared.records import FileRecord, JobRecord, fine_tuned_model_id, now
+from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
 from shared.settings import Settings, get_settings
+from shared.splits import holdout_split
 from shared.storage import Storage, storage_from_settings
 
 log = logging.getLogger(__name__)
 
-# When a job has no validation file, this share of its rows is held out for evaluation.
-HOLDOUT_FRACTION = 0.1
-MAX_HOLDOUT_ROWS = 1000
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 
 
@@ -109,18 +110,16 @@ class TrainingRun:
         return self.record.id
 
     def run(self) -> str:
+        hp = self.record.hyperparameters
         with tempfile.TemporaryDirectory(prefix=f"tunery-{self.job_id}-") as tmp:
             self.workdir = Path(tmp)
             model_dir = self._fetch_model()
             train_rows, valid_rows, valid_source = self._fetch_data()
             total_steps = count_optimizer_steps(
-                len(train_rows),
-                self.record.hyperparameters.batch_size,
-                1,
-                self.record.hyperparameters.n_epochs,
+                len(train_rows), hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
             )
             self._event(
-                f"Training on {len(train_rows)} examples, validating on {len(valid_rows)} ({valid_source}); "
+                f"Training started: {len(train_rows)} examples, validating on {len(valid_rows)} ({valid_source}); "
                 f"{total_steps} steps",
                 data={"train_examples": len(train_rows), "valid_examples": len(valid_rows),
                       "validation_source": valid_source, "total_steps": total_steps},
@@ -132,11 +131,17 @@ class TrainingRun:
                 raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
             except ChatTemplateError as exc:
                 raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
-            if result.stopped_early:
+            hooks.account()
+            if result.stopped == "discard":
                 return self._stopped(hooks)
-            self._publish(result)
-            metrics.TASKS_FINISHED.labels("trainer", "trained").inc()
-            return "trained"
+            self._calibrate(hooks, result)
+            if result.early_stopped:
+                self._event(
+                    f"Early stopping: the validation loss stopped improving (step {result.steps_completed})"
+                )
+            self._publish(result, budget_reason=hooks.budget_reason)
+            metrics.TASKS_FINISHED.labels("trainer", "budget" if hooks.budget_reason else "trained").inc()
+            return "budget reached" if hooks.budget_reason else "trained"
 
     def _event(self, message: str, **kwargs: Any) -> None:
         self.jobs.add_event(self.job_id, message, **kwargs)
@@ -169,10 +174,7 @@ class TrainingRun:
                 self._download_rows(self.record.validation_file, "validation_file"),
                 "validation_file",
             )
-        shuffled = rows[:]
-        random.Random(self.record.seed).shuffle(shuffled)
-        n_valid = max(1, min(MAX_HOLDOUT_ROWS, round(len(rows) * HOLDOUT_FRACTION)))
-        valid, train = shuffled[:n_valid], shuffled[n_valid:]
+        train, valid = holdout_split(rows, self.record.seed)
         body = "".join(json.dumps({"messages": m}) + "\n" for m in valid).encode()
         self.storage.put_bytes(storage_keys.validation_split_key(self.record.tenant, self.job_id), body)
         return train, valid, "held_out_split"
@@ -186,13 +188,20 @@ class TrainingRun:
             train_examples=train_rows,
             valid_examples=valid_rows,
             n_epochs=hp.n_epochs,
-            batch_size=hp.batch_size,
+            batch_size=hp.micro_batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
             learning_rate=hp.learning_rate,
+            warmup_ratio=hp.warmup_ratio,
+            weight_decay=hp.weight_decay,
+            scheduler=hp.scheduler,
+            max_grad_norm=hp.max_grad_norm,
+            early_stopping_patience=hp.early_stopping_patience,
+            early_stopping_min_delta=hp.early_stopping_min_delta,
             lora_r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
-            max_seq_length=self.record.max_seq_length,
+            max_seq_length=hp.max_seq_length,
             seed=self.record.seed,
             torch_threads=self.settings.resolved_torch_threads,
             trust_remote_code=self.settings.allow_trust_remote_code,
@@ -210,13 +219,21 @@ class TrainingRun:
                 level="warn", expected_attempt=self.record.attempt, mutate=bump,
             )  # fmt: skip
             enqueue_training(
-                self.redis, self.job_id, next_attempt, self.settings.gpu_class,
+                self.redis, self.job_id, next_attempt, self.record.gpu_class,
                 self.settings.train_timeout_seconds,
             )  # fmt: skip
             return "preempted"
         return "stopped"
 
-    def _publish(self, result: SFTResult) -> None:
+    def _calibrate(self, hooks: ProgressHooks, result: SFTResult) -> None:
+        """Feed the measured speed back into the estimates of this GPU class."""
+        estimate = self.record.estimate or {}
+        if not estimate.get("train_flops") or not result.total_steps:
+            return
+        done = estimate["train_flops"] * result.steps_completed / result.total_steps
+        record_throughput(self.redis, self.record.gpu_class, done, hooks.training_seconds)
+
+    def _publish(self, result: SFTResult, budget_reason: str | None = None) -> None:
         tenant = self.record.tenant
         output = self.workdir / "output"
         self.storage.upload_directory(output / "adapter", storage_keys.adapter_prefix(tenant, self.job_id))
@@ -237,6 +254,18 @@ class TrainingRun:
             }
             record.estimated_finish = None
 
+        if budget_reason:
+            # Budget semantics: the adapter trained so far is kept (artifacts and a checkpoint), the job
+            # ends `failed` with code budget_exceeded, and no evaluation runs.
+            message = (
+                f"{budget_reason}: training stopped at step {result.steps_completed} of {result.total_steps}; "
+                "the adapter trained so far is saved as the job's checkpoint"
+            )
+            self.jobs.transition(
+                self.job_id, JobState.FAILED, message, level="error", expected_attempt=attempt,
+                mutate=finish_training, error=JobError(code="budget_exceeded", message=message),
+            )  # fmt: skip
+            return
         self.jobs.transition(
             self.job_id, JobState.EVALUATING,
             f"Training finished after {result.steps_completed} steps; evaluating",
@@ -289,34 +318,59 @@ class TrainingRun:
 
 
 class ProgressHooks:
-    """Reports steps as job progress and metrics events, and says when the loop must stop."""
+    """Reports steps as job progress and metrics events, keeps the job's usage and cost current,
+    and says when the loop must stop: cancel, pause or preemption (discard), a budget (save)."""
 
     def __init__(self, run: TrainingRun, total_steps: int):
         self.run = run
         self.total_steps = total_steps
-        self.gpu_class = run.settings.gpu_class
+        self.gpu_class = run.record.gpu_class
+        self.price = load_gpu_classes(run.settings.gpu_classes)[self.gpu_class]
+        self.devices = 1
         self.interval = run.settings.progress_interval_seconds
         self.last_report = 0.0
         self.last_tokens = 0
         self.started = time.monotonic()
+        self.accounted = 0.0  # device-seconds already added to the job's usage
+        self.training_seconds = 0.0
         self.preempted = False
+        self.budget_reason: str | None = None
+
+    def device_seconds(self) -> float:
+        return (time.monotonic() - self.started) * self.devices
+
+    def account(self) -> None:
+        """Add the device-seconds since the last call to the job's usage, and to the cost metrics."""
+        total = self.device_seconds()
+        delta, self.accounted = total - self.accounted, total
+        cost = cost_usd(self.price, delta)
+        metrics.DEVICE_SECONDS.labels(self.gpu_class).inc(delta)
+        metrics.COST_USD.labels(self.run.record.tenant, self.gpu_class).inc(cost)
+
+        def add(record: JobRecord) -> None:
+            record.usage.device_seconds += delta
+            record.usage.cost_usd += cost
+
+        self.run.jobs.update(self.run.job_id, add, expected_attempt=self.run.record.attempt)
 
     def on_step(self, m: StepMetrics) -> None:
         metrics.TRAINED_TOKENS.labels(self.gpu_class).inc(m.trained_tokens - self.last_tokens)
         metrics.TRAINING_STEP_SECONDS.labels(self.gpu_class).observe(m.step_seconds)
         metrics.TRAINING_TOKENS_PER_SECOND.labels(self.gpu_class).set(m.tokens_per_second)
         self.last_tokens = m.trained_tokens
+        self.training_seconds = time.monotonic() - self.started
         clock = time.monotonic()
         if clock - self.last_report < self.interval and m.step != m.total_steps:
             return
         self.last_report = clock
-        elapsed = clock - self.started
-        remaining = elapsed / m.step * (m.total_steps - m.step) if m.step else None
+        remaining = self.training_seconds / m.step * (m.total_steps - m.step) if m.step else None
+        self.account()
         data = {
             "step": m.step, "total_steps": m.total_steps, "epoch": round(m.epoch, 4),
             "train_loss": m.train_loss, "train_mean_token_accuracy": m.train_accuracy,
             "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
             "tokens_per_second": round(m.tokens_per_second, 1), "trained_tokens": m.trained_tokens,
+            "device_seconds": round(self.accounted, 3),
         }  # fmt: skip
         self.run.jobs.add_event(
             self.run.job_id, f"Step {m.step}/{m.total_steps}: training loss={m.train_loss:.4f}",
@@ -330,8 +384,8 @@ class ProgressHooks:
             record.progress.train_loss = m.train_loss
             record.progress.learning_rate = m.learning_rate
             record.progress.tokens_per_second = m.tokens_per_second
+            record.progress.trained_tokens = m.trained_tokens
             record.progress.updated_at = now()
-            record.trained_tokens = m.trained_tokens
             record.estimated_finish = now() + int(remaining) if remaining is not None else None
 
         self.run.jobs.update(self.run.job_id, progress, expected_attempt=self.run.record.attempt)
@@ -340,13 +394,24 @@ class ProgressHooks:
         detail = f"; validation loss={valid_metrics['loss']:.4f}" if valid_metrics else ""
         self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
 
-    def should_stop(self) -> bool:
+    def should_stop(self) -> StopAction | None:
         if _Preemption.requested:
             self.preempted = True
-            return True
+            return "discard"
         record = self.run.jobs.get(self.run.job_id)
-        return (
+        if (
             record is None
             or record.state is not JobState.RUNNING
             or record.attempt != self.run.record.attempt
-        )
+        ):
+            return "discard"
+        budget = record.budget
+        spent = record.usage.device_seconds + (self.device_seconds() - self.accounted)
+        if (
+            budget.max_duration_seconds is not None
+            and time.monotonic() - self.started >= budget.max_duration_seconds
+        ):
+            self.budget_reason = f"max_duration_seconds ({budget.max_duration_seconds} s) reached"
+        elif budget.max_cost_usd is not None and cost_usd(self.price, spent) >= budget.max_cost_usd:
+            self.budget_reason = f"max_cost_usd (${budget.max_cost_usd:g}) reached"
+        return "save" if self.budget_reason else None

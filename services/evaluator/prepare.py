@@ -1,0 +1,205 @@
+"""Data preparation before a GPU is involved: the `validating_files` stage and the estimate endpoint.
+
+Runs on the evaluator (a CPU worker with transformers), on the `prepare` queue. It tokenizes the
+data with the base model's own tokenizer and chat template (the trainer's code), resolves every
+"auto" setting with the rules of shared.hyperparams, fails bad data loudly before any training,
+and computes the estimate (tokens, steps, memory, duration, cost per GPU class).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from shared import hyperparams, metrics
+from shared.calibration import calibrated_flops
+from shared.catalog import load_catalog, materialize
+from shared.chat_data import (
+    ChatTemplateError,
+    DataError,
+    TokenizedExample,
+    check_eos,
+    check_trainable,
+    tokenize_chat,
+)
+from shared.chat_data import read_chat_jsonl as read_rows
+from shared.estimate import DataStats, build_estimate
+from shared.failures import JobFailure, classify
+from shared.file_store import FileStore
+from shared.gpu_classes import load_gpu_classes
+from shared.job_states import JobState
+from shared.job_store import JobStore
+from shared.model_facts import read_model_facts
+from shared.model_loading import generation_eos_ids
+from shared.queue import enqueue_training
+from shared.records import Hyperparameters, JobRecord, LoraSettings
+from shared.settings import Settings, get_settings
+from shared.splits import holdout_split
+from shared.storage import storage_from_settings
+
+log = logging.getLogger(__name__)
+
+UNBOUNDED = 1 << 40  # tokenize whole conversations first: the sequence length is chosen from them
+
+
+@dataclass
+class JobSpec:
+    """What planning needs from a job request (a created job or an estimate request)."""
+
+    tenant: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    seed: int
+    requested: dict[str, Any]
+    lora: LoraSettings
+    gpu_class: str
+
+
+def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
+    """Resolved hyperparameters and the estimate for `spec`; JobFailure when the data cannot train."""
+    from transformers import AutoTokenizer
+
+    entry = load_catalog(settings).get(spec.model)
+    if entry is None:
+        raise JobFailure("model_not_found", f"model {spec.model!r} is not in the catalog", "model")
+    classes = load_gpu_classes(settings.gpu_classes)
+    if spec.gpu_class not in classes:
+        raise JobFailure(
+            "gpu_class_not_found", f"GPU class {spec.gpu_class!r} is not configured", "gpu_class"
+        )
+    storage = storage_from_settings(settings)
+    files = FileStore(redis)
+    with tempfile.TemporaryDirectory(prefix="tunery-prepare-") as tmp:
+
+        def rows_of(file_id: str, param: str) -> list:
+            record = files.get(file_id, spec.tenant)
+            if record is None:
+                raise JobFailure("file_not_found", f"{param} {file_id} does not exist", param)
+            path = Path(tmp) / file_id
+            storage.download_file(record.storage_key, path)
+            return read_rows(path)
+
+        rows = rows_of(spec.training_file, "training_file")
+        if spec.validation_file:
+            train_rows, valid_rows = rows, rows_of(spec.validation_file, "validation_file")
+            source = "validation_file"
+        else:
+            train_rows, valid_rows = holdout_split(rows, spec.seed)
+            source = "held_out_split"
+
+    model_dir = materialize(entry, settings)
+    trust = settings.allow_trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
+    try:
+        check_eos(tokenizer, eos_ids)
+        train = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in train_rows]
+        valid = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in valid_rows]
+    except ChatTemplateError as exc:
+        raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
+    stats = DataStats(
+        train_lengths=[len(e.input_ids) for e in train],
+        valid_lengths=[len(e.input_ids) for e in valid],
+        validation_source=source,
+    )
+    facts = read_model_facts(model_dir)
+    context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
+    hp = hyperparams.resolve(
+        spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
+        lora_r=spec.lora.r, gpu_class=classes[spec.gpu_class],
+    )  # fmt: skip
+    length = hp.max_seq_length
+    try:
+        check_trainable(
+            [
+                TokenizedExample(e.input_ids[:length], e.labels[:length], len(e.input_ids) > length)
+                for e in train
+            ],
+            train_rows,
+        )
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
+    estimate = build_estimate(
+        stats,
+        facts,
+        hp,
+        lora_r=spec.lora.r,
+        seed=spec.seed,
+        classes=classes,
+        calibration=calibrated_flops(redis),
+    )
+    return hp, estimate
+
+
+def _spec_of(record: JobRecord) -> JobSpec:
+    return JobSpec(
+        tenant=record.tenant,
+        model=record.model,
+        training_file=record.training_file,
+        validation_file=record.validation_file,
+        seed=record.seed,
+        requested=record.requested_hyperparameters,
+        lora=record.lora,
+        gpu_class=record.gpu_class,
+    )
+
+
+def prepare_job(job_id: str, settings: Settings | None = None) -> str:
+    """RQ entry point: validate a created job's files and settings, then queue it for training."""
+    settings = settings or get_settings()
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    jobs = JobStore(redis, storage_from_settings(settings), settings.max_events_per_job)
+    record = jobs.get(job_id)
+    if record is None or record.state is not JobState.VALIDATING_FILES:
+        return f"skipped ({record.state.value if record else 'missing'})"
+    try:
+        hp, estimate = plan(settings, redis, _spec_of(record))
+    except Exception as exc:
+        error, expected = classify(exc)
+        try:
+            jobs.transition(
+                job_id, JobState.FAILED, f"Validation failed: {error.message}", level="error", error=error
+            )
+        except Exception:
+            log.exception("could not mark %s failed", job_id)
+        metrics.TASKS_FINISHED.labels("prepare", "failed").inc()
+        if not expected:
+            raise
+        return f"failed: {error.code}"
+    chosen = estimate["gpu_classes"][record.gpu_class]
+
+    def resolved(job: JobRecord) -> None:
+        job.hyperparameters = hp
+        job.estimate = estimate
+
+    jobs.transition(
+        job_id, JobState.QUEUED,
+        f"Validated files: {estimate['train_examples']} training examples, {estimate['trained_tokens']} tokens "
+        f"to train, {estimate['optimizer_steps']} steps; about {chosen['duration_seconds']:.0f} s and "
+        f"${chosen['cost_usd']:.4f} on {record.gpu_class}. Job queued.",
+        mutate=resolved, data={"estimate": estimate},
+    )  # fmt: skip
+    enqueue_training(redis, job_id, record.attempt, record.gpu_class, settings.train_timeout_seconds)
+    metrics.TASKS_FINISHED.labels("prepare", "queued").inc()
+    return "queued"
+
+
+def estimate_request(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """RQ entry point for POST /v1/fine_tuning/jobs/estimate: plans without creating anything."""
+    settings = settings or get_settings()
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    job_spec = JobSpec(**{**spec, "lora": LoraSettings(**spec["lora"])})
+    try:
+        hp, estimate = plan(settings, redis, job_spec)
+    except Exception as exc:
+        error, _ = classify(exc)
+        return {"error": error.model_dump()}
+    return {"hyperparameters": hp.model_dump(), "estimate": estimate}

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import Settings
+from shared.settings import Settings, metrics_directory
 
 app = typer.Typer(help="Tunery: self-hosted LLM fine-tuning.", no_args_is_help=True, add_completion=False)
 
@@ -27,7 +27,7 @@ def _setup(settings: Settings, service: str) -> Path:
         level=settings.log_level.upper(),
         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
     )
-    directory = settings.resolved_metrics_dir.resolve() / service
+    directory = metrics_directory(settings, service)
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
@@ -55,15 +55,24 @@ def up(
 def api(
     host: Annotated[str | None, typer.Option(help="Address [default: TUNERY_API_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="Port [default: TUNERY_API_PORT]")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes (metrics add up across them)")] = 1,
 ) -> None:
     """Run the API alone."""
     settings = _settings(api_host=host, api_port=port)
-    metrics_dir = _setup(settings, "api")
+    _setup(settings, "api")
     import uvicorn
 
-    from services.api.app import create_app
-
-    uvicorn.run(create_app(settings, metrics_dir), host=settings.api_host, port=settings.api_port)
+    if host is not None:
+        os.environ["TUNERY_API_HOST"] = host  # read again by each worker process's settings
+    if port is not None:
+        os.environ["TUNERY_API_PORT"] = str(port)
+    uvicorn.run(
+        "services.api.app:app_from_settings",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=workers,
+    )
 
 
 @app.command()

@@ -50,6 +50,10 @@ def _active_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:active_jobs"
 
 
+def _series_key(job_id: str) -> str:
+    return f"tunery:job:{job_id}:series"
+
+
 def _checkpoints_key(job_id: str) -> str:
     return f"tunery:job:{job_id}:checkpoints"
 
@@ -303,11 +307,34 @@ class JobStore:
         return events, len(entries) > limit
 
     def all_events(self, job_id: str) -> list[dict[str, Any]]:
-        """Oldest first; for tests and the metrics CSV cross-check."""
+        """Oldest first."""
+        return self.events_after(job_id, None, block_ms=None)
+
+    def events_after(self, job_id: str, after: str | None, *, block_ms: int | None) -> list[dict[str, Any]]:
+        """Events newer than `after` (an event id; None: from the start), oldest first, waiting up to
+        `block_ms` for one to arrive when there is none yet (the live stream)."""
+        start = _stream_id(after) if after else "0-0"
+        if block_ms is None:
+            entries = self.redis.xrange(_events_key(job_id), min=f"({start}" if after else "-")
+        else:
+            reply = self.redis.xread({_events_key(job_id): start}, block=block_ms)
+            entries = reply[0][1] if reply else []
         return [
-            {"id": _event_id(sid.decode()), **json.loads(fields[b"e"])}
-            for sid, fields in self.redis.xrange(_events_key(job_id))
+            {"id": _event_id(sid.decode()), "object": "fine_tuning.job.event", **json.loads(fields[b"e"])}
+            for sid, fields in entries
         ]
+
+    # -- per-step metrics ----------------------------------------------------------------------
+
+    def reset_step_metrics(self, job_id: str) -> None:
+        """A new attempt trains from its first step again: its series starts afresh."""
+        self.redis.delete(_series_key(job_id))
+
+    def add_step_metrics(self, job_id: str, row: dict[str, Any]) -> None:
+        self.redis.rpush(_series_key(job_id), json.dumps(row))
+
+    def step_metrics(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.redis.lrange(_series_key(job_id), 0, -1)]
 
 
 def _matches(record: JobRecord, metadata: dict[str, str] | None) -> bool:

@@ -7,7 +7,7 @@ the API may run several uvicorn workers: all of them must add up in one scrape.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 
 from shared.job_states import JobState
 from shared.job_store import STATE_COUNTS_KEY
@@ -56,26 +56,54 @@ TASKS_FINISHED = Counter(
 
 
 class RedisStateCollector(Collector):
-    """Jobs by status and queue depth, read from Redis at scrape time (the API exports these)."""
+    """Jobs by state, queue backlog and workers, read from Redis at scrape time (the API exports these).
 
-    def __init__(self, redis: Redis, queue_names: Iterable[str] | None = None):
+    Read at scrape time rather than counted by a process, so every API replica reports the truth.
+    """
+
+    def __init__(self, redis: Redis):
         self.redis = redis
-        self.queue_names = queue_names
 
     def collect(self):  # type: ignore[override]
         jobs = GaugeMetricFamily("tunery_jobs", "Fine-tuning jobs by internal state.", labels=["state"])
         depth = GaugeMetricFamily("tunery_queue_depth", "Tasks waiting in each RQ queue.", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "tunery_queue_oldest_job_age_seconds",
+            "Age of the task waiting longest in each queue.",
+            labels=["queue"],
+        )
+        workers = GaugeMetricFamily(
+            "tunery_workers", "RQ workers by service and state (busy or idle).", labels=["service", "state"]
+        )
         try:
             counts = {k.decode(): int(v) for k, v in self.redis.hgetall(STATE_COUNTS_KEY).items()}
             for state in JobState:
                 jobs.add_metric([state.value], counts.get(state.value, 0))
-            names = self.queue_names or [q.name for q in Queue.all(connection=self.redis)]
-            for name in sorted(names):
-                depth.add_metric([name], queue(self.redis, name).count)
+            now = datetime.now(UTC)
+            for rq_queue in sorted(Queue.all(connection=self.redis), key=lambda q: q.name):
+                named = queue(self.redis, rq_queue.name)
+                depth.add_metric([rq_queue.name], named.count)
+                head = named.get_job_ids(0, 1)
+                task = named.fetch_job(head[0]) if head else None
+                age = (
+                    (now - task.enqueued_at.replace(tzinfo=UTC)).total_seconds()
+                    if task and task.enqueued_at
+                    else 0.0
+                )
+                oldest.add_metric([rq_queue.name], max(0.0, age))
+            tally: dict[tuple[str, str], int] = {}
+            for worker in Worker.all(connection=self.redis):
+                service = worker.name.split("-", 1)[0]
+                state = "busy" if worker.get_state() == "busy" else "idle"
+                tally[service, state] = tally.get((service, state), 0) + 1
+            for (service, state), n in sorted(tally.items()):
+                workers.add_metric([service, state], n)
         except RedisError:
             return
         yield jobs
         yield depth
+        yield oldest
+        yield workers
 
 
 def registry(multiprocess_dir: Path | None) -> CollectorRegistry:

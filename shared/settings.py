@@ -100,3 +100,8 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def metrics_directory(settings: Settings, service: str) -> Path:
+    """The prometheus multiprocess folder of a service: every process of it writes there."""
+    return settings.resolved_metrics_dir.resolve() / service

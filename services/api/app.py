@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis import Redis
 from redis.exceptions import RedisError
 
-from services.api import routes_files, routes_jobs, routes_models, routes_uploads
+from services.api import routes_files, routes_jobs, routes_models, routes_uploads, routes_usage
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
 from shared import metrics
@@ -23,7 +23,7 @@ from shared.catalog import load_catalog
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
 from shared.job_store import JobStore
-from shared.settings import Settings
+from shared.settings import Settings, get_settings, metrics_directory
 from shared.storage import StorageError, storage_from_settings
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,15 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_jobs.router)
     app.include_router(routes_models.router)
     app.include_router(routes_uploads.router)
+    app.include_router(routes_usage.router)
 
     return app
+
+
+def app_from_settings() -> FastAPI:
+    """The app as `tunery api` serves it (uvicorn's factory, once per worker process)."""
+    settings = get_settings()
+    return create_app(settings, metrics_directory(settings, "api"))
 
 
 def _check_dependencies(context: Context) -> list[str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
@@ -266,14 +269,76 @@ def list_checkpoints(
     return list_object(checkpoints, has_more)
 
 
-@router.get("/{job_id}/events", summary="List a job's events (newest first)", response_model=EventList)
-def list_events(
+@router.get(
+    "/{job_id}/events",
+    summary="List a job's events (newest first), or follow them live with stream=true",
+    response_model=EventList,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"}
+    },
+    description=(
+        "With `stream=true` the answer is a server-sent event stream: every event from the start (or after "
+        "`after`, or the `Last-Event-ID` header), oldest first, then new ones as they happen; each SSE `id` is "
+        "the event id and `data` the event object. It ends with an `event: end` once the job has finished."
+    ),
+)
+async def list_events(
+    request: Request,
     job_id: str,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    stream: bool = False,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(caller_tenant),
+):
+    await run_in_threadpool(_require_job, ctx, tenant, job_id)
+    if stream:
+        cursor = request.headers.get("last-event-id") or after
+        return StreamingResponse(
+            _event_stream(request, ctx, job_id, cursor),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    events, has_more = await run_in_threadpool(lambda: ctx.jobs.list_events(job_id, after=after, limit=limit))
+    return list_object(events, has_more)
+
+
+STREAM_POLL_MS = 1000
+
+
+async def _event_stream(request: Request, ctx: Context, job_id: str, cursor: str | None):
+    while True:
+        events = await run_in_threadpool(
+            partial(ctx.jobs.events_after, job_id, cursor, block_ms=STREAM_POLL_MS)
+        )
+        for event in events:
+            cursor = event["id"]
+            yield f"id: {cursor}\ndata: {json.dumps(event)}\n\n"
+        if events:
+            continue
+        record = await run_in_threadpool(ctx.jobs.get, job_id)
+        if record is None or is_terminal(record.state) or await request.is_disconnected():
+            status = record.state.value if record else "deleted"
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        yield ": keep-alive\n\n"
+
+
+@router.get(
+    "/{job_id}/metrics",
+    summary="A job's per-step training metrics, for plotting",
+    description="Every optimizer step's loss, accuracy, learning rate, gradient norm and throughput "
+    "(validation loss at epoch ends), oldest first; `max_points` evenly thins long series.",
+)
+def job_metrics(
+    job_id: str,
+    max_points: Annotated[int, Query(ge=2, le=100_000)] = 10_000,
     ctx: Context = Depends(get_context),
     tenant: str = Depends(caller_tenant),
 ) -> dict:
     _require_job(ctx, tenant, job_id)
-    events, has_more = ctx.jobs.list_events(job_id, after=after, limit=limit)
-    return list_object(events, has_more)
+    rows = ctx.jobs.step_metrics(job_id)
+    if len(rows) > max_points:
+        stride = len(rows) / max_points
+        rows = [rows[int(i * stride)] for i in range(max_points - 1)] + [rows[-1]]
+    return {"object": "fine_tuning.job.metrics", "job_id": job_id, "data": rows}

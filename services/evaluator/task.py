@@ -118,7 +118,10 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
         device = default_device()
         model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
         eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
-        examples = [tokenize_chat(tokenizer, m, record.hyperparameters.max_seq_length, eos_token_ids=eos_ids) for m in rows]
+        examples = [
+            tokenize_chat(tokenizer, m, record.hyperparameters.max_seq_length, eos_token_ids=eos_ids)
+            for m in rows
+        ]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         base = evaluate_causal_lm(model, iter_batches(examples, EVAL_BATCH_SIZE, pad_id))

@@ -38,6 +38,7 @@ from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id,
 from shared.settings import Settings, get_settings
 from shared.splits import holdout_split
 from shared.storage import Storage, storage_from_settings
+from shared.usage import add_usage
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class TrainingRun:
                       "validation_source": valid_source, "total_steps": total_steps},
             )  # fmt: skip
             hooks = ProgressHooks(self, total_steps)
+            self.jobs.reset_step_metrics(self.job_id)
             try:
                 result = train_sft(self._config(model_dir, train_rows, valid_rows), hooks)
             except DataError as exc:
@@ -246,6 +248,9 @@ class TrainingRun:
         attempt = self.record.attempt
 
         def finish_training(record: JobRecord) -> None:
+            record.progress.step = result.steps_completed
+            record.progress.total_steps = result.total_steps
+            record.progress.trained_tokens = result.trained_tokens
             record.trained_tokens = result.trained_tokens
             record.result_files = [result_file.id]
             record.artifacts = {
@@ -335,6 +340,7 @@ class ProgressHooks:
         self.training_seconds = 0.0
         self.preempted = False
         self.budget_reason: str | None = None
+        self.last_step = 0
 
     def device_seconds(self) -> float:
         return (time.monotonic() - self.started) * self.devices
@@ -346,6 +352,7 @@ class ProgressHooks:
         cost = cost_usd(self.price, delta)
         metrics.DEVICE_SECONDS.labels(self.gpu_class).inc(delta)
         metrics.COST_USD.labels(self.run.record.tenant, self.gpu_class).inc(cost)
+        add_usage(self.run.redis, self.run.record.tenant, self.gpu_class, delta, cost)
 
         def add(record: JobRecord) -> None:
             record.usage.device_seconds += delta
@@ -359,6 +366,13 @@ class ProgressHooks:
         metrics.TRAINING_TOKENS_PER_SECOND.labels(self.gpu_class).set(m.tokens_per_second)
         self.last_tokens = m.trained_tokens
         self.training_seconds = time.monotonic() - self.started
+        self.last_step = m.step
+        self.run.jobs.add_step_metrics(
+            self.run.job_id,
+            {"kind": "train", "step": m.step, "epoch": round(m.epoch, 4), "train_loss": m.train_loss,
+             "train_mean_token_accuracy": m.train_accuracy, "learning_rate": m.learning_rate,
+             "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds},
+        )  # fmt: skip
         clock = time.monotonic()
         if clock - self.last_report < self.interval and m.step != m.total_steps:
             return
@@ -392,6 +406,12 @@ class ProgressHooks:
 
     def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
         detail = f"; validation loss={valid_metrics['loss']:.4f}" if valid_metrics else ""
+        if valid_metrics:
+            self.run.jobs.add_step_metrics(
+                self.run.job_id,
+                {"kind": "validation", "step": self.last_step, "epoch": epoch, "valid_loss": valid_metrics["loss"],
+                 "valid_mean_token_accuracy": valid_metrics["mean_token_accuracy"]},
+            )  # fmt: skip
         self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
 
     def should_stop(self) -> StopAction | None:

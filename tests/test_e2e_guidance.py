@@ -1,0 +1,138 @@
+"""Guidance, progress and cost on a live Tunery: estimates against real runs, budgets, live events."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api_fixtures import IDENTITY_CHAT
+from tests.live import LiveTunery
+
+pytestmark = pytest.mark.slow
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def upload(client) -> str:
+    file = client.post(
+        "/v1/files",
+        files={"file": ("identity.jsonl", IDENTITY_CHAT.read_bytes())},
+        data={"purpose": "fine-tune"},
+    ).json()
+    return file["id"]
+
+
+def test_the_estimate_matches_the_run_and_calibration_brings_the_duration_close(live: LiveTunery):
+    with live.client() as client:
+        body = {
+            "model": "tunery/tiny-chat",
+            "training_file": upload(client),
+            "seed": 5,
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}},
+            },
+        }
+        before = client.post("/v1/fine_tuning/jobs/estimate", json=body)
+        assert before.status_code == 200, before.text
+        before = before.json()
+        assert set(before["hyperparameters"]["reasons"]) >= {
+            "max_seq_length",
+            "micro_batch_size",
+            "scheduler",
+        }
+        assert before["estimate"]["gpu_classes"]["cpu"]["speed"].startswith("20% of the class's peak")
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()
+    done, _ = live.wait_for_job(job["id"], FINISHED)
+    assert done["status"] == "succeeded", done["error"]
+    assert before["estimate"]["trained_tokens"] == done["trained_tokens"]
+    assert before["estimate"]["optimizer_steps"] == done["progress"]["total_steps"]
+
+    with live.client() as client:
+        after = client.post("/v1/fine_tuning/jobs/estimate", json=body).json()
+        usage = client.get("/v1/usage").json()
+        series = client.get(f"/v1/fine_tuning/jobs/{job['id']}/metrics").json()["data"]
+    cpu = after["estimate"]["gpu_classes"]["cpu"]
+    assert cpu["speed"] == "measured on earlier jobs of this class"
+    # Calibrated on this very job: the estimate lands within 2× of the device-seconds it used.
+    assert done["usage"]["device_seconds"] / 2 < cpu["duration_seconds"] < done["usage"]["device_seconds"] * 2
+    assert usage["cost_usd"] == pytest.approx(done["usage"]["cost_usd"])
+    assert [r["step"] for r in series if r["kind"] == "train"] == list(
+        range(1, done["progress"]["total_steps"] + 1)
+    )
+    assert len([r for r in series if r["kind"] == "validation"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("budget", "reason"),
+    [
+        ({"max_duration_seconds": 2}, "max_duration_seconds (2 s) reached"),
+        ({"max_cost_usd": 0.00005}, "max_cost_usd"),
+    ],
+)
+def test_a_budget_stops_training_keeps_the_adapter_and_fails_the_job_clearly(
+    live: LiveTunery, budget, reason
+):
+    with live.client() as client:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": upload(client), "hyperparameters": {"n_epochs": 50},
+                  **budget},
+        ).json()  # fmt: skip
+        done, _ = live.wait_for_job(job["id"], FINISHED)
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "budget_exceeded"
+    assert reason in done["error"]["message"]
+    assert 0 < done["progress"]["step"] < done["progress"]["total_steps"]
+    assert [c["step_number"] for c in checkpoints] == [done["progress"]["step"]]
+    if "max_cost_usd" in budget:
+        # Stopped within one optimizer step of crossing the budget.
+        assert done["usage"]["cost_usd"] == pytest.approx(budget["max_cost_usd"], rel=0.5)
+
+
+def test_events_stream_live_as_server_sent_events(live: LiveTunery):
+    with live.client() as client:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tunery/tiny-chat",
+                "training_file": upload(client),
+                "hyperparameters": {"n_epochs": 1},
+            },
+        ).json()
+    received, ended = [], None
+    url = f"/v1/fine_tuning/jobs/{job['id']}/events"
+    with (
+        httpx.Client(base_url=live.base_url, headers=live.client().headers, timeout=120) as http,
+        http.stream("GET", url, params={"stream": "true"}) as stream,
+    ):
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event_name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event_name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if event_name == "end":
+                    ended = data
+                    break
+                received.append(data)
+    assert ended == {"status": "succeeded"}
+    assert received[0]["message"].startswith("Created fine-tuning job")
+    assert received[-1]["message"].startswith("Job succeeded")
+    assert any(e["type"] == "metrics" for e in received)
+    order = [tuple(int(p) for p in e["id"].removeprefix("ftevent-").split("-")) for e in received]
+    assert order == sorted(set(order))  # each event once, oldest first
+
+    scrape = httpx.get(f"http://127.0.0.1:{live.env['TUNERY_TRAINER_METRICS_PORT']}/metrics").text
+    costs = [
+        s
+        for f in text_string_to_metric_families(scrape)
+        for s in f.samples
+        if s.name == "tunery_cost_usd_total"
+    ]
+    assert costs and costs[0].labels == {"tenant": "org-default", "gpu_class": "cpu"} and costs[0].value > 0

@@ -7,7 +7,6 @@ time, so masking can never silently drift from what the template produces (the "
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from shared.data_formats import read_examples
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
@@ -41,10 +42,14 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-def read_chat_jsonl(path: Path) -> list[Messages]:
-    """The `messages` list of every non-blank line (the file was validated when uploaded)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["messages"] for line in f if line.strip()]
+def read_conversations(path: Path, filename: str) -> list[Messages]:
+    """The chat conversations of a dataset in any chat-like format (chat, prompt/completion, alpaca,
+    sharegpt), converted by shared.data_formats; `filename` (the uploaded name) tells its container."""
+    with open(path, "rb") as f:
+        examples = list(read_examples(f, filename=filename))
+    if examples and examples[0].kind != "chat":
+        raise DataError(f"{filename} holds {examples[0].kind} examples, not chat conversations")
+    return [example.messages or [] for example in examples]
 
 
 def tokenize_chat(

@@ -170,13 +170,16 @@ def check_dataset(
     limits: DataLimits = DataLimits(),
     scan_pii: bool = True,
 ) -> DatasetCheck:
-    """Validate a whole dataset in one streaming pass: its problems, statistics and personal data."""
+    """Validate a whole dataset in one streaming pass: its problems, statistics and personal data.
+
+    `f` is read from its current position (seek to 0 first); only Parquet needs it seekable. `format`
+    forces one of FORMATS instead of detecting it (ValueError for an unknown name).
+    """
     reader = _Reader(f, filename=filename, format=format, limits=limits)
     problems: list[str] = []
     total = 0
     stats = _Stats(limits)
-    found: dict[str, int] = {}
-    first_seen: dict[str, list[str]] = {}
+    personal = _PersonalData()
     fatal = False
     for event in reader.events():
         if isinstance(event, _Issue):
@@ -191,11 +194,7 @@ def check_dataset(
             if len(problems) < MAX_PROBLEMS_SHOWN:
                 problems.append(label_problem)
         if scan_pii:
-            for kind, n in pii.scan("\n\n".join(_texts(event))).items():
-                found[kind] = found.get(kind, 0) + n
-                seen = first_seen.setdefault(kind, [])
-                if len(seen) < _FIRST_SEEN:
-                    seen.append(event.source)
+            personal.add(event)
     n_examples = stats.n_examples
     if not fatal and n_examples < limits.min_examples:
         total += 1
@@ -211,7 +210,7 @@ def check_dataset(
         problems=problems,
         total_problems=total,
         stats=stats.result(reader.format == "classification"),
-        pii={"counts": found, "first_seen": first_seen},
+        pii=personal.result(),
     )
 
 
@@ -226,8 +225,12 @@ def read_examples(
 
     A file that `check_dataset` passed never raises (the minimum number of examples is not re-checked).
     """
-    reader = _Reader(f, filename=filename, format=format, limits=limits)
-    for event in reader.events():
+    reader = _Reader(f, filename=filename, format=format, limits=limits)  # checks `format` at once
+    return _raising(reader.events())
+
+
+def _raising(events: Iterator[Example | _Issue]) -> Iterator[Example]:
+    for event in events:
         if isinstance(event, _Issue):
             raise DataFormatError(event.text)
         yield event
@@ -297,14 +300,20 @@ def _container_of(name: str, head: bytes) -> str:
     if extension == ".csv":
         return "csv"
     body = head[3:] if head.startswith(codecs.BOM_UTF8) else head
-    first = body.lstrip()[:1]
-    if extension in (".jsonl", ".ndjson", ".json") or first in (b"[", b"{"):
-        if first == b"{" and body.lstrip().split(b"\n", 1)[0].strip() == b"{":
+    first_line = body.lstrip().split(b"\n", 1)[0].strip()
+    first = first_line[:1]
+    json_lines = extension in (".jsonl", ".ndjson")
+    if json_lines or extension == ".json" or first in (b"[", b"{"):
+        if first == b"{" and first_line == b"{":
             raise DataFormatError(
                 "the file holds one JSON object spread over several lines; upload a JSON array of examples, "
                 "or JSONL with one example per line"
             )
-        return "json" if first == b"[" else "jsonl"
+        # A JSON array named .jsonl is a common slip: take it as one when its first line opens an array
+        # without closing it; a first line that is a whole array is a (wrong) JSONL record.
+        if first == b"[" and not (json_lines and first_line.endswith(b"]")):
+            return "json"
+        return "jsonl"
     if extension in ("", ".txt") and b"\x00" not in body:
         first_line = body.split(b"\n", 1)[0]
         if b"," in first_line and _utf8_prefix_ok(first_line):
@@ -502,7 +511,8 @@ def _lines(stream: _Readable, max_bytes: int) -> Iterator[tuple[int, bytes | Non
 
 
 _OPENERS = re.compile(rb"[\[{]")
-_JSON_STRUCTURE = re.compile(r'[\[\]{}",]')
+_SKIP_TOKEN = re.compile(r'[\[{]+|[\]}]+|[",]')  # runs of brackets count once: deep nesting is cheap to skip
+_SKIP_BUDGET = 1_000_000  # tokens a file's unparseable JSON array items may cost to skip, in all
 
 
 def _string_end(text: str, i: int, end: int) -> int:
@@ -520,25 +530,21 @@ def _string_end(text: str, i: int, end: int) -> int:
             quote = text.find('"', i, end)
 
 
-def _json_depth(text: str, start: int = 0, end: int | None = None) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (strings skipped)."""
-    end = len(text) if end is None else end
-    depth = deepest = 0
-    position = start
-    while (match := _JSON_STRUCTURE.search(text, position, end)) is not None:
-        char = match[0]
-        position = match.end()
-        if char == '"':
-            after = _string_end(text, position, end)
-            if after < 0:
-                break
-            position = after
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether parsed JSON nests arrays and objects more than `limit` deep (the outermost is depth 1)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _deep_candidate(value: Any, openers: int, limit: int) -> bool:
+    """Nesting deeper than `limit` needs more openers than that: the walk runs only on such records."""
+    return openers > limit and isinstance(value, dict | list) and _too_deep(value, limit)
 
 
 def _json_error(exc: ValueError) -> str:
@@ -562,9 +568,6 @@ def _jsonl_records(stream: _Readable, limits: DataLimits) -> Iterator[_Record | 
         except UnicodeDecodeError as exc:
             yield _issue(source, f"not valid UTF-8 (byte {exc.start})")
             continue
-        if raw.count(b"[") + raw.count(b"{") > limits.max_depth and _json_depth(text) > limits.max_depth:
-            yield _issue(source, f"JSON is nested too deeply (more than {limits.max_depth} levels)")
-            continue
         try:
             value = json.loads(text)
         except RecursionError:
@@ -573,6 +576,9 @@ def _jsonl_records(stream: _Readable, limits: DataLimits) -> Iterator[_Record | 
         except ValueError as exc:
             column = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
             yield _issue(source, f"invalid JSON: {_json_error(exc)}{column}")
+            continue
+        if _deep_candidate(value, raw.count(b"[") + raw.count(b"{"), limits.max_depth):
+            yield _issue(source, f"JSON is nested too deeply (more than {limits.max_depth} levels)")
             continue
         yield _Record(source, value)
 
@@ -601,6 +607,7 @@ class _JsonArray:
         self._line = 1  # the line and the position where it starts, counted up to _counted
         self._line_start = 0
         self._counted = 0
+        self._skipped_tokens = 0
 
     def records(self) -> Iterator[_Record | _Issue]:
         try:
@@ -628,6 +635,14 @@ class _JsonArray:
         self._count_lines(upto)
         self._buf = self._buf[upto:]
         self._base += upto
+
+    def _compact(self, i: int) -> int:
+        """Forget the text before position i once it is most of the buffer (amortized: copying the rest
+        for every small item would be quadratic); the position i has after that."""
+        if i > _CHUNK and i > len(self._buf) // 2:
+            self._drop(i)
+            return 0
+        return i
 
     def _count_lines(self, upto: int) -> None:
         start = self._counted - self._base
@@ -672,8 +687,7 @@ class _JsonArray:
                     yield _issue(f"item {number}", "invalid JSON: a comma after the last item")
                 break
             number += 1
-            self._drop(i)
-            i, item = self._item(number)
+            i, item = self._item(number, self._compact(i))
             yield item
             i = self._next_significant(i)
             if i < 0:
@@ -690,48 +704,52 @@ class _JsonArray:
         if end >= 0:
             raise _Fatal(f"unexpected data after the JSON array at {self._where(end)}")
 
-    def _item(self, number: int) -> tuple[int, _Record | _Issue]:
-        """Parse the item at the start of the buffer: the position after it, and its record or problem."""
+    def _item(self, number: int, start: int) -> tuple[int, _Record | _Issue]:
+        """Parse the item at position `start`: the position after it, and its record or problem."""
         source = f"item {number}"
         limit = self._limits.max_line_bytes
         while True:
             try:
-                value, end = self._json.raw_decode(self._buf, 0)
+                value, end = self._json.raw_decode(self._buf, start)
             except RecursionError:
-                return self._skip(), _issue(source, self._too_deep())
+                message = self._too_deep()
+                return self._skip(f"{source}: {message}", start), _issue(source, message)
             except ValueError as exc:
-                if not self._eof and len(self._buf) <= limit:
-                    self._fill(max(_CHUNK, len(self._buf)))  # it may be cut off: read on, twice as much
+                if not self._eof and len(self._buf) - start <= limit:
+                    self._fill(max(_CHUNK, len(self._buf) - start))  # it may be cut off: read on, 2x as much
                     continue
-                position = exc.pos if isinstance(exc, json.JSONDecodeError) else 0
-                bad = _SURROGATE_ESCAPE.search(self._buf, 0, position + 1)
+                position = exc.pos if isinstance(exc, json.JSONDecodeError) else start
+                bad = _SURROGATE_ESCAPE.search(self._buf, start, position + 1)
                 if bad is not None:
                     message = f"not valid UTF-8 at {self._where(bad.start())}"
                 else:
                     message = f"invalid JSON: {_json_error(exc)} at {self._where(position)}"
-                start = self._base
-                end = self._skip()
-                if self._base + end - start > limit:
+                if len(self._buf) - start > limit:
                     message = f"item is longer than the limit of {limit} bytes"
-                return end, _issue(source, message)
-            if end * 4 > limit and len(self._buf[:end].encode("utf-8", "surrogateescape")) > limit:
+                return self._skip(f"{source}: {message}", start), _issue(source, message)
+            size = end - start
+            if size * 4 > limit and len(self._buf[start:end].encode("utf-8", "surrogateescape")) > limit:
                 return end, _issue(source, f"item is longer than the limit of {limit} bytes")
-            bad = _SURROGATE_ESCAPE.search(self._buf, 0, end)
+            bad = _SURROGATE_ESCAPE.search(self._buf, start, end)
             if bad is not None:
                 return end, _issue(source, f"not valid UTF-8 at {self._where(bad.start())}")
-            opened = self._buf.count("[", 0, end) + self._buf.count("{", 0, end)
-            if opened > self._limits.max_depth and _json_depth(self._buf, 0, end) > self._limits.max_depth:
+            opened = self._buf.count("[", start, end) + self._buf.count("{", start, end)
+            if _deep_candidate(value, opened, self._limits.max_depth):
                 return end, _issue(source, self._too_deep())
             return end, _Record(source, value)
 
     def _too_deep(self) -> str:
         return f"JSON is nested too deeply (more than {self._limits.max_depth} levels)"
 
-    def _skip(self) -> int:
-        """Scan past the item at the start of the buffer without parsing it: the position after it."""
+    def _skip(self, problem: str, start: int) -> int:
+        """Scan past the item at position `start` without parsing it: the position after it.
+
+        Strings are skipped with `str.find`, runs of brackets as one token, and the tokens this costs are
+        counted over the whole file: past `_SKIP_BUDGET` the file is refused rather than ground through.
+        """
         depth = 0
         in_string = False
-        i = 0
+        i = start
         while True:
             if in_string:
                 after = _string_end(self._buf, i, len(self._buf))
@@ -741,24 +759,29 @@ class _JsonArray:
                     continue
                 i = -after - 1
             else:
-                match = _JSON_STRUCTURE.search(self._buf, i)
+                match = _SKIP_TOKEN.search(self._buf, i)
                 if match is not None:
-                    char = match[0]
-                    if char == '"':
+                    self._skipped_tokens += 1
+                    if self._skipped_tokens > _SKIP_BUDGET:
+                        raise _Fatal(
+                            f"{problem}; stopped reading: too much of the JSON array cannot be parsed"
+                        )
+                    token = match[0]
+                    i = match.end()
+                    if token == '"':
                         in_string = True
-                        i = match.end()
-                    elif char in "[{":
-                        depth += 1
-                        i = match.end()
-                    elif depth > 0 and char in "]}":
-                        depth -= 1
-                        i = match.end()
-                    elif depth == 0 and char in ",]":
-                        return match.start()
-                    elif char == "}":
-                        raise _Fatal(f'invalid JSON: an unexpected "}}" at {self._where(match.start())}')
-                    else:
-                        i = match.end()
+                    elif token == ",":
+                        if depth == 0:
+                            return match.start()
+                    elif token[0] in "[{":
+                        depth += len(token)
+                    elif len(token) <= depth:
+                        depth -= len(token)
+                    else:  # this run closes the item and goes one past it
+                        end = match.start() + depth
+                        if self._buf[end] == "]":
+                            return end
+                        raise _Fatal(f'{problem}; then an unexpected "}}" at {self._where(end)}')
                     continue
                 i = len(self._buf)
             # the buffer is used up: keep only what is still needed (a trailing backslash) and read on
@@ -1335,6 +1358,7 @@ class _Reader:
         self.container: str | None = None
         self._detected_from: str | None = None
         self._json_cells: frozenset[str] = frozenset()
+        self._tabular = False  # CSV and Parquet: the columns fix the format for every row
 
     def events(self) -> Iterator[Example | _Issue]:
         for item in self._records():
@@ -1400,6 +1424,7 @@ class _Reader:
     def _columns(self, columns: _Columns) -> str | None:
         """Tabular files: the format from the column names, and the columns it needs."""
         names = columns.names
+        self._tabular = True
         if self.format is None:
             self.format = detect_format(dict.fromkeys(names))
             if self.format is None:
@@ -1432,7 +1457,7 @@ class _Reader:
                 keys = _list(list(value)) if value else "none"
                 return _issue(source, f"no known format has the keys {keys}; expected {_KEYS_HINT}")
             self._detected_from = source
-        elif not self._forced:
+        elif not (self._forced or self._tabular):
             kind = detect_format(value)
             if kind is not None and kind != self.format and (self.format, kind) not in _INCOMPLETE_OF:
                 return _issue(
@@ -1453,12 +1478,15 @@ class _Reader:
                 if not cell.strip():
                     row[name] = None
                     continue
+                depth = self._limits.max_depth
                 try:
                     row[name] = json.loads(cell)
                 except RecursionError:
-                    raise _Bad(f"{name}: JSON is nested too deeply") from None
+                    raise _Bad(f"{name}: JSON is nested too deeply (more than {depth} levels)") from None
                 except ValueError as exc:
                     raise _Bad(f"{name}: not valid JSON ({_json_error(exc)})") from None
+                if _deep_candidate(row[name], cell.count("[") + cell.count("{"), depth):
+                    raise _Bad(f"{name}: JSON is nested too deeply (more than {depth} levels)")
         return row
 
 
@@ -1490,6 +1518,42 @@ def _texts(example: Example) -> Iterator[str]:
                 yield json.dumps(call, ensure_ascii=False)
 
 
+class _PersonalData:
+    """Counts of personal data by kind, scanned in batches of examples (one regex pass per batch)."""
+
+    _BATCH_CHARACTERS = 1 << 18
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._first_seen: dict[str, list[str]] = {}
+        self._texts: list[str] = []
+        self._sources: list[str] = []
+        self._size = 0
+
+    def add(self, example: Example) -> None:
+        text = "\n\n".join(_texts(example))
+        self._texts.append(text)
+        self._sources.append(example.source)
+        self._size += len(text)
+        if self._size >= self._BATCH_CHARACTERS:
+            self._scan()
+
+    def _scan(self) -> None:
+        for source, found in zip(self._sources, pii.scan_each(self._texts), strict=True):
+            for kind, n in found.items():
+                self._counts[kind] = self._counts.get(kind, 0) + n
+                seen = self._first_seen.setdefault(kind, [])
+                if len(seen) < _FIRST_SEEN:
+                    seen.append(source)
+        self._texts.clear()
+        self._sources.clear()
+        self._size = 0
+
+    def result(self) -> dict[str, Any]:
+        self._scan()
+        return {"counts": self._counts, "first_seen": self._first_seen}
+
+
 class _Stats:
     def __init__(self, limits: DataLimits) -> None:
         self._limits = limits
@@ -1506,8 +1570,9 @@ class _Stats:
     def add(self, example: Example) -> str | None:
         """Count an example in; a problem when it brings one label too many."""
         self.n_examples += 1
-        key = json.dumps(
-            [
+        # repr is exact for equal examples (same keys in the same order) and far cheaper than sorted JSON
+        key = repr(
+            (
                 example.kind,
                 example.messages,
                 example.text,
@@ -1515,10 +1580,7 @@ class _Stats:
                 example.rejected,
                 example.label,
                 example.tools,
-            ],
-            sort_keys=True,
-            ensure_ascii=False,
-            default=str,
+            )
         )
         digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
         if digest in self._hashes:

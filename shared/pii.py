@@ -9,8 +9,8 @@ What is covered (and deliberately not):
 
 - email: `local@domain.tld` with an alphabetic TLD (`user@localhost` is not counted).
 - phone: international numbers written with a `+` and a country code, 8-15 digits (8-13 when written
-  without separators), not right after a digit or an operator (`12\n+34567890123` is a sum)
-  (`+44 20 7946 0958`, `+1 (415) 555-0132`, `+33612345678`); North American `(415) 555-0132`, `415-555-0132`,
+  without separators), not right after a digit or an operator, even across a line break (a `+` number
+  under another number is a sum) (`+44 20 7946 0958`, `+1 (415) 555-0132`, `+33612345678`); North American `(415) 555-0132`, `415-555-0132`,
   `415.555.0132` (area code and exchange starting 2-9, the same separator twice); European national forms
   with a leading trunk `0` and at least one separator (`020 7946 0958`, `07700 900123`,
   `01 23 45 67 89`, `030 1234567`). Bare digit runs (`4155550132`) are not counted: they are
@@ -47,7 +47,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 PII_KINDS: tuple[str, ...] = (
@@ -152,8 +152,7 @@ _EMAIL_LOCAL = _ALNUM | frozenset("._%+-")
 _EMAIL_AT = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
 _PRIVATE_KEY = re.compile(
     r"-----BEGIN (?P<t>(?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----"
-    r"(?:.*?-----END (?P=t)PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)",
-    re.DOTALL,
+    r"(?:[^\x00]*?-----END (?P=t)PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\s:,-]*)"
 )
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*(?![\w-])")
 _AWS = re.compile(r"A[KS]IA[0-9A-Z]{16}(?![A-Za-z0-9])")
@@ -357,8 +356,12 @@ def find(text: str) -> list[Finding]:
     findings_end: dict[int, int] = {}
     findings: list[Finding] = []
     for kind, finder, hints in _DETECTORS:
-        if hints and not any(hint in text for hint in hints):
-            continue
+        if hints:
+            for hint in hints:
+                if hint in text:
+                    break
+            else:
+                continue
         if kind in _DIGIT_KINDS:
             if windows is None:
                 windows = _digit_windows(text)
@@ -383,6 +386,24 @@ def scan(text: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for finding in find(text):
         counts[finding.kind] = counts.get(finding.kind, 0) + 1
+    return counts
+
+
+# No pattern matches across a NUL, so texts joined with it are scanned as if one by one.
+_SEPARATOR = "\n\x00\n"
+
+
+def scan_each(texts: Sequence[str]) -> list[dict[str, int]]:
+    """`scan` of each text, in a single pass over them all: much cheaper for many short texts."""
+    starts = []
+    position = 0
+    for text in texts:
+        starts.append(position)
+        position += len(text) + len(_SEPARATOR)
+    counts: list[dict[str, int]] = [{} for _ in texts]
+    for finding in find(_SEPARATOR.join(texts)):
+        found = counts[bisect.bisect_right(starts, finding.start) - 1]
+        found[finding.kind] = found.get(finding.kind, 0) + 1
     return counts
 
 

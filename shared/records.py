@@ -29,8 +29,12 @@ class FileRecord(BaseModel):
     status_details: str | None = None
     sha256: str
     storage_key: str
-    format: str | None = None
+    container: str | None = None  # jsonl, json, csv, parquet (.gz variants)
+    format: str | None = None  # chat, prompt_completion, text, alpaca, sharegpt, preference, classification
+    task: str | None = None  # what it can train: chat, text, preference or classification
     n_examples: int | None = None
+    # Statistics (duplicates, empty turns, lengths, labels) and personal data found, from validation.
+    report: dict[str, Any] | None = None
 
 
 class JobError(BaseModel):

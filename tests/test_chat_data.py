@@ -19,7 +19,7 @@ from shared.chat_data import (
     check_eos,
     check_trainable,
     collate,
-    read_chat_jsonl,
+    read_conversations,
     tokenize_chat,
     tokenize_dataset,
 )
@@ -160,9 +160,26 @@ def test_reply_whose_tokens_merge_with_the_prompt_is_a_data_error_naming_it() ->
         tokenize_dataset(merging, [qa("2+2?", "Four"), qa("2+2?", "\nFour")], max_length=128)
 
 
-def test_read_chat_jsonl_returns_each_lines_messages(tmp_path: Path) -> None:
-    path = tmp_path / "train.jsonl"
+def test_read_conversations_returns_each_lines_messages(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
     lines = [json.dumps({"messages": qa("Q1", "A1")}), json.dumps({"messages": qa("Q2", "A2")}), ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    assert read_chat_jsonl(path) == [qa("Q1", "A1"), qa("Q2", "A2")]
+    assert read_conversations(path, "train.jsonl") == [qa("Q1", "A1"), qa("Q2", "A2")]
+
+
+def test_read_conversations_converts_alpaca_rows_to_chat(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
+    path.write_text(
+        json.dumps([{"instruction": "Add 2 and 2.", "input": "", "output": "4"}]), encoding="utf-8"
+    )
+
+    assert read_conversations(path, "data.json") == [qa("Add 2 and 2.", "4")]
+
+
+def test_read_conversations_refuses_data_that_is_not_chat(tmp_path: Path) -> None:
+    path = tmp_path / "upload"
+    path.write_text("text,label\ngreat film,1\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match="holds classification examples, not chat conversations"):
+        read_conversations(path, "reviews.csv")

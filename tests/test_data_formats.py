@@ -105,7 +105,9 @@ def assert_trainable(example: Example) -> None:
         ("sst2_train_200.csv", "csv", "classification", "classification", 200),
     ],
 )
-def test_real_samples_are_detected_and_converted(name: str, container: str, format: str, task: str, n: int) -> None:
+def test_real_samples_are_detected_and_converted(
+    name: str, container: str, format: str, task: str, n: int
+) -> None:
     path = FIXTURES / "datasets" / name
     with open(path, "rb") as f:
         result = check_dataset(f, filename=name)
@@ -115,7 +117,9 @@ def test_real_samples_are_detected_and_converted(name: str, container: str, form
     with open(path, "rb") as f:
         converted = list(read_examples(f, filename=name))
     assert len(converted) == n
-    assert [e.source for e in converted[:2]] == (["row 1", "row 2"] if container == "csv" else ["item 1", "item 2"])
+    assert [e.source for e in converted[:2]] == (
+        ["row 1", "row 2"] if container == "csv" else ["item 1", "item 2"]
+    )
     for example in converted:
         assert example.kind == task
         assert_trainable(example)
@@ -215,7 +219,9 @@ RECORDS: dict[str, list[dict[str, Any]]] = {
         for i in range(12)
     ],
     "preference": [{"prompt": f"Say hi {i}", "chosen": "Hi!", "rejected": "No."} for i in range(12)],
-    "classification": [{"text": f"review {i}", "label": ["neg", "pos"][i % 2], "group": "a"} for i in range(12)],
+    "classification": [
+        {"text": f"review {i}", "label": ["neg", "pos"][i % 2], "group": "a"} for i in range(12)
+    ],
 }
 
 
@@ -281,7 +287,11 @@ def test_every_format_reads_the_same_from_every_container(format: str) -> None:
         ), container
         converted = examples(data, filename)
         first = expected_first(format)
-        row = "row" if container.startswith(("csv", "parquet")) else ("item" if "json." in container + "." else "line")
+        row = (
+            "row"
+            if container.startswith(("csv", "parquet"))
+            else ("item" if "json." in container + "." else "line")
+        )
         assert converted[0].source == f"{row} 1", container
         assert (converted[0].kind, converted[0].messages, converted[0].text, converted[0].label) == (
             first.kind,
@@ -301,7 +311,11 @@ def test_every_format_reads_the_same_from_every_container(format: str) -> None:
 def test_openai_dpo_records_become_preference_examples_with_their_tools() -> None:
     tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}
     record = {
-        "input": {"messages": [{"role": "user", "content": "Time?"}], "tools": [tool], "parallel_tool_calls": False},
+        "input": {
+            "messages": [{"role": "user", "content": "Time?"}],
+            "tools": [tool],
+            "parallel_tool_calls": False,
+        },
         "preferred_output": [{"role": "assistant", "content": "Noon."}],
         "non_preferred_output": [{"role": "assistant", "content": "Dunno."}],
     }
@@ -356,7 +370,11 @@ def test_chat_tool_calls_and_tools_pass_through() -> None:
             {
                 "role": "assistant",
                 "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": '{"celsius": 21}'},
@@ -383,6 +401,8 @@ def test_an_explicit_format_overrides_detection() -> None:
     assert examples(jsonl(records), format="text")[0].fields == {"label": "neg", "group": "a"}
     with pytest.raises(ValueError, match="unknown format 'dpo'"):
         check(jsonl(records), format="dpo")
+    with pytest.raises(ValueError, match="unknown format 'dpo'"):
+        read_examples(io.BytesIO(jsonl(records)), filename="data.jsonl", format="dpo")  # before iterating
 
 
 def test_csv_cells_of_structured_columns_are_parsed_as_json() -> None:
@@ -401,7 +421,10 @@ def test_parquet_nested_messages_lose_the_nulls_arrow_adds() -> None:
     assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == 3
     converted = examples(data, "chat.parquet")
     assert [e.messages for e in converted] == [r["messages"] for r in RECORDS["chat"]]
-    records = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": w}]} for w in (0, None) * 6]
+    records = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": w}]}
+        for w in (0, None) * 6
+    ]
     converted = examples(parquet_bytes(records), "chat.parquet")
     assert converted[0].messages[1] == {"role": "assistant", "content": "Yo", "weight": 0}
     assert converted[1].messages[1] == {"role": "assistant", "content": "Yo"}
@@ -415,7 +438,11 @@ KEYS_HINT = (
 )
 BROKEN: list[tuple[str, str | None, list[str]]] = [
     ("bad_json.jsonl", None, ["line 11: invalid JSON: Expecting value at column 49"]),
-    ("wrong_role.jsonl", None, ['line 11: messages[2].role: "assitant" is not one of system, user, assistant, tool']),
+    (
+        "wrong_role.jsonl",
+        None,
+        ['line 11: messages[2].role: "assitant" is not one of system, user, assistant, tool'],
+    ),
     (
         "missing_assistant.jsonl",
         None,
@@ -437,7 +464,11 @@ BROKEN: list[tuple[str, str | None, list[str]]] = [
     ),
     ("too_few_examples.jsonl", None, ["the file has 3 valid examples; at least 10 are required"]),
     ("not_utf8_line.jsonl", None, ["line 201: not valid UTF-8 (byte 46)"]),
-    ("not_utf8_at_start.jsonl", None, ["the file is not UTF-8 text (byte 43, on line 1, is 0xff); save it as UTF-8"]),
+    (
+        "not_utf8_at_start.jsonl",
+        None,
+        ["the file is not UTF-8 text (byte 43, on line 1, is 0xff); save it as UTF-8"],
+    ),
     ("csv_latin1.csv", None, ["the file is not UTF-8 text (byte 14, on line 2, is 0xe9); save it as UTF-8"]),
     ("utf16.jsonl", None, ["the file is UTF-16 text; save it as UTF-8"]),
     (
@@ -448,16 +479,26 @@ BROKEN: list[tuple[str, str | None, list[str]]] = [
     (
         "spreadsheet.xlsx",
         None,
-        ["Excel workbooks are not supported; upload .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)"],
+        [
+            "Excel workbooks are not supported; upload .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)"
+        ],
     ),
     ("bad_weight.jsonl", None, ["line 11: messages[1].weight: must be 0 or 1"]),
-    ("weight_on_user.jsonl", None, ["line 11: messages[0].weight: only assistant messages may carry a weight"]),
+    (
+        "weight_on_user.jsonl",
+        None,
+        ["line 11: messages[0].weight: only assistant messages may carry a weight"],
+    ),
     ("empty_messages.jsonl", None, ['line 11: "messages" must be a non-empty list']),
     ("content_not_string.jsonl", None, ["line 11: messages[0].content: missing or not a string"]),
     ("line_not_an_object.jsonl", None, ["line 11: expected a JSON object, got an array"]),
     ("unknown_format.jsonl", None, [f"line 1: no known format has the keys question, answer; {KEYS_HINT}"]),
     ("text_empty.jsonl", None, ["line 11: text: empty"]),
-    ("classification_float_label.jsonl", None, ["line 11: label: must be a string or an integer, got a number"]),
+    (
+        "classification_float_label.jsonl",
+        None,
+        ["line 11: label: must be a string or an integer, got a number"],
+    ),
     ("classification_missing_label.jsonl", None, ['line 11: missing "label"']),
     ("completion_not_string.jsonl", None, ["line 11: completion: must be a string, got a number"]),
     ("preference_without_rejected.jsonl", None, ['line 11: missing "rejected" (the rejected reply)']),
@@ -466,21 +507,37 @@ BROKEN: list[tuple[str, str | None, list[str]]] = [
         None,
         ['line 11: missing "non_preferred_output" (a list holding the rejected assistant message)'],
     ),
-    ("dpo_reply_not_assistant.jsonl", None, ["line 11: preferred_output[0].role: the reply must be an assistant message"]),
+    (
+        "dpo_reply_not_assistant.jsonl",
+        None,
+        ["line 11: preferred_output[0].role: the reply must be an assistant message"],
+    ),
     (
         "sharegpt_unknown_from.json",
         None,
-        ['item 11: conversations[1].from: "bot" is not one of human, gpt, system, function_call, observation'],
+        [
+            'item 11: conversations[1].from: "bot" is not one of human, gpt, system, function_call, observation'
+        ],
     ),
     (
         "sharegpt_not_alternating.json",
         None,
-        ["item 11: conversations[2].from: two assistant messages in a row; user and assistant turns must alternate"],
+        [
+            "item 11: conversations[2].from: two assistant messages in a row; user and assistant turns must alternate"
+        ],
     ),
     ("alpaca_missing_output.json", None, ['item 11: missing "output"']),
     ("json_array_non_object_item.json", None, ["item 11: expected a JSON object, got a string"]),
-    ("json_array_invalid_item.json", None, ["item 11: invalid JSON: Expecting ',' delimiter at line 54 column 3"]),
-    ("json_array_not_closed.json", None, ['the file ends inside the JSON array (no closing "]" after item 12)']),
+    (
+        "json_array_invalid_item.json",
+        None,
+        ["item 11: invalid JSON: Expecting ',' delimiter at line 54 column 3"],
+    ),
+    (
+        "json_array_not_closed.json",
+        None,
+        ['the file ends inside the JSON array (no closing "]" after item 12)'],
+    ),
     ("json_array_trailing_comma.json", None, ["item 10: invalid JSON: a comma after the last item"]),
     (
         "json_single_object.json",
@@ -496,10 +553,20 @@ BROKEN: list[tuple[str, str | None, list[str]]] = [
         ['the header has no "label" column (the columns are: text, sentiment)'],
     ),
     ("csv_ragged_row.csv", None, ["row 11: 3 fields, but the header has 2 columns"]),
-    ("csv_unclosed_quote.csv", None, ['row 11: invalid CSV: unexpected end of data (is a closing " missing?)']),
+    (
+        "csv_unclosed_quote.csv",
+        None,
+        ['row 11: invalid CSV: unexpected end of data (is a closing " missing?)'],
+    ),
     ("csv_duplicate_column.csv", None, ['the header names the column "text" twice']),
     ("csv_empty_label.csv", None, ["row 11: label: empty"]),
-    ("csv_no_known_columns.csv", None, [f"no known format has the columns review, stars; {KEYS_HINT.replace('expected', 'expected columns')}"]),
+    (
+        "csv_no_known_columns.csv",
+        None,
+        [
+            f"no known format has the columns review, stars; {KEYS_HINT.replace('expected', 'expected columns')}"
+        ],
+    ),
     ("gzip_truncated.jsonl.gz", None, ["the gzip data ends early: the file is truncated"]),
     (
         "gzip_corrupt.jsonl.gz",
@@ -565,6 +632,16 @@ PARQUET_BROKEN: list[tuple[str, bytes, str | None, dict[str, Any], list[str]]] =
         ['row 12: missing "label"'],
     ),
     (
+        "a null in a column the format needs, where another format's columns are present",
+        parquet_bytes(
+            [{"prompt": "p", "completion": "c", "text": "t", "label": 1}] * 11
+            + [{"prompt": None, "completion": "c", "text": "t", "label": 1}]
+        ),
+        None,
+        {},
+        ['row 12: missing "prompt"'],
+    ),
+    (
         "too many columns",
         parquet_bytes([{f"c{i}": 1 for i in range(300)}]),
         None,
@@ -591,7 +668,11 @@ PARQUET_BROKEN: list[tuple[str, bytes, str | None, dict[str, Any], list[str]]] =
 ]
 
 
-@pytest.mark.parametrize(("data", "format", "kwargs", "expected"), [c[1:] for c in PARQUET_BROKEN], ids=[c[0] for c in PARQUET_BROKEN])
+@pytest.mark.parametrize(
+    ("data", "format", "kwargs", "expected"),
+    [c[1:] for c in PARQUET_BROKEN],
+    ids=[c[0] for c in PARQUET_BROKEN],
+)
 def test_broken_parquet_files_get_exact_messages(
     data: bytes, format: str | None, kwargs: dict[str, Any], expected: list[str]
 ) -> None:
@@ -603,11 +684,15 @@ def test_parquet_nested_too_deeply_is_refused() -> None:
     for _ in range(70):
         value = {"a": value}
     data = parquet_bytes([{"text": "hi", "deep": value}] * 10)
-    assert check(data, "deep.parquet").problems == ['column "deep" is nested too deeply (more than 64 levels)']
+    assert check(data, "deep.parquet").problems == [
+        'column "deep" is nested too deeply (more than 64 levels)'
+    ]
 
 
 def test_parquet_that_expands_like_a_bomb_is_refused_from_its_metadata() -> None:
-    data = parquet_bytes([{"text": "a" * 100_000, "label": 1}] * 200, compression="zstd", use_dictionary=False)
+    data = parquet_bytes(
+        [{"text": "a" * 100_000, "label": 1}] * 200, compression="zstd", use_dictionary=False
+    )
     assert len(data) < 10_000
     assert check(data, "bomb.parquet").problems == [
         "the file expands more than 200 times when decompressed, like a compression bomb"
@@ -639,8 +724,12 @@ def test_an_incomplete_record_is_named_by_what_it_misses_not_as_another_format()
     data = jsonl([{"text": "x", "label": "a"}] * 10 + [{"text": "y"}])
     assert check(data).problems == ['line 11: missing "label"']
     sharegpt = {"conversations": [{"from": "human", "value": "Hi"}]}
-    pairs = [{**sharegpt, "chosen": {"from": "gpt", "value": "Hi!"}, "rejected": {"from": "gpt", "value": "No."}}]
-    assert check(json_array(pairs * 10 + [sharegpt]), "p.json").problems == ['item 11: missing "chosen" (the chosen reply)']
+    pairs = [
+        {**sharegpt, "chosen": {"from": "gpt", "value": "Hi!"}, "rejected": {"from": "gpt", "value": "No."}}
+    ]
+    assert check(json_array(pairs * 10 + [sharegpt]), "p.json").problems == [
+        'item 11: missing "chosen" (the chosen reply)'
+    ]
 
 
 def test_blank_lines_keep_their_line_numbers_and_a_bom_is_ignored() -> None:
@@ -652,7 +741,10 @@ def test_blank_lines_keep_their_line_numbers_and_a_bom_is_ignored() -> None:
 def test_an_empty_file_has_no_format_and_too_few_examples() -> None:
     for name in ("empty.jsonl", "empty.json", "empty.csv"):
         result = check(b"", name)
-        assert (result.format, result.problems) == (None, ["the file has 0 valid examples; at least 10 are required"])
+        assert (result.format, result.problems) == (
+            None,
+            ["the file has 0 valid examples; at least 10 are required"],
+        )
     assert check(b"[]", "empty.json").problems == ["the file has 0 valid examples; at least 10 are required"]
 
 
@@ -668,7 +760,10 @@ def test_a_line_over_the_limit_is_skipped_and_the_next_still_read() -> None:
 def test_a_json_array_item_over_the_limit_is_skipped_and_the_next_still_read() -> None:
     items = [GOOD_CHAT] * 5 + [{"text": "x" * 5000}] + [GOOD_CHAT] * 5
     result = check(json_array(items), "a.json", limits=DataLimits(max_line_bytes=1000))
-    assert (result.n_examples, result.problems) == (10, ["item 6: item is longer than the limit of 1000 bytes"])
+    assert (result.n_examples, result.problems) == (
+        10,
+        ["item 6: item is longer than the limit of 1000 bytes"],
+    )
 
 
 def test_invalid_json_array_items_are_skipped_when_their_brackets_balance() -> None:
@@ -702,7 +797,11 @@ class Trickle(io.RawIOBase):
 @pytest.mark.parametrize("step", [1, 2, 3, 7])
 def test_records_split_across_reads_parse_the_same(step: int) -> None:
     records = [chat(("user", 'Ça va ? ✓ 日本 "quoted" \\ back'), ("assistant", "Très bien 🙂"))] * 10
-    for name, data in (("a.jsonl", jsonl(records)), ("a.json", json_array(records)), ("a.csv", csv_bytes(records))):
+    for name, data in (
+        ("a.jsonl", jsonl(records)),
+        ("a.json", json_array(records)),
+        ("a.csv", csv_bytes(records)),
+    ):
         result = check_dataset(Trickle(data, step), filename=name)  # type: ignore[arg-type]
         assert (result.n_examples, result.problems) == (10, []), name
         converted = list(read_examples(Trickle(data, step), filename=name))  # type: ignore[arg-type]
@@ -741,7 +840,11 @@ def test_personal_data_is_counted_by_kind_with_where_it_was_first_seen() -> None
     result = check(jsonl(records))
     assert result.pii == {
         "counts": {"email": 2, "payment_card": 1, "aws_access_key": 1},
-        "first_seen": {"email": ["line 11", "line 13"], "payment_card": ["line 12"], "aws_access_key": ["line 13"]},
+        "first_seen": {
+            "email": ["line 11", "line 13"],
+            "payment_card": ["line 12"],
+            "aws_access_key": ["line 13"],
+        },
     }
     assert check(jsonl(records), scan_pii=False).pii == {"counts": {}, "first_seen": {}}
 
@@ -765,7 +868,8 @@ def test_example_to_record_gives_canonical_shapes() -> None:
         ("train.ndjson", b'{"messages": []}', "jsonl"),
         ("train.json", b'[{"messages": []}]', "json"),
         ("train.json", b'{"messages": []}\n{"messages": []}', "jsonl"),  # JSON Lines named .json
-        ("train.jsonl", b'\n  [{"text": "a"}]', "json"),  # a JSON array named .jsonl
+        ("train.jsonl", b'\n[\n  {"text": "a"}\n]', "json"),  # a pretty-printed JSON array named .jsonl
+        ("train.jsonl", b'[{"text": "a"}]\n', "jsonl"),  # a line that is an array: a (wrong) JSONL record
         ("TRAIN.CSV", b"text,label\n", "csv"),
         ("train.parquet", b"PAR1\x15\x04", "parquet"),
         ("upload", b"PAR1\x15\x04", "parquet"),
@@ -785,10 +889,22 @@ def test_detect_container(filename: str, head: bytes, container: str) -> None:
 @pytest.mark.parametrize(
     ("filename", "head", "message"),
     [
-        ("upload", b"hello world\n", "cannot tell what kind of file this is: name it .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)"),
-        ("data.zip", b"PK\x03\x04", "zip archives are not supported; upload .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)"),
+        (
+            "upload",
+            b"hello world\n",
+            "cannot tell what kind of file this is: name it .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)",
+        ),
+        (
+            "data.zip",
+            b"PK\x03\x04",
+            "zip archives are not supported; upload .jsonl, .json, .csv or .parquet (or .jsonl.gz, .json.gz, .csv.gz)",
+        ),
         ("data.jsonl.gz", b'{"text": "a"}', "the file is named .gz but is not gzip data"),
-        ("data.parquet.gz", gzip.compress(b"PAR1...."), "gzip-compressed Parquet is not supported: Parquet compresses its own pages; upload the .parquet file"),
+        (
+            "data.parquet.gz",
+            gzip.compress(b"PAR1...."),
+            "gzip-compressed Parquet is not supported: Parquet compresses its own pages; upload the .parquet file",
+        ),
     ],
 )
 def test_detect_container_refuses_what_it_cannot_read(filename: str, head: bytes, message: str) -> None:
@@ -887,7 +1003,11 @@ def test_a_256_mb_json_array_item_is_skipped_in_bounded_memory() -> None:
 @pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
 def test_100k_deep_nesting_is_refused_quickly(name: str) -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
-    data = jsonl([GOOD_CHAT] * 10) + deep + b"\n" if name.endswith("l") else json_array([GOOD_CHAT] * 10)[:-1] + b"," + deep + b"]"
+    data = (
+        jsonl([GOOD_CHAT] * 10) + deep + b"\n"
+        if name.endswith("l")
+        else json_array([GOOD_CHAT] * 10)[:-1] + b"," + deep + b"]"
+    )
     result, seconds, _ = measured(lambda: check(data, name))
     where = "line 11" if name.endswith("l") else "item 11"
     assert result.problems == [f"{where}: JSON is nested too deeply (more than 64 levels)"]
@@ -900,7 +1020,9 @@ def test_nesting_just_over_the_limit_is_refused_even_where_json_could_parse_it()
         nested = {"x": nested}
     data = jsonl([GOOD_CHAT] * 10 + [{"text": "a", "n": nested}])
     assert check(data).problems == ["line 11: JSON is nested too deeply (more than 64 levels)"]
-    assert check(data, limits=DataLimits(max_depth=100)).problems == ["line 11: a text example, but the file holds chat examples (detected from line 1); a file must hold a single format"]
+    assert check(data, limits=DataLimits(max_depth=100)).problems == [
+        "line 11: a text example, but the file holds chat examples (detected from line 1); a file must hold a single format"
+    ]
 
 
 def write_gzip_bomb(path: Path, member_text: bytes, copies: int) -> None:

@@ -3,12 +3,16 @@
 - Each kustomize overlay is rendered with `kubectl kustomize`; every built-in kind is validated
   strictly (unknown fields are errors) against the newest Kubernetes schema that
   kubernetes-validate ships, and the CRD kinds (KEDA ScaledObject, Prometheus Operator
-  ServiceMonitor / PodMonitor) against the subset schemas below, written from the upstream CRDs
-  for the fields Tunery uses and closed to any other field.
+  ServiceMonitor / PodMonitor / PrometheusRule) against the subset schemas below, written from the
+  upstream CRDs for the fields Tunery uses and closed to any other field.
 - The rendered output is checked against the deployment's rules: restricted pod security,
-  resources, probes, pinned images, KEDA triggers that match the trainers' queues, GPUs in prod,
-  Redis with AOF and noeviction (its redis.conf is loaded by a real redis-server), settings names
-  that Tunery's Settings knows.
+  resources, probes, pinned images, KEDA triggers that match the workers' queues (read from
+  Tunery's own worker code), GPU classes that match the trainers, GPUs in prod, Redis with AOF and
+  noeviction (its redis.conf is loaded by a real redis-server), settings names that Tunery's
+  Settings knows.
+- Monitoring: the Grafana dashboard and the alert rules use only Tunery's metric names and their
+  labels (TUNERY_METRICS below); promtool, when installed, checks the rules' and the dashboard's
+  PromQL and unit-tests every alert.
 - The Dockerfiles go through hadolint; docker-compose.yml through the Compose Specification's
   JSON schema; the rendered manifests and the Dockerfiles through checkov, which must report no
   failed check except those skipped with a written reason (k8s/.checkov.yaml, or an annotation or
@@ -45,7 +49,7 @@ OVERLAYS = ("dev", "prod")
 NAMESPACE = "tunery"
 APP_UID = 10001
 
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
 # Settings the deployment passes before Tunery's Settings declares them (later changes add them).
 FORWARD_DECLARED_SETTINGS = {"TUNERY_API_KEY_SECRET", "TUNERY_BOOTSTRAP_API_KEY"}
@@ -215,9 +219,13 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict[str,
             "NetworkPolicy/default-deny-ingress",
             "ServiceMonitor/tunery-api",
             "PodMonitor/tunery-workers",
+            "PrometheusRule/tunery",
+            "ConfigMap/tunery-grafana-dashboard",
             "ScaledObject/tunery-evaluator",
         ):
             assert expected in names, f"{overlay}: {expected} missing"
+        for prefix in ("tunery-settings-", "tunery-catalog-", "tunery-gpu-classes-", "tunery-redis-config-"):
+            assert [n for n in names if n.startswith(f"ConfigMap/{prefix}")], f"{overlay}: {prefix}* missing"
         assert len(names) == len(docs), f"{overlay}: duplicate objects"
     dev = {_name(doc) for doc in rendered["dev"]}
     assert {"Deployment/tunery-minio", "Service/tunery-minio", "PersistentVolumeClaim/tunery-minio"} <= dev
@@ -517,6 +525,82 @@ def _monitor_schema(kind: str, endpoints_field: str, endpoint_properties: dict[s
     }
 
 
+_RULE_NAME = {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"}
+# Subset of monitoring.coreos.com/v1 PrometheusRule (prometheus-operator
+# example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml). The CRD itself only
+# requires `expr`; "exactly one of alert and record, and `for`/annotations only on alerts" is what
+# the operator's admission webhook and Prometheus enforce, written here as oneOf.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": _STRING,
+                            "interval": _DURATION,
+                            "query_offset": _DURATION,
+                            "limit": _COUNT,
+                            "partial_response_strategy": {"type": "string", "pattern": "^(?i)(abort|warn)?$"},
+                            "labels": _STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "record": _RULE_NAME,
+                                        "alert": _STRING,
+                                        "expr": {"type": ["string", "integer"], "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": {**_DURATION, "minLength": 1},
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                    "oneOf": [
+                                        {
+                                            "required": ["alert"],
+                                            "not": {"required": ["record"]},
+                                        },
+                                        {
+                                            "required": ["record"],
+                                            "not": {
+                                                "anyOf": [
+                                                    {"required": ["alert"]},
+                                                    {"required": ["for"]},
+                                                    {"required": ["keep_firing_for"]},
+                                                    {"required": ["annotations"]},
+                                                ]
+                                            },
+                                        },
+                                    ],
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
 CRD_SCHEMAS = {
     "ScaledObject": SCALED_OBJECT_SCHEMA,
     "ServiceMonitor": _monitor_schema(
@@ -529,6 +613,7 @@ CRD_SCHEMAS = {
         "podMetricsEndpoints",
         {"port": _STRING, "portNumber": {"type": "integer"}, "params": {"type": "object"}},
     ),
+    "PrometheusRule": PROMETHEUS_RULE_SCHEMA,
 }
 
 
@@ -555,6 +640,19 @@ def test_crd_subset_schemas_reject_mistakes(rendered: dict[str, list[dict[str, A
     monitor = copy.deepcopy(_of_kind(rendered["dev"], "PodMonitor")[0])
     monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
     assert len(_crd_errors(monitor)) == 1
+    rule = copy.deepcopy(_one(rendered["dev"], "PrometheusRule", "tunery"))
+    assert not _crd_errors(rule)
+    alerts = rule["spec"]["groups"][1]["rules"]
+    alerts[0]["expression"] = alerts[0].pop("expr")
+    alerts[1]["for"] = "5 minutes"
+    alerts[2]["record"] = "tunery:both"
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5m"  # recording rules have no `for`
+    rule["spec"]["groups"][1]["interval"] = 60
+    errors = "\n".join(_crd_errors(rule))
+    assert "'expression' was unexpected" in errors and "'expr' is a required property" in errors
+    assert "'5 minutes' does not match" in errors
+    assert errors.count("is valid under each of") + errors.count("is not valid under any of") == 2, errors
+    assert "60 is not of type 'string'" in errors
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -564,7 +662,7 @@ def test_crd_kinds_match_their_schemas(rendered: dict[str, list[dict[str, Any]]]
     problems = [problem for doc in docs for problem in _crd_errors(doc)]
     assert not problems, "\n".join(problems)
     for doc in docs:
-        if doc["kind"] == "ScaledObject":
+        if doc["kind"] in ("ScaledObject", "PrometheusRule"):
             continue
         field = "endpoints" if doc["kind"] == "ServiceMonitor" else "podMetricsEndpoints"
         for endpoint in doc["spec"][field]:
@@ -657,6 +755,8 @@ def test_writable_paths_are_volumes(rendered: dict[str, list[dict[str, Any]]], o
     data_dir = settings["TUNERY_DATA_DIR"]
     cache_dir = settings["TUNERY_MODEL_CACHE_DIR"]
     catalog = Path(settings["TUNERY_MODEL_CATALOG"])
+    gpu_classes = Path(settings["TUNERY_GPU_CLASSES"])
+    assert catalog.parent == gpu_classes.parent, "one read-only config folder"
     for workload in _workloads(rendered[overlay]):
         volumes = {volume["name"]: volume for volume in _pod_spec(workload).get("volumes", [])}
         for container in _containers(workload):
@@ -667,9 +767,11 @@ def test_writable_paths_are_volumes(rendered: dict[str, list[dict[str, Any]]], o
             if not _is_tunery(container):
                 continue
             assert data_dir in mounts and "emptyDir" in volumes[mounts[data_dir]["name"]], f"{at}: data dir"
-            catalog_volume = volumes[mounts[str(catalog.parent)]["name"]]
+            # The catalog and the GPU classes: one projected volume of their two ConfigMaps.
+            config_volume = volumes[mounts[str(catalog.parent)]["name"]]
             assert mounts[str(catalog.parent)].get("readOnly") is True
-            assert catalog_volume["configMap"]["name"].startswith("tunery-catalog")
+            sources = [source["configMap"]["name"] for source in config_volume["projected"]["sources"]]
+            assert [name.rsplit("-", 1)[0] for name in sources] == ["tunery-catalog", "tunery-gpu-classes"]
             if container["command"][1] in ("trainer", "evaluator"):
                 cache_mount = next(path for path in mounts if cache_dir.startswith(path + "/"))
                 assert "emptyDir" in volumes[mounts[cache_mount]["name"]], f"{at}: model cache"
@@ -717,6 +819,69 @@ def test_every_pod_is_labelled_and_selected_consistently(
 # ---------------------------------------------------------------------------------------------
 
 
+_GPU_CLASSES_PATH = "/etc/tunery/gpu-classes.yaml"
+
+
+@pytest.fixture(scope="module")
+def gpu_classes(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Any]]:
+    """Each overlay's GPU classes file (its ConfigMap), loaded with Tunery's own loader."""
+    from shared.gpu_classes import load_gpu_classes
+
+    out = {}
+    for overlay, docs in rendered.items():
+        assert _settings_configmap(docs)["TUNERY_GPU_CLASSES"] == _GPU_CLASSES_PATH
+        (config_map,) = [
+            doc
+            for doc in _of_kind(docs, "ConfigMap")
+            if doc["metadata"]["name"].startswith("tunery-gpu-classes-")
+        ]
+        path = tmp_path_factory.mktemp(overlay) / Path(_GPU_CLASSES_PATH).name
+        path.write_text(config_map["data"][path.name])
+        out[overlay] = load_gpu_classes(path)
+    return out
+
+
+def _gib(quantity: str) -> float:
+    return _bytes(quantity) / 2**30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_classes_match_the_trainers(
+    rendered: dict[str, list[dict[str, Any]]], gpu_classes: dict[str, dict[str, Any]], overlay: str
+) -> None:
+    """Jobs may choose any class of the file: each needs a trainer and a ScaledObject, and only those."""
+    docs = rendered[overlay]
+    classes = gpu_classes[overlay]
+    trainers = _trainers(docs)
+    assert set(trainers) <= set(classes), (
+        f"trainers serve classes the file lacks: {set(trainers) - set(classes)}"
+    )
+    assert set(classes) <= set(trainers), (
+        f"classes no trainer serves (jobs would wait forever): {set(classes) - set(trainers)}"
+    )
+    scaled_classes = {
+        match.group(1)
+        for scaled in _of_kind(docs, "ScaledObject")
+        for trigger in scaled["spec"]["triggers"]
+        if (match := re.fullmatch(r"rq:(?:queue|wip):train:(.+)", trigger["metadata"]["listName"]))
+    }
+    assert scaled_classes == set(classes), f"train ScaledObjects watch {scaled_classes}"
+    for name, gpu_class in classes.items():
+        resources = _pod_spec(trainers[name])["containers"][0]["resources"]
+        gpus = int(resources["limits"].get("nvidia.com/gpu", 0))
+        # One job per pod uses every device the pod has: devices_per_node must be that count.
+        assert gpu_class.devices_per_node == max(gpus, 1), f"{overlay} {name}: devices_per_node"
+        if gpus == 0:
+            # On CPU the class's memory is the container's: estimates must not plan beyond the limit.
+            assert gpu_class.memory_gb <= _gib(resources["limits"]["memory"]), f"{overlay} {name}: memory_gb"
+    if overlay == "prod":
+        expected = {"a100": (80, 2.0, 312), "l4": (24, 0.80, 121)}
+        actual = {n: (c.memory_gb, c.price_per_hour_usd, c.peak_tflops) for n, c in classes.items()}
+        assert actual == expected
+
+
 def _settings_env_names() -> set[str]:
     from shared.settings import Settings
 
@@ -748,7 +913,11 @@ def test_every_tunery_variable_is_a_setting(rendered: dict[str, list[dict[str, A
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_parse_and_catalog_loads(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    rendered: dict[str, list[dict[str, Any]]],
+    gpu_classes: dict[str, dict[str, Any]],
+    overlay: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """Tunery's own Settings accepts what the pods get; the mounted catalog loads with the real loader."""
     from shared.catalog import load_catalog
@@ -783,6 +952,10 @@ def test_settings_parse_and_catalog_loads(
                 settings.model_copy(update={"model_catalog": tmp_path / catalog_path.name})
             )
             assert "tunery/tiny-chat" in catalog
+            assert str(settings.gpu_classes) == _GPU_CLASSES_PATH
+            if container["command"][1] in ("api", "trainer"):
+                # The API's default class for jobs; the class a trainer serves.
+                assert settings.gpu_class in gpu_classes[overlay], f"{overlay} {_name(workload)}"
             if container["command"][1] == "api":
                 assert settings.api_host == "0.0.0.0"
                 assert settings.api_port == 8000
@@ -822,6 +995,32 @@ def test_secrets_are_references_except_in_dev(rendered: dict[str, list[dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
+def _worker_queues(service: str, gpu_class: str) -> list[str]:
+    """The RQ queues Tunery's own worker code listens on (services/<service>/worker.py)."""
+    from services.evaluator import worker as evaluator_worker
+    from services.trainer import worker as trainer_worker
+    from shared import worker
+    from shared.settings import Settings
+
+    module = {"trainer": trainer_worker, "evaluator": evaluator_worker}[service]
+    calls = []
+    original = worker.run_worker
+    worker.run_worker = lambda settings, name, queues, *args: calls.append((name, queues))
+    try:
+        module.run_worker(Settings(gpu_class=gpu_class), None)
+    finally:
+        worker.run_worker = original
+    ((name, queues),) = calls
+    assert name == service
+    return list(queues)
+
+
+def test_the_evaluator_serves_prepare_and_eval() -> None:
+    """What the evaluator's ScaledObject counts (and its minimum of one) rests on this."""
+    assert _worker_queues("evaluator", "cpu") == ["prepare", "eval"]
+    assert _worker_queues("trainer", "l4") == ["train:l4"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_scaled_objects_follow_the_worker_queues(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
@@ -837,12 +1036,16 @@ def test_scaled_objects_follow_the_worker_queues(
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert "replicas" not in target["spec"], f"{_name(target)}: KEDA owns the replica count"
         container = _pod_spec(target)["containers"][0]
-        queue = {"trainer": f"train:{_env_value(container, 'TUNERY_GPU_CLASS')}", "evaluator": "eval"}[
-            _component(target)
-        ]
-        targets[_name(target)] = queue
-        assert spec["minReplicaCount"] == 0, "scale to zero when nothing waits or runs"
-        assert spec["maxReplicaCount"] >= 1
+        component = _component(target)
+        queues = _worker_queues(component, _env_value(container, "TUNERY_GPU_CLASS") or "cpu")
+        targets[_name(target)] = tuple(queues)
+        if component == "trainer":
+            # Scale to zero when nothing waits or runs.
+            assert spec["minReplicaCount"] == 0, _name(scaled)
+        else:
+            # Job creation and the estimate endpoint wait on `prepare`: one evaluator stays up.
+            assert spec["minReplicaCount"] == 1, _name(scaled)
+        assert spec["maxReplicaCount"] >= max(2, spec["minReplicaCount"] + 1)
         # cooldownPeriod only delays the last 1 -> 0 step; a long one keeps a warm worker and its cache.
         assert spec["cooldownPeriod"] >= 300
         lists = {}
@@ -854,9 +1057,17 @@ def test_scaled_objects_follow_the_worker_queues(
             assert metadata["activationListLength"] == "0"
             lists[trigger["name"]] = metadata["listName"]
         # RQ: waiting tasks in the list rq:queue:<queue>, running ones in the zset rq:wip:<queue>.
-        assert lists == {"waiting": f"rq:queue:{queue}", "running": f"rq:wip:{queue}"}, _name(scaled)
+        # A worker of one queue names its triggers waiting/running; of several, <queue>_waiting/_running.
+        expected_lists = {}
+        for queue in queues:
+            prefix = "" if len(queues) == 1 else f"{queue}_"
+            expected_lists[f"{prefix}waiting"] = f"rq:queue:{queue}"
+            expected_lists[f"{prefix}running"] = f"rq:wip:{queue}"
+        assert lists == expected_lists, _name(scaled)
         modifiers = spec["advanced"]["scalingModifiers"]
-        assert set(re.findall(r"[A-Za-z_]\w*", modifiers["formula"])) == set(lists)
+        # One replica per task waiting or running, on every queue the worker serves.
+        terms = modifiers["formula"].split(" + ")
+        assert sorted(terms) == sorted(lists), f"{_name(scaled)}: formula {modifiers['formula']!r}"
         assert modifiers["target"] == "1"
         assert modifiers["activationTarget"] == "0"
         scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
@@ -864,7 +1075,8 @@ def test_scaled_objects_follow_the_worker_queues(
         assert all(policy["type"] == "Pods" and policy["value"] == 1 for policy in scale_down["policies"])
     expected = {_name(d) for d in trainers.values()} | {"Deployment/tunery-evaluator"}
     assert set(targets) == expected, "every worker Deployment needs exactly one ScaledObject"
-    assert len(set(targets.values())) == len(targets)
+    all_queues = [queue for queues in targets.values() for queue in queues]
+    assert len(set(all_queues)) == len(all_queues), "two Deployments serve one queue"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1099,6 +1311,568 @@ def test_the_base_keeps_two_api_replicas() -> None:
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     assert _one(docs, "HorizontalPodAutoscaler", "tunery-api")["spec"]["minReplicas"] == 2
     assert not _of_kind(docs, "Secret")
+
+
+# ---------------------------------------------------------------------------------------------
+# Monitoring: the Grafana dashboard and the alert rules
+# ---------------------------------------------------------------------------------------------
+
+MONITORING = K8S / "monitoring"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+DATASOURCE_UID = "${DS_PROMETHEUS}"
+
+# Tunery's metrics (shared/metrics.py: the processes' metric objects and the API's Redis collector):
+# type and label names. The dashboard and the alert rules may use these and nothing else (a
+# histogram as <name>_bucket, _sum or _count); test_tunery_metrics_list_matches_the_code keeps the
+# list equal to what the code exports.
+TUNERY_METRICS: dict[str, tuple[str, set[str]]] = {
+    "tunery_jobs": ("gauge", {"state"}),
+    "tunery_queue_depth": ("gauge", {"queue"}),
+    "tunery_queue_oldest_job_age_seconds": ("gauge", {"queue"}),
+    "tunery_workers": ("gauge", {"service", "state"}),
+    "tunery_http_request_duration_seconds": ("histogram", {"method", "route", "status"}),
+    "tunery_trained_tokens_total": ("counter", {"gpu_class"}),
+    "tunery_training_step_duration_seconds": ("histogram", {"gpu_class"}),
+    "tunery_training_tokens_per_second": ("gauge", {"gpu_class"}),
+    "tunery_device_seconds_total": ("counter", {"gpu_class"}),
+    "tunery_cost_usd_total": ("counter", {"tenant", "gpu_class"}),
+    "tunery_worker_tasks_total": ("counter", {"service", "outcome"}),
+}
+# Label values from closed sets: a typo in a matcher would match nothing, silently.
+TASK_SERVICES = {"trainer", "evaluator", "prepare"}
+TASK_OUTCOMES = {"trained", "budget", "failed", "succeeded", "queued"}
+WORKER_SERVICES = {"trainer", "evaluator"}  # RQ worker names start with the service
+WORKER_STATES = {"busy", "idle"}
+# Labels every scraped series has; the only ones besides Tunery's that a legend may show.
+TARGET_LABELS = {"instance", "job"}
+# The API routes that are operations, not clients' requests (excluded from latency and errors).
+OPERATIONS_ROUTES = {"/healthz", "/readyz", "/metrics"}
+# Grafana's built-in variables, as they read in PromQL after substitution.
+_GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+_PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+_PROMQL_FUNCTIONS = {
+    "abs", "absent", "absent_over_time", "avg", "avg_over_time", "ceil", "clamp_max", "clamp_min",
+    "count", "count_over_time", "delta", "deriv", "floor", "group", "histogram_quantile", "idelta",
+    "increase", "irate", "label_replace", "last_over_time", "max", "max_over_time", "min",
+    "min_over_time", "quantile", "quantile_over_time", "rate", "resets", "round", "scalar", "sort",
+    "sort_desc", "sum", "sum_over_time", "time", "topk", "bottomk", "vector",
+}  # fmt: skip
+
+
+# Aggregations drop every label not named in their by (...) clause.
+_AGGREGATIONS = {"sum", "max", "min", "avg", "count", "group", "quantile", "topk", "bottomk"}
+
+
+def _series_names(recorded: set[str]) -> set[str]:
+    names = set(recorded)
+    for name, (kind, _) in TUNERY_METRICS.items():
+        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names
+
+
+def _series_labels(series: str) -> set[str] | None:
+    for name, (kind, labels) in TUNERY_METRICS.items():
+        if series == name or (kind == "histogram" and series in (f"{name}_sum", f"{name}_count")):
+            return labels
+        if kind == "histogram" and series == f"{name}_bucket":
+            return labels | {"le"}
+    return None
+
+
+def _label_value_sets(series: str | None) -> dict[str, set[str]]:
+    """The closed sets of label values of one series (the queue label: plus train:<class>)."""
+    from shared.job_states import JobState
+    from shared.queue import EVAL_QUEUE, PREPARE_QUEUE
+
+    if series == "tunery_workers":
+        return {"service": WORKER_SERVICES, "state": WORKER_STATES}
+    return {
+        "state": {state.value for state in JobState},
+        "service": TASK_SERVICES,
+        "outcome": TASK_OUTCOMES,
+        "queue": {PREPARE_QUEUE, EVAL_QUEUE},
+        # Route matchers only ever exclude the operations routes (checked to exist in the API).
+        "route": OPERATIONS_ROUTES,
+    }
+
+
+def _promql_problems(expr: str, recorded: set[str], legend: str | None = None) -> list[str]:
+    """Metric names, functions, label names and closed-set label values of one PromQL expression.
+
+    A lexer, not a parser: promtool (below) checks the syntax. It relies on what Tunery's
+    expressions look like: no braces or brackets inside strings.
+    """
+    problems = []
+    for variable, value in _GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    expr = re.sub(r"\$\{?\w+\}?", ".*", expr)  # dashboard variables, at their "All" value (.*)
+    series_names = _series_names(recorded)
+    metrics: list[str] = []
+    functions: list[str] = []
+    grouping: set[str] = set()
+
+    def selector(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name:
+            metrics.append(name)
+        known = _series_labels(name) if name else None
+        value_sets = _label_value_sets(name)
+        for label, operator, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', match.group(2)):
+            if known is not None and label not in known:
+                problems.append(f"{name} has no label {label!r}")
+            if label in value_sets and value != ".*":
+                values = value.split("|") if "~" in operator else [value]
+                if label == "queue":
+                    values = [v for v in values if not v.startswith("train:")]
+                unknown = set(values) - value_sets[label]
+                if unknown:
+                    problems.append(f"{label}: no such value {sorted(unknown)}")
+        return " "
+
+    expr = re.sub(r"(?<![\w:])([a-zA-Z_:][\w:]*)?\s*\{([^}]*)\}", selector, expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # ranges and subqueries
+
+    def clause(match: re.Match[str]) -> str:
+        grouping.update(label.strip() for label in match.group(2).split(",") if label.strip())
+        return " "
+
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", clause, expr)
+    expr = re.sub(r'"[^"]*"', " ", expr)
+    for match in re.finditer(r"(?<![\w:.])([a-zA-Z_:][\w:]*)(\s*\()?", expr):
+        word, call = match.group(1), match.group(2)
+        if word in _PROMQL_KEYWORDS:
+            continue
+        if call:
+            functions.append(word)
+            if word not in _PROMQL_FUNCTIONS:
+                problems.append(f"unknown function {word}()")
+        else:
+            metrics.append(word)
+    unknown_metrics = sorted(set(metrics) - series_names)
+    problems += [f"not a Tunery series: {name}" for name in unknown_metrics]
+    labels = {"le"} | set().union(*(_series_labels(m) or set() for m in metrics))
+    problems += [f"no metric here has the label {label!r}" for label in sorted(grouping - labels)]
+    if legend is not None:
+        shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+        aggregated = bool(_AGGREGATIONS & set(functions))
+        available = grouping if grouping or aggregated else labels | TARGET_LABELS
+        problems += [f"legend shows {label!r}, which the result lacks" for label in sorted(shown - available)]
+    if not metrics:
+        problems.append("uses no metric")
+    return problems
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # a collapsed row holds its panels
+    return out
+
+
+def _rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "PrometheusRule", "tunery")
+
+
+def _recorded(rule: dict[str, Any]) -> set[str]:
+    return {r["record"] for group in rule["spec"]["groups"] for r in group["rules"] if "record" in r}
+
+
+def _alerts(rule: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+
+
+def test_tunery_metrics_list_matches_the_code() -> None:
+    """TUNERY_METRICS is what the processes export: their metric objects and the API's collector."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from shared import metrics
+
+    exported = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            name = value._name + ("_total" if value._type == "counter" else "")
+            exported[name] = (value._type, set(value._labelnames))
+
+    class EmptyRedis:  # what RedisStateCollector reads: no jobs counted, no queues, no workers
+        def hgetall(self, key: str) -> dict:
+            return {}
+
+        def smembers(self, key: str) -> set:
+            return set()
+
+    for family in metrics.RedisStateCollector(EmptyRedis()).collect():  # type: ignore[arg-type]
+        exported[family.name] = (family.type, set(family._labelnames))
+    for name, (kind, labels) in exported.items():
+        assert name in TUNERY_METRICS, f"{name} is exported but not in TUNERY_METRICS (dashboard, alerts)"
+        assert TUNERY_METRICS[name] == (kind, labels), f"{name}: the code exports {kind} {labels}"
+    assert set(TUNERY_METRICS) == set(exported), (
+        f"listed but not exported: {set(TUNERY_METRICS) - set(exported)}"
+    )
+
+
+def test_promql_checks_catch_mistakes() -> None:
+    assert not _promql_problems("sum by (gpu_class) (rate(tunery_trained_tokens_total[5m]))", set())
+    assert _promql_problems("sum(rate(tunery_trained_tokens[5m]))", set()) == [
+        "not a Tunery series: tunery_trained_tokens"
+    ]
+    assert _promql_problems("sum by (class) (rate(tunery_cost_usd_total[5m]))", set()) == [
+        "no metric here has the label 'class'"
+    ]
+    assert _promql_problems('max(tunery_jobs{state="runing"})', set()) == ["state: no such value ['runing']"]
+    assert _promql_problems('tunery_jobs{queue="eval"}', set()) == ["tunery_jobs has no label 'queue'"]
+    assert not _promql_problems('max by (service) (tunery_workers{state="busy"})', set())
+    assert _promql_problems('tunery_workers{state="running"}', set()) == ["state: no such value ['running']"]
+    assert _promql_problems("histogram_quantile(0.9, tunery_training_step_duration_seconds)", set())
+    assert _promql_problems("rates(tunery_cost_usd_total[5m])", set()) == ["unknown function rates()"]
+    assert _promql_problems("sum(rate(tunery_cost_usd_total[5m]))", set(), "{{tenant}}")
+    assert not _promql_problems("x:y > on () tunery_jobs", {"x:y"})
+
+
+def test_dashboard_is_a_grafana_dashboard_model() -> None:
+    dashboard = _dashboard()
+    assert dashboard["schemaVersion"] >= 39
+    assert dashboard["uid"] == "tunery-overview" and dashboard["title"]
+    assert "__inputs" not in dashboard, "provisioned dashboards resolve the datasource by variable"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    for variable in variables.values():
+        if variable["type"] == "query":
+            assert variable["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
+            metric, label = re.fullmatch(
+                r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"]
+            ).groups()
+            assert label in (_series_labels(metric) or set()), f"variable {variable['name']}"
+    panels = _dashboard_panels(dashboard)
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    rows = [panel["title"] for panel in panels if panel["type"] == "row"]
+    assert rows == ["Cost", "Throughput", "Queues", "Jobs", "API"]
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] >= 1 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, panel["title"]
+        assert panel["targets"], f"{panel['title']!r} has no query"
+        assert panel.get("description"), f"{panel['title']!r} has no description"
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"] and target["expr"].strip(), panel["title"]
+    # What the dashboard is for: cost, throughput, backlog, outcomes, API latency and errors.
+    text = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for needed in (
+        "tunery_cost_usd_total",
+        "tunery_trained_tokens_total",
+        "histogram_quantile(0.5, sum by (gpu_class, le) (rate(tunery_training_step_duration_seconds_bucket",
+        "histogram_quantile(0.95, sum by (gpu_class, le) (rate(tunery_training_step_duration_seconds_bucket",
+        "max by (queue) (tunery_queue_depth)",
+        "max by (queue) (tunery_queue_oldest_job_age_seconds)",
+        "max by (state) (tunery_jobs",
+        "sum by (service, outcome) (rate(tunery_worker_tasks_total",
+        "histogram_quantile(0.95, sum by (route, le) (rate(tunery_http_request_duration_seconds_bucket",
+        'tunery_http_request_duration_seconds_count{status=~"5..", ',
+    ):
+        assert needed in text, f"the dashboard lacks {needed}"
+
+
+def test_the_excluded_routes_are_the_apis_operations_routes() -> None:
+    source = (REPO / "services" / "api" / "app.py").read_text()
+    for route in OPERATIONS_ROUTES:
+        assert f'@app.get("{route}"' in source, f"{route} is not an API route any more"
+
+
+def test_dashboard_is_shipped_as_a_sidecar_configmap(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    text = DASHBOARD.read_text()
+    # kubectl apply (client side) keeps a copy in an annotation limited to 256 KiB.
+    assert len(text.encode()) < 200_000
+    for overlay, docs in rendered.items():
+        config_map = _one(docs, "ConfigMap", "tunery-grafana-dashboard")  # no hash suffix: one copy
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1", overlay
+        assert config_map["data"] == {"tunery.json": text}, overlay
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_and_rules_use_only_tunery_metrics(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    rule = _rule(rendered[overlay])
+    recorded = _recorded(rule)
+    problems = []
+    for panel in _dashboard_panels(_dashboard()):
+        for target in panel.get("targets", []):
+            for problem in _promql_problems(target["expr"], set(), target.get("legendFormat")):
+                problems.append(f"panel {panel['title']!r} {target['refId']}: {problem}")
+    for group in rule["spec"]["groups"]:
+        for item in group["rules"]:
+            name = item.get("alert") or item.get("record")
+            if item.get("record"):
+                assert re.fullmatch(r"tunery:\w+", item["record"]), name
+                continue  # constants (thresholds): vector(n)
+            for problem in _promql_problems(str(item["expr"]), recorded):
+                problems.append(f"rule {name}: {problem}")
+    assert not problems, "\n".join(problems)
+
+
+def test_alert_rules(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    readme = (K8S / "README.md").read_text()
+    thresholds = {}
+    for overlay, docs in rendered.items():
+        rule = _rule(docs)
+        alerts = _alerts(rule)
+        assert set(alerts) == {
+            "TuneryJobsFailing",
+            "TuneryQueueStuck",
+            "TuneryPrepareQueueSlow",
+            "TuneryCostBudgetBurn",
+            "TuneryApiErrors",
+            "TuneryTrainerMetricsMissing",
+        }, overlay
+        for name, alert in alerts.items():
+            assert alert["labels"]["severity"] in ("warning", "critical"), name
+            assert {"summary", "description"} <= set(alert["annotations"]), name
+        # The documented place of the budget threshold: the first rule of the first group.
+        first = rule["spec"]["groups"][0]["rules"][0]
+        assert first["record"] == "tunery:cost_budget_usd_per_hour"
+        thresholds[overlay] = float(re.fullmatch(r"vector\(([0-9.]+)\)", first["expr"]).group(1))
+        assert "tunery:cost_budget_usd_per_hour" in alerts["TuneryCostBudgetBurn"]["expr"]
+    assert thresholds == {"dev": 5, "prod": 10}, "the prod overlay's patch must reach the threshold"
+    assert "/spec/groups/0/rules/0/expr" in readme and "tunery:cost_budget_usd_per_hour" in readme
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = _executable(
+        "promtool", Path(os.environ.get("TUNERY_PROMTOOL", "/nonexistent")), _venv_bin("promtool")
+    )
+    if found is None:
+        pytest.skip(
+            "promtool is not installed, so the rules' and the dashboard's PromQL is not parsed and the "
+            "alerts are not unit-tested (Debian: apt-get install --no-install-recommends prometheus, "
+            "or k8s/README.md for promtool alone; or set TUNERY_PROMTOOL)"
+        )
+    return found
+
+
+def _write_rules(path: Path, groups: list[dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def test_promtool_checks_rules_dashboard_and_compose_config(
+    rendered: dict[str, list[dict[str, Any]]], promtool: str, tmp_path: Path
+) -> None:
+    canary = _write_rules(
+        tmp_path / "canary.yaml", [{"name": "c", "rules": [{"alert": "A", "expr": "sum(rate(x[5m])"}]}]
+    )
+    assert _run([promtool, "check", "rules", str(canary)], timeout=30).returncode != 0
+    files = [
+        _write_rules(tmp_path / f"{overlay}-rules.yaml", _rule(docs)["spec"]["groups"])
+        for overlay, docs in rendered.items()
+    ]
+    # The dashboard's queries as recording rules, with Grafana's variables substituted.
+    queries = []
+    for panel in _dashboard_panels(_dashboard()):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in _GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            queries.append(
+                {
+                    "record": f"dashboard:panel_{panel['id']}_{target['refId']}",
+                    "expr": re.sub(r"\$\w+", ".*", expr),
+                }
+            )
+    files.append(_write_rules(tmp_path / "dashboard.yaml", [{"name": "dashboard", "rules": queries}]))
+    result = _run([promtool, "check", "rules", *map(str, files)], timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run([promtool, "check", "config", "--syntax-only", str(DOCKER / "prometheus.yml")], timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _without_annotations(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """promtool's unit tests compare annotations whole; these tests are about when alerts fire."""
+    groups = copy.deepcopy(groups)
+    for group in groups:
+        for item in group["rules"]:
+            item.pop("annotations", None)
+    return groups
+
+
+def _alert_tests(budget_fires: bool) -> list[dict[str, Any]]:
+    """(input series, when, alert, expected alerts) for every alert, one minute per sample."""
+    api_errors = 'tunery_http_request_duration_seconds_count{method="%s",route="%s",status="%s"}'
+
+    def case(series: dict[str, str], checks: list[tuple[str, str, list[dict[str, str]]]]) -> dict[str, Any]:
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "alert_rule_test": [
+                {
+                    "eval_time": at,
+                    "alertname": name,
+                    "exp_alerts": [{"exp_labels": labels} for labels in expected],
+                }
+                for at, name, expected in checks
+            ],
+        }
+
+    warning = {"severity": "warning"}
+    return [
+        # A trainer task fails: the worker's counter says which service.
+        case(
+            {
+                'tunery_worker_tasks_total{service="trainer",outcome="failed"}': "0x5 1x30",
+                'tunery_jobs{state="failed",instance="api-1"}': "2x5 3x30",
+                'tunery_jobs{state="failed",instance="api-2"}': "2x5 3x30",
+            },
+            [
+                ("10m", "TuneryJobsFailing", [{**warning, "service": "trainer"}]),
+                ("30m", "TuneryJobsFailing", []),
+            ],
+        ),
+        # A fresh worker's first failure: its counter starts at 1, so only the jobs gauge rises.
+        case(
+            {
+                'tunery_worker_tasks_total{service="trainer",outcome="failed"}': "1x35",
+                'tunery_jobs{state="failed"}': "2x5 3x30",
+            },
+            [("10m", "TuneryJobsFailing", [warning])],
+        ),
+        # Queues: train:a100 waits ever longer; eval's age is stale (nothing waits); prepare is slow.
+        case(
+            {
+                'tunery_queue_oldest_job_age_seconds{queue="train:a100"}': "0+60x60",
+                'tunery_queue_depth{queue="train:a100"}': "1x60",
+                'tunery_queue_oldest_job_age_seconds{queue="eval"}': "3600x60",
+                'tunery_queue_depth{queue="eval"}': "0x60",
+                'tunery_queue_oldest_job_age_seconds{queue="prepare"}': "0+60x60",
+                'tunery_queue_depth{queue="prepare"}': "1x60",
+            },
+            [
+                ("20m", "TuneryQueueStuck", []),
+                ("40m", "TuneryQueueStuck", [{**warning, "queue": "train:a100"}]),
+                ("3m", "TuneryPrepareQueueSlow", []),
+                ("20m", "TuneryPrepareQueueSlow", [{**warning, "queue": "prepare"}]),
+            ],
+        ),
+        # Spend of 6 + 3 = 9 USD/h: above dev's threshold (5), below prod's (10).
+        case(
+            {
+                'tunery_cost_usd_total{tenant="org-a",gpu_class="a100"}': "0+0.1x120",
+                'tunery_cost_usd_total{tenant="org-b",gpu_class="l4"}': "0+0.05x120",
+            },
+            [
+                ("10m", "TuneryCostBudgetBurn", []),
+                ("60m", "TuneryCostBudgetBurn", [warning] if budget_fires else []),
+            ],
+        ),
+        # 10 % of clients' requests fail; the failing readiness probes do not count.
+        case(
+            {
+                api_errors % ("POST", "/v1/fine_tuning/jobs", "500"): "0+1x60",
+                api_errors % ("POST", "/v1/fine_tuning/jobs", "200"): "0+9x60",
+                api_errors % ("GET", "/readyz", "503"): "0+100x60",
+            },
+            [("5m", "TuneryApiErrors", []), ("30m", "TuneryApiErrors", [{"severity": "critical"}])],
+        ),
+        case(
+            {
+                api_errors % ("POST", "/v1/files", "200"): "0+10x60",
+                api_errors % ("GET", "/readyz", "503"): "0+100x60",
+            },
+            [("30m", "TuneryApiErrors", [])],
+        ),
+        # Jobs run but no trainer reports tokens; tokens flow; nothing runs (trainers at zero).
+        case(
+            {'tunery_jobs{state="running"}': "2x60"},
+            [
+                ("10m", "TuneryTrainerMetricsMissing", []),
+                ("30m", "TuneryTrainerMetricsMissing", [warning]),
+            ],
+        ),
+        case(
+            {
+                'tunery_jobs{state="running"}': "2x60",
+                'tunery_trained_tokens_total{gpu_class="a100"}': "0+50000x60",
+            },
+            [("30m", "TuneryTrainerMetricsMissing", [])],
+        ),
+        case({'tunery_jobs{state="running"}': "0x60"}, [("30m", "TuneryTrainerMetricsMissing", [])]),
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_promtool_unit_tests_of_the_alerts(
+    rendered: dict[str, list[dict[str, Any]]], promtool: str, overlay: str, tmp_path: Path
+) -> None:
+    rule = _rule(rendered[overlay])
+    _write_rules(tmp_path / "rules.yaml", _without_annotations(rule["spec"]["groups"]))
+    tests = _alert_tests(budget_fires=overlay == "dev")
+    assert {c["alertname"] for t in tests for c in t["alert_rule_test"]} == set(_alerts(rule))
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    result = _run([promtool, "test", "rules", str(tmp_path / "tests.yaml")], timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scrape_labels_do_not_shadow_tunery_labels(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """A target label named like a metric label renames Tunery's to exported_<name>, unless honored."""
+    docs = rendered[overlay]
+    metric_labels = set().union(*(labels for _, labels in TUNERY_METRICS.values()))
+    service_monitor = _one(docs, "ServiceMonitor", "tunery-api")
+    # The Prometheus Operator labels a ServiceMonitor's targets with namespace, service, pod,
+    # container, endpoint, job and instance; a PodMonitor's with all but service.
+    for endpoint in service_monitor["spec"]["endpoints"]:
+        if {"namespace", "service", "pod", "container", "endpoint"} & metric_labels:
+            assert endpoint.get("honorLabels") is True, "the API's `service` label would be renamed"
+    pod_monitor = _one(docs, "PodMonitor", "tunery-workers")
+    added = {"namespace", "pod", "container", "endpoint"}
+    added |= {
+        re.sub(r"[^a-zA-Z0-9_]", "_", label) for label in pod_monitor["spec"].get("podTargetLabels", [])
+    }
+    for endpoint in pod_monitor["spec"]["podMetricsEndpoints"]:
+        if not endpoint.get("honorLabels"):
+            assert not added & metric_labels, f"PodMonitor target labels {added & metric_labels}"
+    compose_prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    for job in compose_prometheus["scrape_configs"]:
+        for group in job["static_configs"]:
+            clash = set(group.get("labels", {})) & metric_labels
+            assert not clash or job.get("honor_labels"), f"docker/prometheus.yml {job['job_name']}: {clash}"
+
+
+def test_compose_grafana_provisions_the_dashboard() -> None:
+    grafana = _compose()["services"]["grafana"]
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target = volume.split(":")[:2]
+        mounts[target] = source
+    providers = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/tunery.yml").read_text())[
+        "providers"
+    ]
+    (provider,) = providers
+    folder = provider["options"]["path"]
+    dashboards = [source for target, source in mounts.items() if target.startswith(folder + "/")]
+    assert [(DOCKER / source).resolve() for source in dashboards] == [DASHBOARD.resolve()]
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    datasources = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    # The dashboard's DS_PROMETHEUS variable starts on the default Prometheus datasource.
+    assert [d["type"] for d in datasources["datasources"] if d.get("isDefault")] == ["prometheus"]
 
 
 # ---------------------------------------------------------------------------------------------

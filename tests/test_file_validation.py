@@ -1,18 +1,20 @@
-"""Validation of chat JSONL uploads (shared/file_validation.py), fed chunk by chunk as they stream in.
+"""The chat rules of shared/file_validation.py, applied to uploads through shared.data_formats.
+
+Hostile files (binary data, huge lines, deep nesting, bombs) are covered in test_data_formats.py.
 
 Each failure mode has its own test asserting the exact words a user sees, prefixed by the line.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import time
-import tracemalloc
 from typing import Any
 
 import pytest
 
-from shared.file_validation import ChatJsonlValidator, ValidationResult, chat_example_problem
+from shared.data_formats import DataLimits, DatasetCheck, check_dataset
+from shared.file_validation import chat_example_problem
 
 MIB = 1 << 20
 
@@ -32,12 +34,11 @@ def good_lines(n: int = 10) -> bytes:
     return line(GOOD) * n
 
 
-def validate(data: bytes, *, chunk_size: int | None = None, max_line_bytes: int = MIB) -> ValidationResult:
-    validator = ChatJsonlValidator(max_line_bytes=max_line_bytes)
-    step = chunk_size or max(len(data), 1)
-    for start in range(0, len(data), step):
-        validator.feed(data[start : start + step])
-    return validator.finish()
+def validate(data: bytes, *, chunk_size: int | None = None, max_line_bytes: int = MIB) -> DatasetCheck:
+    """Chat JSONL through the upload validation (shared.data_formats), as the API runs it."""
+    return check_dataset(
+        io.BytesIO(data), filename="train.jsonl", limits=DataLimits(max_line_bytes=max_line_bytes)
+    )
 
 
 def problems_after_ten_good_lines(bad: bytes) -> list[str]:
@@ -77,9 +78,10 @@ def test_the_wrong_json_type_is_named(value: Any, noun: str) -> None:
     assert chat_example_problem(value) == f"expected a JSON object, got {noun}"
 
 
-def test_an_object_without_messages_is_refused() -> None:
+def test_a_line_of_another_format_is_refused_naming_both_formats() -> None:
     assert problems_after_ten_good_lines(line({"prompt": "a", "completion": "b"})) == [
-        'line 11: missing "messages" (a list of {"role", "content"} objects)'
+        "line 11: a prompt_completion example, but the file holds chat examples (detected from line 1); "
+        "a file must hold a single format"
     ]
 
 
@@ -206,11 +208,6 @@ def test_an_example_without_an_assistant_message_is_refused() -> None:
     ]
 
 
-def test_a_line_that_is_not_utf8_reports_the_offending_byte() -> None:
-    bad = b'{"mes\xffsages": []}\n'
-    assert problems_after_ten_good_lines(bad) == ["line 11: not valid UTF-8 (byte 5)"]
-
-
 def test_a_line_longer_than_the_limit_is_refused_and_the_next_line_is_still_checked() -> None:
     data = good_lines(10) + b"x" * 300 + b"\n" + b"[]\n"
     result = validate(data, max_line_bytes=200)
@@ -229,44 +226,6 @@ def test_a_line_of_exactly_the_limit_is_accepted() -> None:
     assert validate(good_lines(9) + b" " + exact + b"\n", max_line_bytes=200).problems[0] == (
         "line 10: line is longer than the limit of 200 bytes"
     )
-
-
-def test_a_50_mb_line_streams_through_with_bounded_memory() -> None:
-    validator = ChatJsonlValidator(max_line_bytes=MIB)
-    validator.feed(good_lines(10))
-    chunk = b"x" * 1_000_000
-    tracemalloc.start()
-    try:
-        largest_buffer = 0
-        for _ in range(50):
-            validator.feed(chunk)
-            largest_buffer = max(largest_buffer, len(validator._buffer))
-        validator.feed(b"\n")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    validator.feed(line(GOOD))
-    result = validator.finish()
-    assert largest_buffer <= 2 * MIB
-    assert peak <= 2 * MIB + 64 * 1024, f"peak allocation {peak} bytes while skipping a 50 MB line"
-    assert result.problems == [f"line 11: line is longer than the limit of {MIB} bytes"]
-    assert result.n_examples == 11
-
-
-def test_deeply_nested_json_is_refused_quickly() -> None:
-    deep = b"[" * 100_000 + b"]" * 100_000 + b"\n"
-    started = time.monotonic()
-    problems = problems_after_ten_good_lines(deep)
-    assert time.monotonic() - started < 1.0
-    assert problems == ["line 11: JSON is nested too deeply"]
-
-
-def test_deeply_nested_objects_inside_messages_are_refused() -> None:
-    deep = b'{"messages": [' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"]}\n"
-    assert problems_after_ten_good_lines(deep) == ["line 11: JSON is nested too deeply"]
-
-
-# -- file-level rules ---------------------------------------------------------------------------
 
 
 def test_fewer_than_ten_valid_examples_is_a_problem() -> None:
@@ -304,24 +263,6 @@ def test_blank_lines_are_ignored_but_keep_their_line_numbers() -> None:
     result = validate(data)
     assert result.n_examples == 10
     assert result.problems == ["line 16: expected a JSON object, got an array"]
-
-
-def test_a_file_split_at_every_byte_boundary_still_validates() -> None:
-    unicode_example = example(("user", "Ça va ? ✓ 日本"), ("assistant", "Très bien 🙂"))
-    data = good_lines(5) + line(unicode_example) * 5
-    expected = validate(data)
-    assert expected.ok and expected.n_examples == 10
-    for split in range(1, len(data)):
-        validator = ChatJsonlValidator()
-        validator.feed(data[:split])
-        validator.feed(data[split:])
-        result = validator.finish()
-        assert (result.n_examples, result.problems) == (10, []), f"split at byte {split}"
-
-
-def test_a_file_fed_one_byte_at_a_time_still_validates() -> None:
-    result = validate(good_lines(10), chunk_size=1)
-    assert result.ok and result.n_examples == 10
 
 
 def test_a_final_line_without_a_trailing_newline_counts() -> None:

@@ -14,6 +14,7 @@ from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest
 from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
+from shared.data_formats import FORMATS
 from shared.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -23,6 +24,10 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 async def create_file(
     file: Annotated[UploadFile, File(description='Chat JSONL: one {"messages": [...]} per line.')],
     purpose: Annotated[str, Form()],
+    format: Annotated[
+        str | None,
+        Form(description=f"Tunery extra: force a format instead of detecting it ({', '.join(FORMATS)})"),
+    ] = None,
     ctx: Context = Depends(get_context),
     tenant: str = Depends(caller_tenant),
 ) -> dict:
@@ -32,8 +37,10 @@ async def create_file(
         raise APIError(
             413, f"the file is larger than the limit of {ctx.settings.max_upload_bytes} bytes", param="file"
         )
-    file.file.seek(0)
-    record = await run_in_threadpool(ingest, ctx, tenant, file.file, file.filename or "upload.jsonl", purpose)
+    if format is not None and format not in FORMATS:
+        raise APIError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
+    name = file.filename or "upload.jsonl"
+    record = await run_in_threadpool(ingest, ctx, tenant, file.file, name, purpose, format)
     return file_object(record)
 
 

@@ -45,6 +45,14 @@ def _usable_file(ctx: Context, tenant: str, file_id: str, param: str) -> FileRec
             code=f"invalid_{param}",
             param=param,
         )
+    if record.task != "chat":
+        raise APIError(
+            400,
+            f"{param} {file_id} holds {record.format} data ({record.task}); supervised fine-tuning needs chat, "
+            "prompt/completion, alpaca or sharegpt examples",
+            code="unsupported_data_for_method",
+            param=param,
+        )
     return record
 
 
@@ -248,9 +256,7 @@ def resume_job(
         job.attempt = next_attempt
 
     resumed = ctx.jobs.transition(job_id, JobState.QUEUED, "Job resumed by the user; queued", mutate=bump)
-    enqueue_training(
-        ctx.redis, job_id, next_attempt, ctx.settings.gpu_class, ctx.settings.train_timeout_seconds
-    )
+    enqueue_training(ctx.redis, job_id, next_attempt, record.gpu_class, ctx.settings.train_timeout_seconds)
     return job_object(resumed)
 
 

@@ -7,6 +7,7 @@ upload into a single file. The openai SDK's `client.uploads.upload_file_chunked`
 
 from __future__ import annotations
 
+import tempfile
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, UploadFile
@@ -17,7 +18,7 @@ from redis import WatchError
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.file_ingest import UPLOAD_PURPOSES, ChunksReader, ingest
+from services.api.file_ingest import UPLOAD_PURPOSES, ingest
 from services.api.schemas import Upload, UploadPart, file_object
 from shared.ids import new_id
 from shared.records import now
@@ -181,11 +182,12 @@ def _complete(ctx: Context, record: UploadRecord, part_ids: list[str]) -> Upload
             param="part_ids",
         )
 
-    def chunks():
+    # The parts, in the client's order, into one local file: validation needs to read it twice.
+    with tempfile.TemporaryFile() as assembled:
         for part_id in part_ids:
-            yield from ctx.storage.iter_chunks(parts[part_id].storage_key)
-
-    file = ingest(ctx, record.tenant, ChunksReader(chunks()), record.filename, record.purpose)  # type: ignore[arg-type]
+            for chunk in ctx.storage.iter_chunks(parts[part_id].storage_key):
+                assembled.write(chunk)
+        file = ingest(ctx, record.tenant, assembled, record.filename, record.purpose)
     for part in record.parts:
         ctx.storage.delete(part.storage_key)
     record.status = "completed"

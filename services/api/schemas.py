@@ -149,8 +149,11 @@ def file_object(record: FileRecord) -> dict[str, Any]:
         "status_details": record.status_details,
         "expires_at": None,
         # Tunery extras
+        "container": record.container,
         "format": record.format,
+        "task": record.task,
         "n_examples": record.n_examples,
+        "report": record.report,
         "sha256": record.sha256,
     }
 

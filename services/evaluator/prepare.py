@@ -25,9 +25,9 @@ from shared.chat_data import (
     TokenizedExample,
     check_eos,
     check_trainable,
+    read_conversations,
     tokenize_chat,
 )
-from shared.chat_data import read_chat_jsonl as read_rows
 from shared.estimate import DataStats, build_estimate
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
@@ -83,9 +83,12 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
                 raise JobFailure("file_not_found", f"{param} {file_id} does not exist", param)
             path = Path(tmp) / file_id
             storage.download_file(record.storage_key, path)
-            return read_rows(path)
+            return read_conversations(path, record.filename)
 
-        rows = rows_of(spec.training_file, "training_file")
+        try:
+            rows = rows_of(spec.training_file, "training_file")
+        except (DataError, ValueError) as exc:
+            raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
         if spec.validation_file:
             train_rows, valid_rows = rows, rows_of(spec.validation_file, "validation_file")
             source = "validation_file"

@@ -17,7 +17,7 @@ from redis import Redis
 
 from shared import metrics, storage_keys
 from shared.catalog import load_catalog, materialize
-from shared.chat_data import iter_batches, read_chat_jsonl, tokenize_chat
+from shared.chat_data import iter_batches, read_conversations, tokenize_chat
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.job_states import JobState
@@ -91,9 +91,9 @@ def _validation_rows(
         if file is None:
             raise JobFailure("file_not_found", f"validation file {record.validation_file} was deleted")
         storage.download_file(file.storage_key, path)
-        return read_chat_jsonl(path), "validation_file"
+        return read_conversations(path, file.filename), "validation_file"
     storage.download_file(storage_keys.validation_split_key(record.tenant, record.id), path)
-    return read_chat_jsonl(path), "held_out_split"
+    return read_conversations(path, "validation_split.jsonl"), "held_out_split"
 
 
 def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobRecord) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from services.trainer.sft import SFTConfig, SFTResult, StepMetrics, StopAction, 
 from shared import metrics, storage_keys
 from shared.calibration import record_throughput
 from shared.catalog import load_catalog, materialize
-from shared.chat_data import ChatTemplateError, DataError, read_chat_jsonl
+from shared.chat_data import ChatTemplateError, DataError, read_conversations
 from shared.cost import cost_usd
 from shared.estimate import count_optimizer_steps
 from shared.failures import JobFailure, classify
@@ -164,9 +164,9 @@ class TrainingRun:
             raise JobFailure(
                 "file_not_found", f"{param} {file_id} was deleted before training started", param
             )
-        path = self.workdir / f"{file_id}.jsonl"
+        path = self.workdir / file_id
         self.storage.download_file(file.storage_key, path)
-        return read_chat_jsonl(path)
+        return read_conversations(path, file.filename)
 
     def _fetch_data(self) -> tuple[list, list, str]:
         rows = self._download_rows(self.record.training_file, "training_file")

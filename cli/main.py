@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -154,3 +155,67 @@ def keys_revoke(key_id: str) -> None:
         typer.secho(f"no key {key_id}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")
+
+
+def _client(settings: Settings, api_url: str | None):
+    import httpx
+
+    key = settings.api_key
+    key_file = settings.data_dir / "api-key"
+    if key is None and key_file.exists():
+        key = key_file.read_text().strip()
+    if key is None:
+        typer.secho(
+            "No API key: set TUNERY_API_KEY (or run in the data folder of `tunery up`)", fg="red", err=True
+        )
+        raise typer.Exit(2)
+    url = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    return httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(30, read=None)
+    )
+
+
+ApiUrl = Annotated[
+    str | None, typer.Option(help="Tunery's address [default: http://TUNERY_API_HOST:TUNERY_API_PORT]")
+]
+
+
+@app.command()
+def status(
+    limit: Annotated[int, typer.Option(help="How many recent jobs")] = 10,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every two seconds")] = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """Recent jobs with their progress, loss, throughput, ETA and cost."""
+    from rich.live import Live
+
+    from cli.monitor import console, status_table
+
+    with _client(_settings(), api_url) as client:
+        if not watch:
+            console.print(status_table(client, limit))
+            return
+        with Live(status_table(client, limit), console=console, refresh_per_second=1) as live:
+            while True:
+                time.sleep(2)
+                live.update(status_table(client, limit))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream new events with a progress bar")
+    ] = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """A job's events, oldest first; with -f, live until the job finishes."""
+    from cli import monitor
+
+    with _client(_settings(), api_url) as client:
+        if not follow:
+            monitor.print_events(client, job_id)
+            return
+        final = monitor.follow(client, job_id)
+        monitor.console.print(f"job {job_id}: {final}")
+        raise typer.Exit(0 if final == "succeeded" else 1)

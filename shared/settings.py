@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Threads for CPU training; 0 means one per core.
     torch_threads: int = 0
 
+    # For the CLI's `status` and `logs`: the key to use (else <data_dir>/api-key from `tunery up`).
+    api_key: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     # Workers serve /metrics on these ports (0.0.0.0 in containers).

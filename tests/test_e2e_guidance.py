@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_fixtures import IDENTITY_CHAT
-from tests.live import LiveTunery
+from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
+from tests.live import REPO, LiveTunery
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +138,28 @@ def test_events_stream_live_as_server_sent_events(live: LiveTunery):
         if s.name == "tunery_cost_usd_total"
     ]
     assert costs and costs[0].labels == {"tenant": "org-default", "gpu_class": "cpu"} and costs[0].value > 0
+
+
+def test_tunery_logs_follows_a_job_to_its_end_and_status_lists_it(live: LiveTunery):
+    with live.client() as client:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tunery/tiny-chat",
+                "training_file": upload(client),
+                "hyperparameters": {"n_epochs": 1},
+            },
+        ).json()
+    env = live.env | {"TUNERY_API_KEY": ADMIN_KEY, "COLUMNS": "200"}
+    followed = subprocess.run(
+        [sys.executable, "-m", "cli", "logs", "-f", job["id"]], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert followed.returncode == 0, followed.stderr
+    assert "Training started" in followed.stdout
+    assert f"job {job['id']}: succeeded" in followed.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "cli", "status"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    assert job["id"] in status.stdout and "succeeded" in status.stdout

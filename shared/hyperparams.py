@@ -165,6 +165,7 @@ def resolve(
         early_stopping_min_delta=float(
             pick("early_stopping_min_delta", (0.0, "auto: any decrease of the validation loss counts"))
         ),
+        label_smoothing=float(pick("label_smoothing", (0.0, "auto: 0 (targets are not smoothed)"))),
         packing=False,
         reasons=reasons
         | {"packing": "off: batches are padded to their longest row (packing is not available yet)"},

@@ -24,14 +24,18 @@ class TokenStats:
     n_tokens: torch.Tensor  # scalar, trainable tokens
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
-    """Sums over trainable tokens: position t's logits predict the label at t + 1."""
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> TokenStats:
+    """Sums over trainable tokens: position t's logits predict the label at t + 1.
+
+    `label_smoothing` (training only) spreads that share of each target's probability over the
+    vocabulary, a regularizer against over-confident predictions; evaluation always uses 0.
+    """
     targets = labels[:, 1:].to(logits.device)
     mask = targets != IGNORE_INDEX
     # Only trainable positions are upcast: fp32 cross-entropy without an fp32 copy of every position's logits.
     picked = logits[:, :-1][mask].float()
     targets = targets[mask]
-    loss_sum = F.cross_entropy(picked, targets, reduction="sum")
+    loss_sum = F.cross_entropy(picked, targets, reduction="sum", label_smoothing=label_smoothing)
     n_correct = (picked.argmax(dim=-1) == targets).sum()
     return TokenStats(loss_sum, n_correct, mask.sum())
 

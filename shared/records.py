@@ -60,6 +60,7 @@ class Hyperparameters(BaseModel):
     max_grad_norm: float = 1.0
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    label_smoothing: float = 0.0
     packing: bool = False
     reasons: dict[str, str] = Field(default_factory=dict)
 
@@ -67,6 +68,13 @@ class Hyperparameters(BaseModel):
 class Budget(BaseModel):
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_duration_seconds: int | None = Field(default=None, gt=0)
+
+
+class LearningRateSweep(BaseModel):
+    """Short trials of several learning-rate multipliers; the best by validation loss trains the job."""
+
+    multipliers: list[float] = Field(min_length=2, max_length=8)
+    trial_fraction: float = Field(default=0.2, gt=0, le=0.5, description="share of the job's steps per trial")
 
 
 class Usage(BaseModel):
@@ -114,6 +122,8 @@ class JobRecord(BaseModel):
     budget: Budget = Field(default_factory=Budget)
     usage: Usage = Field(default_factory=Usage)
     estimate: dict[str, Any] | None = None
+    learning_rate_sweep: LearningRateSweep | None = None
+    sweep_results: list[dict[str, Any]] = Field(default_factory=list)
     state: JobState = JobState.VALIDATING_FILES
     error: JobError | None = None
     fine_tuned_model: str | None = None

@@ -163,3 +163,25 @@ def test_tunery_logs_follows_a_job_to_its_end_and_status_lists_it(live: LiveTune
     )
     assert status.returncode == 0, status.stderr
     assert job["id"] in status.stdout and "succeeded" in status.stdout
+
+
+def test_a_learning_rate_sweep_tries_each_rate_and_trains_with_the_best(live: LiveTunery):
+    with live.client() as client:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tunery/tiny-chat", "training_file": upload(client), "hyperparameters": {"n_epochs": 2},
+                "learning_rate_sweep": {"multipliers": [0.001, 1.0], "trial_fraction": 0.25},
+            },
+        ).json()  # fmt: skip
+    done, _ = live.wait_for_job(job["id"], FINISHED)
+    assert done["status"] == "succeeded", done["error"]
+    trials = done["sweep_results"]
+    assert [t["learning_rate_multiplier"] for t in trials] == [0.001, 1.0]
+    # A thousandth of the rate barely moves the loss; the full rate wins and trains the job.
+    assert trials[1]["valid_loss"] < trials[0]["valid_loss"]
+    assert done["hyperparameters"]["learning_rate_multiplier"] == 1.0
+    assert done["hyperparameter_reasons"]["learning_rate_multiplier"].startswith(
+        "sweep: lowest validation loss"
+    )
+    assert done["progress"]["step"] == done["progress"]["total_steps"]

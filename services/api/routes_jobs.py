@@ -97,6 +97,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         lora=body.lora or LoraSettings(),
         gpu_class=gpu_class,
         budget=Budget(max_cost_usd=body.max_cost_usd, max_duration_seconds=body.max_duration_seconds),
+        learning_rate_sweep=body.learning_rate_sweep,
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.job_states import public_status
-from shared.records import FileRecord, JobRecord, LoraSettings
+from shared.records import FileRecord, JobRecord, LearningRateSweep, LoraSettings
 
 Auto = Literal["auto"]
 
@@ -43,6 +43,12 @@ class HyperparametersIn(BaseModel):
     )
     early_stopping_min_delta: float | Auto | None = Field(
         default=None, ge=0, description="Tunery: the decrease of the validation loss that counts as better"
+    )
+    label_smoothing: float | Auto | None = Field(
+        default=None,
+        ge=0,
+        le=0.5,
+        description="Tunery: share of each target's probability spread over the vocabulary",
     )
 
     @field_validator("max_seq_length")
@@ -111,6 +117,11 @@ class JobCreate(BaseModel):
     )
     max_duration_seconds: int | None = Field(
         default=None, gt=0, description="Tunery extra: stop training after this many seconds of training"
+    )
+    learning_rate_sweep: LearningRateSweep | None = Field(
+        default=None,
+        description="Tunery extra: try these learning-rate multipliers on a fraction of the steps each, then "
+        "train the job with the one of lowest validation loss",
     )
     lora: LoraSettings | None = Field(
         default=None,
@@ -203,6 +214,10 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "budget": record.budget.model_dump(),
         "usage": record.usage.model_dump(),
         "estimate": record.estimate,
+        "learning_rate_sweep": record.learning_rate_sweep.model_dump()
+        if record.learning_rate_sweep
+        else None,
+        "sweep_results": record.sweep_results,
         "progress": record.progress.model_dump(),
         "evaluation": record.evaluation,
         "attempt": record.attempt,

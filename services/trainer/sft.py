@@ -55,6 +55,9 @@ class SFTConfig:
     scheduler: str = "linear"  # linear, cosine or constant (each after the warmup)
     early_stopping_patience: int | None = None  # epochs without a better validation loss before stopping
     early_stopping_min_delta: float = 0.0
+    label_smoothing: float = 0.0
+    # A learning-rate trial: stop after this many optimizer steps, measure the validation loss, save nothing.
+    max_steps: int | None = None
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
 
@@ -99,6 +102,7 @@ class SFTResult:
         dict[str, Any]
     ]  # step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy
     warnings: list[str]  # data and template problems that do not stop training
+    trial_valid: dict[str, float] | None = None  # a max_steps trial's validation metrics
 
 
 def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
@@ -171,7 +175,9 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             with accelerator.accumulate(model):
                 # Logits passed inline: no reference keeps the (large) tensor alive into the next forward.
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                stats = token_stats(model(**inputs, use_cache=False).logits, batch["labels"])
+                logits = model(**inputs, use_cache=False).logits
+                stats = token_stats(logits, batch["labels"], config.label_smoothing)
+                del logits
                 accelerator.backward(stats.loss_sum)
                 window.add(stats, batch["attention_mask"].sum())
                 if accelerator.sync_gradients:
@@ -218,10 +224,10 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
             stopped = _stop_requested(accelerator, hooks)
-            if stopped:
+            if stopped or step == config.max_steps:
                 break
             window = _Window()
-        if stopped:
+        if stopped or step == config.max_steps:
             break
 
         valid_metrics = None
@@ -244,6 +250,11 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
 
     if stopped == "discard":
         return SFTResult(step, total_steps, trained_tokens, stopped, False, rows, warnings)
+    if config.max_steps is not None:
+        trial = evaluate_causal_lm(
+            accelerator.unwrap_model(model), iter_batches(valid, config.batch_size, pad_id)
+        )
+        return SFTResult(step, total_steps, trained_tokens, None, False, rows, warnings, trial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_dir = config.output_dir / "adapter"

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import math
 import signal
 import tempfile
 import time
@@ -128,6 +129,11 @@ class TrainingRun:
             hooks = ProgressHooks(self, total_steps)
             self.jobs.reset_step_metrics(self.job_id)
             try:
+                if self.record.learning_rate_sweep and not self._sweep(
+                    model_dir, train_rows, valid_rows, hooks
+                ):
+                    hooks.account()
+                    return self._stopped(hooks)
                 result = train_sft(self._config(model_dir, train_rows, valid_rows), hooks)
             except DataError as exc:
                 raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
@@ -181,6 +187,51 @@ class TrainingRun:
         self.storage.put_bytes(storage_keys.validation_split_key(self.record.tenant, self.job_id), body)
         return train, valid, "held_out_split"
 
+    def _sweep(self, model_dir: Path, train_rows: list, valid_rows: list, hooks: ProgressHooks) -> bool:
+        """Short trials of each learning-rate multiplier; the one of lowest validation loss is kept on the
+        job for the full run. False when a trial was stopped (cancel, pause, preemption, budget)."""
+        sweep = self.record.learning_rate_sweep
+        hp = self.record.hyperparameters
+        base = hp.learning_rate / hp.learning_rate_multiplier
+        total = count_optimizer_steps(
+            len(train_rows), hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
+        )
+        steps = max(1, math.ceil(total * sweep.trial_fraction))
+        results = []
+        for multiplier in sweep.multipliers:
+            config = self._config(model_dir, train_rows, valid_rows)
+            config.learning_rate, config.max_steps = base * multiplier, steps
+            config.early_stopping_patience = None
+            trial = train_sft(config, TrialHooks(hooks))
+            if trial.trial_valid is None:
+                return False
+            result = {
+                "learning_rate_multiplier": multiplier, "learning_rate": config.learning_rate, "steps": trial.steps_completed,
+                "valid_loss": trial.trial_valid["loss"], "valid_mean_token_accuracy": trial.trial_valid["mean_token_accuracy"],
+            }  # fmt: skip
+            results.append(result)
+            self._event(
+                f"Learning-rate trial ×{multiplier:g} ({config.learning_rate:.2e}, {steps} steps): "
+                f"validation loss {result['valid_loss']:.4f}",
+                data=result,
+            )
+        best = min(results, key=lambda r: r["valid_loss"])
+
+        def choose(record: JobRecord) -> None:
+            record.sweep_results = results
+            chosen = record.hyperparameters
+            chosen.learning_rate_multiplier = best["learning_rate_multiplier"]
+            chosen.learning_rate = best["learning_rate"]
+            chosen.reasons["learning_rate_multiplier"] = (
+                f"sweep: lowest validation loss ({best['valid_loss']:.4f}) of {len(results)} trials of {steps} steps"
+            )
+
+        self.record = self.jobs.update(self.job_id, choose, expected_attempt=self.record.attempt)
+        self._event(
+            f"Learning-rate sweep chose ×{best['learning_rate_multiplier']:g}; training the job with it"
+        )
+        return True
+
     def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> SFTConfig:
         hp = self.record.hyperparameters
         lora = self.record.lora
@@ -199,6 +250,7 @@ class TrainingRun:
             max_grad_norm=hp.max_grad_norm,
             early_stopping_patience=hp.early_stopping_patience,
             early_stopping_min_delta=hp.early_stopping_min_delta,
+            label_smoothing=hp.label_smoothing,
             lora_r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
@@ -320,6 +372,22 @@ class TrainingRun:
         )  # fmt: skip
         FileStore(self.redis).save(record)
         return record
+
+
+class TrialHooks:
+    """A learning-rate trial: stops as the job would (cancel, pause, preemption, budget), reports nothing."""
+
+    def __init__(self, job_hooks: ProgressHooks):
+        self.job_hooks = job_hooks
+
+    def on_step(self, m: StepMetrics) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
+        pass
+
+    def should_stop(self) -> StopAction | None:
+        return "discard" if self.job_hooks.should_stop() else None
 
 
 class ProgressHooks:

@@ -133,6 +133,9 @@ class TrainingRun:
                     model_dir, train_rows, valid_rows, hooks
                 ):
                     hooks.account()
+                    if hooks.budget_reason:
+                        message = f"{hooks.budget_reason} during the learning-rate sweep; nothing was trained"
+                        raise JobFailure("budget_exceeded", message)
                     return self._stopped(hooks)
                 result = train_sft(self._config(model_dir, train_rows, valid_rows), hooks)
             except DataError as exc:

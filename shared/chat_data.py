@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared import pii
 from shared.data_formats import read_examples
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
@@ -42,14 +43,27 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
-def read_conversations(path: Path, filename: str) -> list[Messages]:
+def read_conversations(path: Path, filename: str, *, redact: bool = False) -> list[Messages]:
     """The chat conversations of a dataset in any chat-like format (chat, prompt/completion, alpaca,
-    sharegpt), converted by shared.data_formats; `filename` (the uploaded name) tells its container."""
+    sharegpt), converted by shared.data_formats; `filename` (the uploaded name) tells its container.
+
+    With `redact`, personal data and secrets in every message are replaced by `[REDACTED:<kind>]`
+    (a job's `data_policy: redact`): the model never sees them.
+    """
     with open(path, "rb") as f:
         examples = list(read_examples(f, filename=filename))
     if examples and examples[0].kind != "chat":
         raise DataError(f"{filename} holds {examples[0].kind} examples, not chat conversations")
-    return [example.messages or [] for example in examples]
+    conversations = [example.messages or [] for example in examples]
+    if redact:
+        conversations = [
+            [
+                {**m, "content": pii.redact(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in c
+            ]
+            for c in conversations
+        ]
+    return conversations
 
 
 def tokenize_chat(

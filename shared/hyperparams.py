@@ -11,7 +11,7 @@ from typing import Any
 from shared.estimate import DataStats, peak_memory_gib, percentile
 from shared.gpu_classes import GpuClass
 from shared.model_facts import ModelFacts
-from shared.records import Hyperparameters
+from shared.records import Hyperparameters, LoraSettings
 
 # LoRA adapters train well around 1e-4..3e-4 across model sizes (QLoRA paper, Together/Axolotl
 # defaults); the multiplier scales this, as OpenAI's `learning_rate_multiplier` does.
@@ -107,7 +107,7 @@ def resolve(
     facts: ModelFacts,
     context: int,
     base_learning_rate: float | None,
-    lora_r: int,
+    lora: LoraSettings,
     gpu_class: GpuClass,
 ) -> Hyperparameters:
     """Every setting of a job: the request's value where given, else the rule's, with the reason."""
@@ -133,9 +133,15 @@ def resolve(
     reasons["learning_rate"] = f"{base:g} ({source}) × multiplier {multiplier:g}"
     max_seq_length = int(pick("max_seq_length", auto_max_seq_length(stats.train_lengths, context)))
     micro, accumulation, reasons["micro_batch_size"] = micro_batching(
-        batch_size, facts, max_seq_length, lora_r, gpu_class
+        batch_size, facts, max_seq_length, lora.r, gpu_class
     )
-    reasons["method"] = "LoRA on every linear layer: a small adapter over frozen weights"
+    reasons["method"] = "LoRA: a small adapter over frozen weights (fits where full fine-tuning would not)"
+    targets = ", ".join(lora.target_modules) if lora.target_modules else "every linear layer"
+    reasons["lora"] = f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout:g} on {targets}: " + (
+        "the defaults (alpha = 2 × r, as Together and QLoRA use)"
+        if lora == LoraSettings()
+        else "set by the request"
+    )
     has_validation = bool(stats.valid_lengths)
     patience_rule = (
         (

@@ -122,6 +122,9 @@ class JobRecord(BaseModel):
     budget: Budget = Field(default_factory=Budget)
     usage: Usage = Field(default_factory=Usage)
     estimate: dict[str, Any] | None = None
+    # What to do with personal data found in the files: warn (an event), redact (the trainer sees
+    # `[REDACTED:<kind>]`), or reject (the job fails before training).
+    data_policy: Literal["warn", "redact", "reject"] = "warn"
     learning_rate_sweep: LearningRateSweep | None = None
     sweep_results: list[dict[str, Any]] = Field(default_factory=list)
     state: JobState = JobState.VALIDATING_FILES

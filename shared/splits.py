@@ -12,9 +12,23 @@ HOLDOUT_FRACTION = 0.1
 MAX_HOLDOUT_ROWS = 1000
 
 
+def holdout_size(n_rows: int) -> int:
+    """Rows held out: 10 % (at least 1, at most 1,000)."""
+    return max(1, min(MAX_HOLDOUT_ROWS, round(n_rows * HOLDOUT_FRACTION)))
+
+
+def suggested_split(n_rows: int) -> dict[str, int | str]:
+    held_out = holdout_size(n_rows)
+    return {
+        "train": n_rows - held_out,
+        "validation": held_out,
+        "rule": "10% held out, at least 1, at most 1,000",
+    }
+
+
 def holdout_split(rows: list[T], seed: int) -> tuple[list[T], list[T]]:
-    """(train, validation): 10 % of the rows (at least 1, at most 1,000) held out."""
+    """(train, validation): the held-out rows chosen at random with the job's seed."""
     shuffled = rows[:]
     random.Random(seed).shuffle(shuffled)
-    n_valid = max(1, min(MAX_HOLDOUT_ROWS, round(len(rows) * HOLDOUT_FRACTION)))
+    n_valid = holdout_size(len(rows))
     return shuffled[n_valid:], shuffled[:n_valid]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import redis
 
 from shared.queue import PREPARE_QUEUE, queue, train_queue_name
@@ -125,3 +127,55 @@ def test_models_list_the_catalog(api):
     assert "tunery/tiny-chat" in ids
     assert api.get("/v1/models/tunery/tiny-chat").json()["object"] == "model"
     assert api.get("/v1/models/no-such-model").status_code == 404
+
+
+def chat_with_emails(n: int) -> bytes:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Mail person{i}@example.com"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_an_uploaded_file_reports_personal_data_and_a_suggested_split(api):
+    file = api.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_with_emails(20))}, data={"purpose": "fine-tune"}
+    ).json()
+    assert file["report"]["personal_data"]["counts"] == {"email": 20}
+    assert file["report"]["personal_data"]["first_seen"]["email"][0] == "line 1"
+    assert file["report"]["suggested_split"]["validation"] == 2
+
+
+def test_data_policy_reject_fails_a_job_whose_files_hold_personal_data(api, api_settings):
+    file_id = api.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_with_emails(20))}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    job = prepared(api, api_settings, create(api, file_id, data_policy="reject").json()["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "personal_data_found"
+    assert "20 email" in job["error"]["message"] and "line 1" in job["error"]["message"]
+
+
+def test_data_policy_warn_queues_the_job_with_a_warning(api, api_settings):
+    file_id = api.post(
+        "/v1/files", files={"file": ("t.jsonl", chat_with_emails(20))}, data={"purpose": "fine-tune"}
+    ).json()["id"]
+    job = prepared(api, api_settings, create(api, file_id).json()["id"])
+    assert job["status"] == "queued"
+    events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    assert any(e["level"] == "warn" and "20 email" in e["message"] for e in events)
+
+
+def test_data_policy_redact_trains_on_redacted_text(tmp_path):
+    from shared.chat_data import read_conversations
+
+    path = tmp_path / "upload"
+    path.write_bytes(chat_with_emails(2))
+    redacted = read_conversations(path, "t.jsonl", redact=True)
+    assert redacted[0][0]["content"] == "Mail [REDACTED:email]"
+    assert read_conversations(path, "t.jsonl")[0][0]["content"] == "Mail person0@example.com"

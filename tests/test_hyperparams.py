@@ -15,6 +15,7 @@ from shared.hyperparams import (
     resolve,
 )
 from shared.model_facts import ModelFacts
+from shared.records import LoraSettings
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def resolve_for(
         facts=facts,
         context=2048,
         base_learning_rate=base_learning_rate,
-        lora_r=8,
+        lora=LoraSettings(),
         gpu_class=gpu,
     )
 
@@ -182,7 +183,7 @@ def test_every_setting_has_a_reason() -> None:
     expected = {
         "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "max_seq_length", "micro_batch_size",
         "method", "warmup_ratio", "weight_decay", "scheduler", "max_grad_norm", "early_stopping_patience",
-        "early_stopping_min_delta", "packing",
+        "early_stopping_min_delta", "packing", "lora", "label_smoothing",
     }  # fmt: skip
     assert expected <= set(resolved.reasons)
 
@@ -191,7 +192,7 @@ def test_the_estimate_counts_tokens_and_steps_exactly() -> None:
     lengths = [50, 70, 300, 90, 10]
     stats = DataStats(train_lengths=lengths, valid_lengths=[40], validation_source="validation_file")
     resolved = resolve({"n_epochs": 2, "batch_size": 2, "max_seq_length": 128}, stats, facts=SMALL_MODEL,
-                       context=2048, base_learning_rate=None, lora_r=8, gpu_class=A100)  # fmt: skip
+                       context=2048, base_learning_rate=None, lora=LoraSettings(), gpu_class=A100)  # fmt: skip
     estimate = build_estimate(stats, SMALL_MODEL, resolved, lora_r=8, seed=0, classes={"a100": A100, "l4": L4},
                               calibration={})  # fmt: skip
     assert estimate["trained_tokens"] == 2 * (50 + 70 + 128 + 90 + 10)

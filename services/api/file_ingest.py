@@ -9,6 +9,7 @@ from shared import storage_keys
 from shared.data_formats import DataLimits, check_dataset
 from shared.ids import new_file_id
 from shared.records import FileRecord, now
+from shared.splits import suggested_split
 
 UPLOAD_PURPOSES = ("fine-tune",)
 
@@ -43,7 +44,12 @@ def ingest(
         format=check.format,
         task=check.task,
         n_examples=check.n_examples,
-        report={"stats": check.stats, "personal_data": check.pii},
+        report={
+            "stats": check.stats,
+            "personal_data": check.pii,
+            # Used when a job names no validation file (shared/splits.py).
+            "suggested_split": suggested_split(check.n_examples) if check.n_examples else None,
+        },
     )
     ctx.files.save(record)
     return record

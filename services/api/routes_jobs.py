@@ -98,6 +98,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         gpu_class=gpu_class,
         budget=Budget(max_cost_usd=body.max_cost_usd, max_duration_seconds=body.max_duration_seconds),
         learning_rate_sweep=body.learning_rate_sweep,
+        data_policy=body.data_policy,
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:
@@ -138,6 +139,7 @@ def estimate_job(
         "requested": body.requested_hyperparameters(),
         "lora": (body.lora or LoraSettings()).model_dump(),
         "gpu_class": gpu_class,
+        "data_policy": body.data_policy,
     }
     result = run_estimate(ctx.redis, spec, ctx.settings.estimate_timeout_seconds)
     if result is None:

@@ -118,6 +118,11 @@ class JobCreate(BaseModel):
     max_duration_seconds: int | None = Field(
         default=None, gt=0, description="Tunery extra: stop training after this many seconds of training"
     )
+    data_policy: Literal["warn", "redact", "reject"] = Field(
+        default="warn",
+        description="Tunery extra: personal data found in the files is reported (warn), replaced by "
+        "[REDACTED:<kind>] before training (redact), or fails the job before training (reject)",
+    )
     learning_rate_sweep: LearningRateSweep | None = Field(
         default=None,
         description="Tunery extra: try these learning-rate multipliers on a fraction of the steps each, then "

@@ -37,7 +37,7 @@ from shared.job_store import JobStore
 from shared.model_facts import read_model_facts
 from shared.model_loading import generation_eos_ids
 from shared.queue import enqueue_training
-from shared.records import Hyperparameters, JobRecord, LoraSettings
+from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
 from shared.settings import Settings, get_settings
 from shared.splits import holdout_split
 from shared.storage import storage_from_settings
@@ -59,6 +59,7 @@ class JobSpec:
     requested: dict[str, Any]
     lora: LoraSettings
     gpu_class: str
+    data_policy: str = "warn"
 
 
 def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
@@ -75,15 +76,26 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
         )
     storage = storage_from_settings(settings)
     files = FileStore(redis)
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tunery-prepare-") as tmp:
 
         def rows_of(file_id: str, param: str) -> list:
             record = files.get(file_id, spec.tenant)
             if record is None:
                 raise JobFailure("file_not_found", f"{param} {file_id} does not exist", param)
+            found = personal_data_summary(record)
+            if found and spec.data_policy == "reject":
+                raise JobFailure(
+                    "personal_data_found", f"{param} {file_id} holds personal data ({found}); data_policy is reject",
+                    param,
+                )  # fmt: skip
+            if found:
+                notes.append(
+                    f"{param} {file_id} holds personal data ({found}); data_policy {spec.data_policy}"
+                )
             path = Path(tmp) / file_id
             storage.download_file(record.storage_key, path)
-            return read_conversations(path, record.filename)
+            return read_conversations(path, record.filename, redact=spec.data_policy == "redact")
 
         try:
             rows = rows_of(spec.training_file, "training_file")
@@ -117,7 +129,7 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
     context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
     hp = hyperparams.resolve(
         spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
-        lora_r=spec.lora.r, gpu_class=classes[spec.gpu_class],
+        lora=spec.lora, gpu_class=classes[spec.gpu_class],
     )  # fmt: skip
     length = hp.max_seq_length
     try:
@@ -139,7 +151,19 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
         classes=classes,
         calibration=calibrated_flops(redis),
     )
+    estimate["notes"] = notes
     return hp, estimate
+
+
+def personal_data_summary(record: FileRecord) -> str:
+    """e.g. "3 email, 1 credit_card (first at line 4)", or "" when the upload scan found none."""
+    found = ((record.report or {}).get("personal_data") or {}).get("counts") or {}
+    if not found:
+        return ""
+    first = (record.report or {})["personal_data"].get("first_seen", {})
+    places = [f"{kind} at {first[kind][0]}" for kind in sorted(found) if first.get(kind)]
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(found.items()))
+    return counts + (f"; first: {', '.join(places)}" if places else "")
 
 
 def _spec_of(record: JobRecord) -> JobSpec:
@@ -152,6 +176,7 @@ def _spec_of(record: JobRecord) -> JobSpec:
         requested=record.requested_hyperparameters,
         lora=record.lora,
         gpu_class=record.gpu_class,
+        data_policy=record.data_policy,
     )
 
 
@@ -183,6 +208,8 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
         job.hyperparameters = hp
         job.estimate = estimate
 
+    for note in estimate["notes"]:
+        jobs.add_event(job_id, note, level="warn")
     jobs.transition(
         job_id, JobState.QUEUED,
         f"Validated files: {estimate['train_examples']} training examples, {estimate['trained_tokens']} tokens "

@@ -91,7 +91,9 @@ def _validation_rows(
         if file is None:
             raise JobFailure("file_not_found", f"validation file {record.validation_file} was deleted")
         storage.download_file(file.storage_key, path)
-        return read_conversations(path, file.filename), "validation_file"
+        return read_conversations(
+            path, file.filename, redact=record.data_policy == "redact"
+        ), "validation_file"
     storage.download_file(storage_keys.validation_split_key(record.tenant, record.id), path)
     return read_conversations(path, "validation_split.jsonl"), "held_out_split"
 

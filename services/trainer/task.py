@@ -175,7 +175,7 @@ class TrainingRun:
             )
         path = self.workdir / file_id
         self.storage.download_file(file.storage_key, path)
-        return read_conversations(path, file.filename)
+        return read_conversations(path, file.filename, redact=self.record.data_policy == "redact")
 
     def _fetch_data(self) -> tuple[list, list, str]:
         rows = self._download_rows(self.record.training_file, "training_file")
@@ -336,6 +336,9 @@ class TrainingRun:
     def _record_checkpoint(self, result: SFTResult) -> None:
         """The final adapter, listed as OpenAI lists a job's checkpoints."""
         last = result.metrics_rows[-1]
+        self._event(
+            f"Checkpoint saved at step {result.steps_completed}", data={"step": result.steps_completed}
+        )
         self.jobs.add_checkpoint(
             self.job_id,
             {

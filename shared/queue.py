@@ -21,6 +21,7 @@ TRAIN_TASK = "services.trainer.task.run_training"
 EVAL_TASK = "services.evaluator.task.run_evaluation"
 PREPARE_TASK = "services.evaluator.prepare.prepare_job"
 ESTIMATE_TASK = "services.evaluator.prepare.estimate_request"
+TOKEN_REPORT_TASK = "services.evaluator.prepare.token_report"
 
 # RQ's record of a finished task is only a delivery receipt: keep it briefly.
 RESULT_TTL_SECONDS = 3600
@@ -71,10 +72,13 @@ def enqueue_preparation(redis: Redis, job_id: str, timeout_seconds: int) -> None
     )
 
 
-def run_estimate(redis: Redis, spec: dict, timeout_seconds: float) -> dict | None:
-    """Ask an evaluator for an estimate and wait for it; None when no worker answered in time."""
+def run_estimate(
+    redis: Redis, spec: dict, timeout_seconds: float, task_name: str = ESTIMATE_TASK
+) -> dict | None:
+    """Ask an evaluator for an estimate (or a file's token report) and wait for it; None when no worker
+    answered in time."""
     task = queue(redis, PREPARE_QUEUE).enqueue_call(
-        ESTIMATE_TASK, args=[spec], timeout=int(timeout_seconds) + 60, result_ttl=600, ttl=int(timeout_seconds),
+        task_name, args=[spec], timeout=int(timeout_seconds) + 60, result_ttl=600, ttl=int(timeout_seconds),
         at_front=True, description="estimate",
     )  # fmt: skip
     deadline = time.monotonic() + timeout_seconds

@@ -185,3 +185,23 @@ def test_a_learning_rate_sweep_tries_each_rate_and_trains_with_the_best(live: Li
         "sweep: lowest validation loss"
     )
     assert done["progress"]["step"] == done["progress"]["total_steps"]
+
+
+def test_a_files_report_counts_its_tokens_with_a_chosen_models_tokenizer(live: LiveTunery):
+    with live.client() as client:
+        file_id = upload(client)
+        plain = client.get(f"/v1/files/{file_id}/report").json()
+        report = client.get(
+            f"/v1/files/{file_id}/report", params={"model": "tunery/tiny-chat", "max_seq_length": 128}
+        ).json()
+    assert plain["suggested_split"] == {
+        "train": 82,
+        "validation": 9,
+        "rule": "10% held out, at least 1, at most 1,000",
+    }
+    assert "tokens" not in plain
+    tokens = report["tokens"]
+    assert 0 < tokens["p50"] <= tokens["p95"] <= tokens["max"]
+    # Byte-level tokens: the Chinese rows (3 bytes a character) run past 128 tokens.
+    assert 0 < tokens["truncated_examples"] < 91
+    assert report["stats"]["exact_duplicates"] >= 0

@@ -15,6 +15,7 @@ from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest
 from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
 from shared.data_formats import FORMATS
+from shared.queue import TOKEN_REPORT_TASK, run_estimate
 from shared.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -89,3 +90,34 @@ def delete_file(
     ctx.files.delete(record)
     ctx.storage.delete(record.storage_key)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get(
+    "/{file_id}/report",
+    summary="A file's dataset report",
+    description="The report made at upload (statistics, personal data, suggested split); with `model`, also "
+    "the token counts of every row with that model's tokenizer and chat template (p50, p95, max, total) and "
+    "how many rows `max_seq_length` (default: the model's) would truncate, computed by an evaluator worker.",
+)
+def file_report(
+    file_id: str,
+    model: str | None = None,
+    max_seq_length: Annotated[int | None, Query(ge=16, le=1_048_576)] = None,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(caller_tenant),
+) -> dict:
+    record = _require_file(ctx, tenant, file_id)
+    report = {"object": "file.report", "file_id": file_id, "format": record.format, **(record.report or {})}
+    if model is None:
+        return report
+    if model not in ctx.catalog:
+        raise APIError(400, f"model {model!r} is not in the catalog", code="model_not_found", param="model")
+    if record.task != "chat":
+        raise APIError(400, f"token counts need chat data; {file_id} holds {record.format}", param="model")
+    spec = {"tenant": tenant, "file_id": file_id, "model": model, "max_seq_length": max_seq_length}
+    result = run_estimate(ctx.redis, spec, ctx.settings.estimate_timeout_seconds, TOKEN_REPORT_TASK)
+    if result is None:
+        raise APIError(503, "no evaluator worker answered in time; retry later", code="no_worker")
+    if "error" in result:
+        raise APIError(400, result["error"]["message"], code=result["error"]["code"])
+    return report | result

@@ -28,7 +28,7 @@ from shared.chat_data import (
     read_conversations,
     tokenize_chat,
 )
-from shared.estimate import DataStats, build_estimate
+from shared.estimate import DataStats, build_estimate, token_summary
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
@@ -233,3 +233,31 @@ def estimate_request(spec: dict[str, Any], settings: Settings | None = None) -> 
         error, _ = classify(exc)
         return {"error": error.model_dump()}
     return {"hyperparameters": hp.model_dump(), "estimate": estimate}
+
+
+def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """RQ entry point for GET /v1/files/{id}/report?model=…: token counts of every row of a chat file
+    with that model's tokenizer and template, and what a sequence length would truncate."""
+    from transformers import AutoTokenizer
+
+    settings = settings or get_settings()
+    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    entry = load_catalog(settings).get(spec["model"])
+    file = FileStore(redis).get(spec["file_id"], spec["tenant"])
+    if entry is None or file is None:
+        return {"error": {"code": "not_found", "message": "model or file not found", "param": None}}
+    model_dir = materialize(entry, settings)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.allow_trust_remote_code)
+    eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=settings.allow_trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="tunery-report-") as tmp:
+        path = Path(tmp) / file.id
+        storage_from_settings(settings).download_file(file.storage_key, path)
+        try:
+            rows = read_conversations(path, file.filename)
+            lengths = [
+                len(tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids).input_ids) for m in rows
+            ]
+        except (DataError, ChatTemplateError) as exc:
+            return {"error": {"code": "invalid_training_data", "message": str(exc), "param": "file"}}
+    length = spec.get("max_seq_length") or entry.max_seq_length
+    return {"model": entry.id, "max_seq_length": length, "tokens": token_summary(lengths, length)}

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 STATE_COUNTS_KEY = "tunery:jobs:states"
 MANIFEST_WRITE_ROUNDS = 5
+ACTIVE_KEY = "tunery:jobs:active"
 
 
 class JobNotFound(Exception):
@@ -84,6 +85,7 @@ class JobStore:
             pipe.zadd(_index_key(record.tenant), {record.id: creation_score()}, nx=True)
             pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
             pipe.sadd(_active_key(record.tenant), record.id)
+            pipe.sadd(ACTIVE_KEY, record.id)
             self._queue_event(pipe, record.id, "info", message, "message", None)
             pipe.execute()
         self._write_manifest(record)
@@ -122,6 +124,12 @@ class JobStore:
             if not metadata:
                 break
         return records[:limit], has_more or len(records) > limit
+
+    def active_jobs(self) -> list[JobRecord]:
+        """Every job of every tenant not yet finished (the janitor's worklist)."""
+        ids = [i.decode() for i in self.redis.smembers(ACTIVE_KEY)]
+        raws = self.redis.mget([_record_key(i) for i in ids]) if ids else []
+        return [JobRecord.model_validate_json(r) for r in raws if r is not None]
 
     def active_count(self, tenant: str) -> int:
         """Jobs of the tenant not yet succeeded, failed or cancelled."""
@@ -209,6 +217,7 @@ class JobStore:
                         pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
                         if is_terminal(record.state):
                             pipe.srem(_active_key(record.tenant), record.id)
+                            pipe.srem(ACTIVE_KEY, record.id)
                     if event is not None:
                         level, message, data = event
                         self._queue_event(pipe, job_id, level, message, "message", data)

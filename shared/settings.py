@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     # RQ job timeouts. RQ's own default (180 s) would kill every real training run.
     train_timeout_seconds: int = 48 * 3600
     eval_timeout_seconds: int = 6 * 3600
+    # Workers heartbeat their running task this often; the janitor (in the API) treats a task silent
+    # for worker_lost_after_seconds as lost and hands its job to another worker.
+    worker_heartbeat_seconds: int = Field(default=10, ge=1)
+    worker_lost_after_seconds: float = Field(default=120.0, gt=0)
+    janitor_interval_seconds: float = Field(default=30.0, gt=0)
     # Attempts a job gets when its training process dies (killed, out of host memory, node lost).
     max_attempts: int = Field(default=3, ge=1)
     # Progress events: one at least every this many seconds while training (and at each epoch end).

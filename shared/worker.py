@@ -58,6 +58,7 @@ def run_worker(
         connection=redis,
         serializer=JSONSerializer,
         name=f"{service}-{socket.gethostname()}-{os.getpid()}",
+        job_monitoring_interval=settings.worker_heartbeat_seconds,
     )
     worker.settings = settings
     log.info("%s worker listening on %s; metrics on :%s", service, ", ".join(queue_names), metrics_port)

@@ -87,6 +87,10 @@ def live_env(tmp: Path, redis_url: str, extra: dict[str, str] | None = None) -> 
             "TUNERY_PROGRESS_INTERVAL_SECONDS": "0.5",
             "TUNERY_LOG_LEVEL": "INFO",
             "TUNERY_BOOTSTRAP_API_KEY": ADMIN_KEY,
+            # A lost worker is noticed in seconds here (minutes in production).
+            "TUNERY_WORKER_HEARTBEAT_SECONDS": "1",
+            "TUNERY_WORKER_LOST_AFTER_SECONDS": "10",
+            "TUNERY_JANITOR_INTERVAL_SECONDS": "1",
         }
     )
     env.update(extra or {})

@@ -241,3 +241,34 @@ def test_a_killed_training_process_is_retried_as_a_new_attempt_and_finishes(live
     assert any(
         "The training process died (signal 9); retrying as attempt 2 of 3" in e["message"] for e in events
     )
+
+
+def test_a_lost_trainer_is_noticed_without_it_and_its_job_finishes_elsewhere(live: LiveTunery):
+    with live.client() as client:
+        file = upload(client, IDENTITY_CHAT.read_bytes())
+        method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
+        ).json()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+            assert time.monotonic() < deadline, live.log_tail("trainer")
+            time.sleep(0.1)
+        # The whole pod is gone: the worker and its work horse, with no peer on the queue.
+        trainer = live.processes["trainer"]
+        (horse,) = _children(trainer.pid)
+        os.kill(horse, signal.SIGKILL)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 60
+        while (current := client.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["attempt"] == 0:
+            assert time.monotonic() < deadline, "the janitor did not notice the lost worker"
+            time.sleep(0.5)
+        assert current["status"] == "queued"
+    live.start("trainer")
+    final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert final["status"] == "succeeded", final["error"]
+    with live.client() as client:
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+    assert any("worker lost: no heartbeat" in e["message"] for e in events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from redis.exceptions import RedisError
 from services.api import routes_files, routes_jobs, routes_models, routes_uploads, routes_usage
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
-from shared import metrics
+from shared import janitor, metrics
 from shared.api_keys import KeyStore
 from shared.catalog import load_catalog
 from shared.file_store import FileStore
@@ -55,7 +56,9 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
             context.ensure_bootstrap_key()
         except RedisError:
             log.warning("Redis is unreachable; the bootstrap API key is registered once it answers")
+        janitor = asyncio.create_task(_janitor_loop(context))
         yield
+        janitor.cancel()
         redis.close()
 
     app = FastAPI(
@@ -116,6 +119,16 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_usage.router)
 
     return app
+
+
+async def _janitor_loop(context: Context) -> None:
+    """Every API process offers to sweep; a Redis lock lets one do it each interval."""
+    while True:
+        await asyncio.sleep(context.settings.janitor_interval_seconds)
+        try:
+            await run_in_threadpool(janitor.sweep, context.settings, context.redis, context.jobs)
+        except Exception:  # a sweep must never take the API down; the next one retries
+            log.exception("janitor sweep failed")
 
 
 def app_from_settings() -> FastAPI:

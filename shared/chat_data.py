@@ -3,6 +3,8 @@
 Loss is computed only on what the model must generate: each trained assistant message's content and the
 end-of-turn token after it. The spans come from the tokenizer's own chat template, rendered one turn at a
 time, so masking can never silently drift from what the template produces (the "trains on nothing" bug).
+With `train_on_inputs` every token of the conversation is trained instead (system and user turns and the
+template's own text too), except the replies marked `"weight": 0`.
 """
 
 from __future__ import annotations
@@ -72,27 +74,32 @@ def tokenize_chat(
     max_length: int,
     *,
     eos_token_ids: Collection[int] | None = None,
+    train_on_inputs: bool = False,
 ) -> TokenizedExample:
     """Token ids and labels for one conversation, truncated to `max_length` tokens.
 
     Labels cover every assistant message not marked `"weight": 0`, from its first content token through
     its end-of-turn token (the last of `eos_token_ids` in its turn, default the tokenizer's EOS); what the
     template puts after that token (e.g. ChatML's newline) is never generated, so it is not trained.
+
+    `train_on_inputs`: label every token instead (system, user and tool turns, the template's markup),
+    except the content and end-of-turn token of assistant messages marked `"weight": 0`, which stay
+    untrained: weight 0 says "do not learn this reply", whoever wrote the prompt.
     """
     stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
     text = _render(tokenizer, messages, add_generation_prompt=False)
     # The rendered text already holds any BOS the template wants; adding special tokens would double it.
     input_ids = tokenizer.encode(text, add_special_tokens=False)
-    labels = [IGNORE_INDEX] * len(input_ids)
+    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(input_ids)
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:
-            continue
+        if message["role"] != "assistant" or (message.get("weight", 1) == 0) != train_on_inputs:
+            continue  # assistant-only: the trained replies; train_on_inputs: the weight-0 replies
         start = _prefix_length(tokenizer, messages[:i], text, input_ids, add_generation_prompt=True)
         end = _prefix_length(tokenizer, messages[: i + 1], text, input_ids, add_generation_prompt=False)
         stops = [j for j in range(start, end) if input_ids[j] in stop_ids]
         if stops:
             end = stops[-1] + 1
-        labels[start:end] = input_ids[start:end]
+        labels[start:end] = [IGNORE_INDEX] * (end - start) if train_on_inputs else input_ids[start:end]
     truncated = len(input_ids) > max_length
     return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
 
@@ -104,12 +111,16 @@ def tokenize_dataset(
     *,
     eos_token_ids: Collection[int] | None = None,
     dataset: str = "training",
+    train_on_inputs: bool = False,
 ) -> tuple[list[TokenizedExample], list[str]]:
     """`tokenize_chat` every conversation, then `check_trainable`; errors name the example."""
     examples = []
     for i, messages in enumerate(conversations):
         try:
-            examples.append(tokenize_chat(tokenizer, messages, max_length, eos_token_ids=eos_token_ids))
+            example = tokenize_chat(
+                tokenizer, messages, max_length, eos_token_ids=eos_token_ids, train_on_inputs=train_on_inputs
+            )
+            examples.append(example)
         except DataError as exc:
             raise DataError(f"{dataset} example {i} (line {i + 1}): {exc}") from exc
     return examples, check_trainable(examples, conversations, dataset=dataset)

@@ -78,6 +78,40 @@ def test_multi_turn_with_system_trains_every_reply(tokenizer: PreTrainedTokenize
     assert labelled_spans(tokenizer, example) == ["Blue<|im_end|>", "Green<|im_end|>"]
 
 
+def test_train_on_inputs_trains_every_token_of_the_conversation(tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, *qa("Sky?", "Blue"), *qa("Grass?", "Green")]
+
+    example = tokenize_chat(tokenizer, messages, max_length=256, train_on_inputs=True)
+    default = tokenize_chat(tokenizer, messages, max_length=256)
+
+    assert example.input_ids == default.input_ids
+    assert example.labels == example.input_ids  # system and user turns, template markup, replies
+    assert example.n_trainable == len(example.input_ids) - 1  # the first token is never a target
+    assert labelled_spans(tokenizer, default) == ["Blue<|im_end|>", "Green<|im_end|>"]
+
+
+def test_train_on_inputs_still_skips_replies_of_weight_zero(tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [*qa("Hi", "Bad reply", weight=0), *qa("Again", "Good reply")]
+
+    example = tokenize_chat(tokenizer, messages, max_length=256, train_on_inputs=True)
+
+    assert labelled_spans(tokenizer, example) == [
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\nGood reply<|im_end|>\n",
+    ]
+
+
+def test_tokenize_dataset_passes_train_on_inputs_and_truncates(tokenizer: PreTrainedTokenizerBase) -> None:
+    conversations = [qa("Hi", "Hello"), qa("A long question " * 10, "Answer")]
+
+    examples, warnings = tokenize_dataset(tokenizer, conversations, 32, train_on_inputs=True)
+
+    assert [len(e.input_ids) for e in examples] == [len(e.labels) for e in examples]
+    assert all(e.labels == e.input_ids for e in examples)
+    assert examples[1].truncated and examples[1].n_trainable == 31  # prompt-only tail is still trained
+    assert len(warnings) == 1
+
+
 def test_example_with_only_a_weight_zero_reply_is_named_in_the_error(
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:

@@ -11,11 +11,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.trainer import sft
 from services.trainer.sft import SFTConfig, StepMetrics, train_sft
+from shared import token_cache
 from shared.builtin_models import ARCHITECTURES, build_tiny_chat_model
 from shared.chat_data import DataError, iter_batches, tokenize_chat
 from shared.estimate import count_optimizer_steps
 from shared.lm_metrics import evaluate_causal_lm
+from shared.packing import packed_row_count
+from shared.storage import LocalStorage
 
 
 def qa(a: int, b: int) -> list[dict]:
@@ -247,3 +251,97 @@ def test_validation_loss_is_per_token_whatever_the_batching(model_dirs: dict[str
     assert one_by_one["loss"] == pytest.approx(together["loss"], rel=1e-5)
     assert one_by_one["mean_token_accuracy"] == together["mean_token_accuracy"]
     assert together["perplexity"] == pytest.approx(math.exp(together["loss"]))
+
+
+def test_packed_training_counts_packed_rows_and_still_validates(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    # 20 examples of 34-35 tokens in rows of 128: 3 per row → 7 rows, in batches of 2 rows, windows of 2
+    # batches → 2 steps per epoch (unpacked: 10 batches of 2 examples → 5 steps).
+    config = make_config(
+        model_dirs["llama"], tmp_path, packing=True, n_epochs=2, batch_size=2, gradient_accumulation_steps=2,
+        max_seq_length=128,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    lengths = [len(tokenize_chat(tokenizer, m, 128).input_ids) for m in config.train_examples]
+    rows = packed_row_count(lengths, 128)
+    assert rows == 7
+    hooks = RecordingHooks()
+
+    result = train_sft(config, hooks)
+
+    expected = count_optimizer_steps(rows, 2, 2, 2)
+    assert (expected, count_optimizer_steps(len(lengths), 2, 2, 2)) == (4, 10)
+    assert [m.step for m in hooks.steps] == list(range(1, expected + 1))
+    assert result.total_steps == result.steps_completed == expected
+    assert result.packing is not None and result.packing.rows == rows
+    assert result.trained_tokens == 2 * sum(lengths)  # every real token, no padding, each epoch
+    assert [epoch for epoch, metrics in hooks.epochs if metrics is not None] == [1, 2]  # unpacked evaluation
+
+
+def test_a_packed_step_trains_like_the_unpacked_batch(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The same two examples, once as a padded batch of 2 and once packed into one row of 128 tokens (and
+    trained on their inputs too, so the second example's first token has a label that packing must drop):
+    one optimizer step each, with the same loss and gradient."""
+    examples = [qa(1, 2), LONG_REPLY]
+    config = make_config(
+        model_dirs["llama"], tmp_path, train_examples=examples, valid_examples=None, n_epochs=1,
+        max_seq_length=128, train_on_inputs=True,
+    )  # fmt: skip
+    unpacked, packed = RecordingHooks(), RecordingHooks()
+
+    train_sft(replace(config, batch_size=2), unpacked)
+    result = train_sft(replace(config, batch_size=1, packing=True), packed)
+
+    assert result.packing is not None and result.packing.rows == 1
+    assert len(unpacked.steps) == len(packed.steps) == 1
+    # Measured: equal to ~1e-7 relative (fp32, CPU); the batches differ only in padding.
+    rel = 2e-2 if torch.cuda.is_available() else 1e-5
+    assert packed.steps[0].train_loss == pytest.approx(unpacked.steps[0].train_loss, rel=rel)
+    assert packed.steps[0].train_accuracy == unpacked.steps[0].train_accuracy
+    assert packed.steps[0].grad_norm == pytest.approx(unpacked.steps[0].grad_norm, rel=rel)
+    assert packed.steps[0].trained_tokens == unpacked.steps[0].trained_tokens
+
+
+def test_packing_falls_back_to_padding_for_an_attention_that_cannot_isolate_examples(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sft, "packing_mode", lambda implementation: None)  # as for flex_attention
+    config = make_config(
+        model_dirs["llama"], tmp_path, train_examples=EXAMPLES[:6], valid_examples=None, n_epochs=1,
+        packing=True,
+    )  # fmt: skip
+
+    result = train_sft(config, RecordingHooks())
+
+    assert result.packing is None
+    assert result.total_steps == count_optimizer_steps(6, 4, 1, 1)
+    assert any("packing is not supported with the 'sdpa' attention" in w for w in result.warnings)
+
+
+def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
+    model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path / "storage")
+    config = make_config(
+        model_dirs["llama"], tmp_path / "out", train_examples=EXAMPLES[:8], n_epochs=1, max_steps=1,
+        token_cache=storage, train_on_inputs=True,
+    )  # fmt: skip
+    first = train_sft(config, RecordingHooks())
+    entries = storage.list_keys("cache/tokenized/")
+    assert len(entries) == 2  # the training and the validation examples
+
+    def no_tokenizing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(sft, "tokenize_dataset", no_tokenizing)
+    second = train_sft(config, RecordingHooks())
+
+    assert second.metrics_rows == first.metrics_rows
+    assert second.trial_valid == first.trial_valid
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    key = token_cache.cache_key(
+        token_cache.data_sha256(EXAMPLES[:8]), tokenizer, 64, True, eos_token_ids={tokenizer.eos_token_id}
+    )
+    cached = token_cache.load(storage, key)
+    assert cached is not None and all(e.labels == e.input_ids for e in cached)  # train_on_inputs

@@ -3,6 +3,11 @@
 The same code runs a 7B model on GPUs (bf16 where supported, devices and processes from accelerate) and a
 tiny model on a CPU in tests. Loss is per trainable token across the whole accumulation window (and all
 processes), so gradient accumulation and batch size do not change what is optimised.
+
+With `packing`, each micro-batch is `batch_size` rows of up to `max_seq_length` tokens, each row holding
+several whole examples that cannot attend to each other (shared/packing.py); the examples are shuffled
+and packed again every epoch. With `token_cache`, tokenized datasets are kept in storage
+(shared/token_cache.py), so another run on the same data (a retry, a sweep trial) does not tokenize again.
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from peft import LoraConfig, TaskType, get_peft_model
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, get_scheduler
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
-from shared.chat_data import Messages, check_eos, collate, iter_batches, tokenize_dataset
+from shared import token_cache
+from shared.chat_data import (
+    Messages,
+    TokenizedExample,
+    check_eos,
+    check_trainable,
+    collate,
+    iter_batches,
+    tokenize_dataset,
+)
 from shared.estimate import count_optimizer_steps
 from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
 from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
+from shared.packing import PackingStats, collate_packed, epoch_rows, packing_mode, packing_stats
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +76,11 @@ class SFTConfig:
     max_steps: int | None = None
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
+    train_on_inputs: bool = False  # train on every token (prompts too), not only the assistant replies
+    # Pack examples into rows of max_seq_length tokens (batch_size rows per micro-batch); falls back to
+    # padded batches, with a warning, when the model's attention implementation cannot isolate examples.
+    packing: bool = False
+    token_cache: Storage | None = None  # keep tokenized datasets here and reuse them (None: no cache)
 
 
 @dataclass
@@ -103,6 +124,7 @@ class SFTResult:
     ]  # step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy
     warnings: list[str]  # data and template problems that do not stop training
     trial_valid: dict[str, float] | None = None  # a max_steps trial's validation metrics
+    packing: PackingStats | None = None  # rows per epoch and fill when training was packed, else None
 
 
 def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
@@ -117,16 +139,8 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
     eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
     warnings = check_eos(tokenizer, eos_ids)
-    train, train_warnings = tokenize_dataset(
-        tokenizer, config.train_examples, config.max_seq_length, eos_token_ids=eos_ids
-    )
-    valid, valid_warnings = tokenize_dataset(
-        tokenizer,
-        config.valid_examples or [],
-        config.max_seq_length,
-        eos_token_ids=eos_ids,
-        dataset="validation",
-    )
+    train, train_warnings = _tokenize(config, tokenizer, eos_ids, config.train_examples, "training")
+    valid, valid_warnings = _tokenize(config, tokenizer, eos_ids, config.valid_examples or [], "validation")
     warnings += train_warnings + valid_warnings
     for warning in warnings:
         log.warning(warning)
@@ -135,21 +149,46 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     model = load_causal_lm(
         config.model_dir, trust_remote_code=config.trust_remote_code, dtype=weights_dtype(accelerator.device)
     )
+    weights = next(model.parameters())  # the float mask of eager attention takes the weights' dtype
+    mode = packing_mode(model.config._attn_implementation) if config.packing else None
+    if config.packing and mode is None:
+        warning = (
+            f"packing is not supported with the {model.config._attn_implementation!r} attention "
+            "implementation (it cannot keep packed examples from attending to each other); training on "
+            "padded batches instead"
+        )
+        log.warning(warning)
+        warnings.append(warning)
     model = get_peft_model(model, _lora_config(config))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
-    loader = DataLoader(
-        train,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
-        collate_fn=partial(collate, pad_token_id=pad_id),
-    )
+    packed: _PackedEpochs | None = None
+    if mode is None:
+        loader = DataLoader(
+            train,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(config.seed),
+            collate_fn=partial(collate, pad_token_id=pad_id),
+        )
+    else:
+        # The rows are already in a shuffled order (new each epoch): the loader keeps it.
+        packed = _PackedEpochs(train, config.max_seq_length, config.seed)
+        log.info(
+            "packing %d examples into %d rows of %d tokens (%.1f%% full, %s)", len(train), packed.stats.rows,
+            config.max_seq_length, 100 * packed.stats.fill_ratio, model.config._attn_implementation,
+        )  # fmt: skip
+        loader = DataLoader(
+            packed,
+            batch_size=config.batch_size,
+            shuffle=False,
+            collate_fn=partial(collate_packed, pad_token_id=pad_id, mode=mode, dtype=weights.dtype),
+        )
     total_steps = count_optimizer_steps(
-        len(train),
+        len(loader.dataset),  # examples, or packed rows per epoch
         config.batch_size,
         config.gradient_accumulation_steps,
         config.n_epochs,
@@ -169,17 +208,21 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     stopped: StopAction | None = None
     early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
     for epoch in range(1, config.n_epochs + 1):
+        if packed is not None:
+            packed.repack(epoch)
         model.train()
         window = _Window()
         for batch in loader:
             with accelerator.accumulate(model):
                 # Logits passed inline: no reference keeps the (large) tensor alive into the next forward.
-                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                # Packed batches add position_ids (reset per example) and a 4-D mask, or no mask at all.
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
                 logits = model(**inputs, use_cache=False).logits
                 stats = token_stats(logits, batch["labels"], config.label_smoothing)
                 del logits
                 accelerator.backward(stats.loss_sum)
-                window.add(stats, batch["attention_mask"].sum())
+                real = batch["token_mask"] if "token_mask" in batch else batch["attention_mask"]
+                window.add(stats, real.sum())
                 if accelerator.sync_gradients:
                     totals = accelerator.reduce(window.totals(), reduction="sum")
                     loss_sum, n_correct, n_tokens, n_input = totals.tolist()
@@ -248,13 +291,14 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             )
             break
 
+    stats = packed.stats if packed is not None else None
     if stopped == "discard":
-        return SFTResult(step, total_steps, trained_tokens, stopped, False, rows, warnings)
+        return SFTResult(step, total_steps, trained_tokens, stopped, False, rows, warnings, packing=stats)
     if config.max_steps is not None:
         trial = evaluate_causal_lm(
             accelerator.unwrap_model(model), iter_batches(valid, config.batch_size, pad_id)
         )
-        return SFTResult(step, total_steps, trained_tokens, None, False, rows, warnings, trial)
+        return SFTResult(step, total_steps, trained_tokens, None, False, rows, warnings, trial, stats)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         adapter_dir = config.output_dir / "adapter"
@@ -262,7 +306,60 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         # peft adds a model card naming this machine's paths; the adapter is its config and weights.
         (adapter_dir / "README.md").unlink(missing_ok=True)
         tokenizer.save_pretrained(config.output_dir / "tokenizer")
-    return SFTResult(step, total_steps, trained_tokens, stopped, early_stopping.stopped, rows, warnings)
+    return SFTResult(
+        step, total_steps, trained_tokens, stopped, early_stopping.stopped, rows, warnings, packing=stats
+    )
+
+
+def _tokenize(
+    config: SFTConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    eos_ids: set[int],
+    conversations: list[Messages],
+    dataset: str,
+) -> tuple[list[TokenizedExample], list[str]]:
+    """`tokenize_dataset`, through the token cache when there is one; the checks run either way."""
+    if config.token_cache is None or not conversations:
+        return tokenize_dataset(
+            tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
+            train_on_inputs=config.train_on_inputs,
+        )  # fmt: skip
+    key = token_cache.cache_key(
+        token_cache.data_sha256(conversations), tokenizer, config.max_seq_length, config.train_on_inputs,
+        eos_token_ids=eos_ids,
+    )  # fmt: skip
+    examples = token_cache.load(config.token_cache, key)
+    if examples is not None and len(examples) == len(conversations):
+        log.info("%s data: %d tokenized examples from the cache (%s)", dataset, len(examples), key)
+        return examples, check_trainable(examples, conversations, dataset=dataset)
+    examples, warnings = tokenize_dataset(
+        tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
+        train_on_inputs=config.train_on_inputs,
+    )  # fmt: skip
+    token_cache.save(config.token_cache, key, examples)
+    return examples, warnings
+
+
+class _PackedEpochs(Dataset):
+    """The packed rows of the current epoch (`repack` before each): item i is row i's examples."""
+
+    def __init__(self, examples: list[TokenizedExample], max_seq_length: int, seed: int) -> None:
+        self.examples = examples
+        self.lengths = [len(example.input_ids) for example in examples]
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        self.stats = packing_stats(self.lengths, max_seq_length)  # the same every epoch
+        self.rows: list[list[int]] = []
+        self.repack(1)
+
+    def repack(self, epoch: int) -> None:
+        self.rows = epoch_rows(self.lengths, self.max_seq_length, self.seed, epoch)
+
+    def __len__(self) -> int:
+        return self.stats.rows
+
+    def __getitem__(self, i: int) -> list[TokenizedExample]:
+        return [self.examples[j] for j in self.rows[i]]
 
 
 class _EarlyStopping:

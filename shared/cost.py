@@ -8,6 +8,3 @@ from shared.gpu_classes import GpuClass
 def cost_usd(gpu_class: GpuClass, device_seconds: float) -> float:
     return device_seconds * gpu_class.price_per_hour_usd / 3600
 
-
-def device_seconds(wall_seconds: float, devices: int) -> float:
-    return wall_seconds * devices

@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shared.cost import cost_usd
 from shared.gpu_classes import GpuClass
 from shared.model_facts import ModelFacts
 from shared.records import Hyperparameters
@@ -140,7 +141,7 @@ def build_estimate(
             "fits": memory <= gpu_class.memory_gb,
             "devices": 1,
             "duration_seconds": seconds,
-            "cost_usd": seconds * gpu_class.price_per_hour_usd / 3600,
+            "cost_usd": cost_usd(gpu_class, seconds),
             "speed": speed_reason,
         }
     return {

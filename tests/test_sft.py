@@ -325,10 +325,10 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
     storage = LocalStorage(tmp_path / "storage")
     config = make_config(
         model_dirs["llama"], tmp_path / "out", train_examples=EXAMPLES[:8], n_epochs=1, max_steps=1,
-        token_cache=storage, train_on_inputs=True,
+        token_cache=storage, token_cache_prefix="tenants/org-1/cache/tokenized/", train_on_inputs=True,
     )  # fmt: skip
     first = train_sft(config, RecordingHooks())
-    entries = storage.list_keys("cache/tokenized/")
+    entries = storage.list_keys("tenants/org-1/cache/tokenized/")
     assert len(entries) == 2  # the training and the validation examples
 
     def no_tokenizing(*args: object, **kwargs: object) -> None:
@@ -343,5 +343,12 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
     key = token_cache.cache_key(
         token_cache.data_sha256(EXAMPLES[:8]), tokenizer, 64, True, eos_token_ids={tokenizer.eos_token_id}
     )
-    cached = token_cache.load(storage, key)
+    cached = token_cache.load(storage, key, prefix="tenants/org-1/cache/tokenized/")
     assert cached is not None and all(e.labels == e.input_ids for e in cached)  # train_on_inputs
+    # Validation stays on the replies alone, as the evaluator measures it.
+    valid_key = token_cache.cache_key(
+        token_cache.data_sha256(EXAMPLES[20:]), tokenizer, 64, False, eos_token_ids={tokenizer.eos_token_id}
+    )
+    assert sorted(entries) == sorted(
+        f"tenants/org-1/cache/tokenized/{k}.safetensors" for k in (key, valid_key)
+    )

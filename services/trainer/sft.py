@@ -42,6 +42,7 @@ from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
 from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.packing import PackingStats, collate_packed, epoch_rows, packing_mode, packing_stats
 from shared.storage import Storage
+from shared.token_cache import PREFIX as TOKEN_CACHE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,13 @@ class SFTConfig:
     max_steps: int | None = None
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
-    train_on_inputs: bool = False  # train on every token (prompts too), not only the assistant replies
+    # Train on every token (prompts too), not only the assistant replies; validation stays on the replies.
+    train_on_inputs: bool = False
     # Pack examples into rows of max_seq_length tokens (batch_size rows per micro-batch); falls back to
     # padded batches, with a warning, when the model's attention implementation cannot isolate examples.
     packing: bool = False
     token_cache: Storage | None = None  # keep tokenized datasets here and reuse them (None: no cache)
+    token_cache_prefix: str = TOKEN_CACHE_PREFIX  # where in token_cache, e.g. under the tenant's prefix
 
 
 @dataclass
@@ -139,8 +142,13 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
     eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
     warnings = check_eos(tokenizer, eos_ids)
-    train, train_warnings = _tokenize(config, tokenizer, eos_ids, config.train_examples, "training")
-    valid, valid_warnings = _tokenize(config, tokenizer, eos_ids, config.valid_examples or [], "validation")
+    # Validation is always on the replies alone, as the evaluator measures it: one meaning of valid_loss.
+    train, train_warnings = _tokenize(
+        config, tokenizer, eos_ids, config.train_examples, "training", config.train_on_inputs
+    )
+    valid, valid_warnings = _tokenize(
+        config, tokenizer, eos_ids, config.valid_examples or [], "validation", False
+    )
     warnings += train_warnings + valid_warnings
     for warning in warnings:
         log.warning(warning)
@@ -317,26 +325,27 @@ def _tokenize(
     eos_ids: set[int],
     conversations: list[Messages],
     dataset: str,
+    train_on_inputs: bool,
 ) -> tuple[list[TokenizedExample], list[str]]:
     """`tokenize_dataset`, through the token cache when there is one; the checks run either way."""
     if config.token_cache is None or not conversations:
         return tokenize_dataset(
             tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
-            train_on_inputs=config.train_on_inputs,
+            train_on_inputs=train_on_inputs,
         )  # fmt: skip
     key = token_cache.cache_key(
-        token_cache.data_sha256(conversations), tokenizer, config.max_seq_length, config.train_on_inputs,
+        token_cache.data_sha256(conversations), tokenizer, config.max_seq_length, train_on_inputs,
         eos_token_ids=eos_ids,
     )  # fmt: skip
-    examples = token_cache.load(config.token_cache, key)
+    examples = token_cache.load(config.token_cache, key, prefix=config.token_cache_prefix)
     if examples is not None and len(examples) == len(conversations):
         log.info("%s data: %d tokenized examples from the cache (%s)", dataset, len(examples), key)
         return examples, check_trainable(examples, conversations, dataset=dataset)
     examples, warnings = tokenize_dataset(
         tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
-        train_on_inputs=config.train_on_inputs,
+        train_on_inputs=train_on_inputs,
     )  # fmt: skip
-    token_cache.save(config.token_cache, key, examples)
+    token_cache.save(config.token_cache, key, examples, prefix=config.token_cache_prefix)
     return examples, warnings
 
 

@@ -125,6 +125,8 @@ class JobRecord(BaseModel):
     # What to do with personal data found in the files: warn (an event), redact (the trainer sees
     # `[REDACTED:<kind>]`), or reject (the job fails before training).
     data_policy: Literal["warn", "redact", "reject"] = "warn"
+    # Also publish the base model with the adapter merged in (a full-size copy of the weights).
+    export_merged: bool = False
     learning_rate_sweep: LearningRateSweep | None = None
     sweep_results: list[dict[str, Any]] = Field(default_factory=list)
     state: JobState = JobState.VALIDATING_FILES

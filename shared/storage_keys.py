@@ -25,6 +25,18 @@ def tokenizer_prefix(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/tokenizer/"
 
 
+def artifacts_prefix(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/"
+
+
+def merged_prefix(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/merged/"
+
+
+def model_card_key(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "artifacts/README.md"
+
+
 def evaluation_report_key(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/evaluation.json"
 

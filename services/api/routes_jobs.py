@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from services.api.archive import tar_stream
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
@@ -24,6 +25,7 @@ from services.api.schemas import (
     job_object,
     list_object,
 )
+from shared import storage_keys
 from shared.ids import new_job_id
 from shared.job_states import JobState, is_terminal
 from shared.queue import enqueue_preparation, enqueue_training, run_estimate
@@ -99,6 +101,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         budget=Budget(max_cost_usd=body.max_cost_usd, max_duration_seconds=body.max_duration_seconds),
         learning_rate_sweep=body.learning_rate_sweep,
         data_policy=body.data_policy,
+        export_merged=body.export_merged,
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:
@@ -351,3 +354,41 @@ def job_metrics(
         stride = len(rows) / max_points
         rows = [rows[int(i * stride)] for i in range(max_points - 1)] + [rows[-1]]
     return {"object": "fine_tuning.job.metrics", "job_id": job_id, "data": rows}
+
+
+def _artifact_files(ctx: Context, record: JobRecord) -> list[tuple[str, str]]:
+    prefix = storage_keys.artifacts_prefix(record.tenant, record.id)
+    return [(key.removeprefix(prefix), key) for key in ctx.storage.list_keys(prefix)]
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    summary="List a job's artifacts",
+    description="The adapter (PEFT, safetensors), tokenizer, merged model (when exported), model card "
+    "(README.md) and evaluation report, with their sizes.",
+)
+def list_artifacts(
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
+) -> dict:
+    record = _require_job(ctx, tenant, job_id)
+    files = [{"path": name, "bytes": ctx.storage.size(key)} for name, key in _artifact_files(ctx, record)]
+    return {"object": "list", "job_id": job_id, "data": files}
+
+
+@router.get(
+    "/{job_id}/artifacts/archive",
+    summary="Download a job's artifacts as one tar archive (streamed)",
+    response_class=StreamingResponse,
+)
+def download_artifacts(
+    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
+) -> StreamingResponse:
+    record = _require_job(ctx, tenant, job_id)
+    files = _artifact_files(ctx, record)
+    if not files:
+        raise APIError(404, f"job {job_id} has no artifacts yet", code="no_artifacts")
+    return StreamingResponse(
+        tar_stream(ctx.storage, files),
+        media_type="application/x-tar",
+        headers={"content-disposition": f'attachment; filename="{job_id}.tar"'},
+    )

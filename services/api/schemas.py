@@ -123,6 +123,11 @@ class JobCreate(BaseModel):
         description="Tunery extra: personal data found in the files is reported (warn), replaced by "
         "[REDACTED:<kind>] before training (redact), or fails the job before training (reject)",
     )
+    export_merged: bool = Field(
+        default=False,
+        description="Tunery extra: also export the base model with the adapter merged in (safetensors, "
+        "loadable by transformers and vLLM without peft)",
+    )
     learning_rate_sweep: LearningRateSweep | None = Field(
         default=None,
         description="Tunery extra: try these learning-rate multipliers on a fraction of the steps each, then "

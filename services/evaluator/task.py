@@ -23,6 +23,7 @@ from shared.file_store import FileStore
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.lm_metrics import evaluate_causal_lm
+from shared.model_card import render_model_card
 from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
 from shared.queue import enqueue_evaluation
 from shared.records import JobRecord, fine_tuned_model_id
@@ -56,7 +57,7 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         return f"skipped ({state})"
     try:
         report = evaluate(settings, redis, storage, record)
-        _succeed(jobs, storage, record, report)
+        _succeed(jobs, storage, record, report, settings, redis)
         metrics.TASKS_FINISHED.labels("evaluator", "succeeded").inc()
         return "succeeded"
     except EvaluationPreempted:
@@ -142,9 +143,25 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
     }
 
 
-def _succeed(jobs: JobStore, storage: Storage, record: JobRecord, report: dict[str, Any]) -> None:
+def _succeed(
+    jobs: JobStore,
+    storage: Storage,
+    record: JobRecord,
+    report: dict[str, Any],
+    settings: Settings,
+    redis: Redis,
+) -> None:
     report_key = storage_keys.evaluation_report_key(record.tenant, record.id)
     storage.put_bytes(report_key, json.dumps(report, indent=2).encode())
+    named = record.model_copy(update={"fine_tuned_model": fine_tuned_model_id(record)})
+    card = render_model_card(
+        named,
+        load_catalog(settings).get(record.model),
+        FileStore(redis).get(record.training_file, record.tenant),
+        report,
+    )
+    card_key = storage_keys.model_card_key(record.tenant, record.id)
+    storage.put_bytes(card_key, card.encode())
     base, tuned = report["base"], report["fine_tuned"]
     jobs.add_event(
         record.id,
@@ -158,6 +175,7 @@ def _succeed(jobs: JobStore, storage: Storage, record: JobRecord, report: dict[s
         job.fine_tuned_model = model_id
         job.evaluation = report
         job.artifacts["evaluation"] = report_key
+        job.artifacts["model_card"] = card_key
 
     done = jobs.transition(
         record.id,

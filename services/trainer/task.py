@@ -28,6 +28,7 @@ from shared.catalog import load_catalog, materialize
 from shared.chat_data import ChatTemplateError, DataError, read_conversations
 from shared.cost import cost_usd
 from shared.estimate import count_optimizer_steps
+from shared.export import merge_adapter
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
@@ -150,7 +151,7 @@ class TrainingRun:
                 self._event(
                     f"Early stopping: the validation loss stopped improving (step {result.steps_completed})"
                 )
-            self._publish(result, budget_reason=hooks.budget_reason)
+            self._publish(result, model_dir, budget_reason=hooks.budget_reason)
             metrics.TASKS_FINISHED.labels("trainer", "budget" if hooks.budget_reason else "trained").inc()
             return "budget reached" if hooks.budget_reason else "trained"
 
@@ -290,7 +291,7 @@ class TrainingRun:
         done = estimate["train_flops"] * result.steps_completed / result.total_steps
         record_throughput(self.redis, self.record.gpu_class, done, hooks.training_seconds)
 
-    def _publish(self, result: SFTResult, budget_reason: str | None = None) -> None:
+    def _publish(self, result: SFTResult, model_dir: Path, budget_reason: str | None = None) -> None:
         tenant = self.record.tenant
         output = self.workdir / "output"
         self.storage.upload_directory(output / "adapter", storage_keys.adapter_prefix(tenant, self.job_id))
@@ -299,6 +300,15 @@ class TrainingRun:
         )
         result_file = self._store_result_csv(result.metrics_rows)
         self._event("Artifacts uploaded: adapter, tokenizer, step metrics")
+        merged = None
+        if self.record.export_merged and not budget_reason:
+            merged_dir = merge_adapter(
+                model_dir, output / "adapter", output / "tokenizer", self.workdir / "merged",
+                trust_remote_code=self.settings.allow_trust_remote_code,
+            )  # fmt: skip
+            merged = storage_keys.merged_prefix(tenant, self.job_id)
+            self.storage.upload_directory(merged_dir, merged)
+            self._event("Merged model exported (base with the adapter merged in, safetensors)")
         self._record_checkpoint(result)
         attempt = self.record.attempt
 
@@ -311,7 +321,7 @@ class TrainingRun:
             record.artifacts = {
                 "adapter": storage_keys.adapter_prefix(tenant, self.job_id),
                 "tokenizer": storage_keys.tokenizer_prefix(tenant, self.job_id),
-            }
+            } | ({"merged": merged} if merged else {})
             record.estimated_finish = None
 
         if budget_reason:

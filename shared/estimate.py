@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from shared.cost import cost_usd
 from shared.gpu_classes import GpuClass
 from shared.model_facts import ModelFacts
+from shared.packing import packed_padded_tokens, packed_row_count
 from shared.records import Hyperparameters
 
 
@@ -124,12 +125,18 @@ def build_estimate(
     seq = hp.max_seq_length
     train = token_summary(stats.train_lengths, seq)
     valid_tokens = sum(min(n, seq) for n in stats.valid_lengths)
-    steps = count_optimizer_steps(
-        stats.n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
-    )
-    padded = padded_tokens_per_epoch(stats.train_lengths, hp.micro_batch_size, seq, seed) * hp.n_epochs
-    mean_len = train["total"] / max(1, stats.n_train)
-    train_flops = training_flops_per_token(facts, int(mean_len)) * padded
+    if hp.packing:
+        rows = packed_row_count(stats.train_lengths, seq)
+        steps = count_optimizer_steps(rows, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs)
+        padded = packed_padded_tokens(stats.train_lengths, seq, hp.micro_batch_size, seed, hp.n_epochs)
+        attention_len = seq  # masked attention still scores the whole row
+    else:
+        steps = count_optimizer_steps(
+            stats.n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
+        )
+        padded = padded_tokens_per_epoch(stats.train_lengths, hp.micro_batch_size, seq, seed) * hp.n_epochs
+        attention_len = int(train["total"] / max(1, stats.n_train))
+    train_flops = training_flops_per_token(facts, attention_len) * padded
     flops = train_flops + 2 * facts.n_params * valid_tokens * (hp.n_epochs + 2)  # + validation, evaluation
     per_class = {}
     for name, gpu_class in classes.items():

@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.estimate import DataStats, peak_memory_gib, percentile
+from shared.estimate import DataStats, padded_tokens_per_epoch, peak_memory_gib, percentile
 from shared.gpu_classes import GpuClass
 from shared.model_facts import ModelFacts
+from shared.packing import packed_padded_tokens
 from shared.records import Hyperparameters, LoraSettings
 
 # LoRA adapters train well around 1e-4..3e-4 across model sizes (QLoRA paper, Together/Axolotl
@@ -60,6 +61,21 @@ MEMORY_HEADROOM = 0.9
 # Early stopping on validation loss, when there is validation data and at least 3 epochs to stop in.
 AUTO_EARLY_STOPPING_PATIENCE = 2
 SCHEDULERS = ("linear", "cosine", "constant")
+# Packing is chosen when it saves at least this share of the tokens a padded epoch computes.
+MIN_PACKING_SAVING = 0.25
+
+
+def auto_packing(
+    lengths: list[int], max_seq_length: int, micro_batch_size: int, seed: int
+) -> tuple[bool, str]:
+    padded = padded_tokens_per_epoch(lengths, micro_batch_size, max_seq_length, seed)
+    packed = packed_padded_tokens(lengths, max_seq_length, micro_batch_size, seed, 1)
+    saving = 1 - packed / padded if padded else 0.0
+    verdict = "on" if saving >= MIN_PACKING_SAVING else "off"
+    return verdict == "on", (
+        f"auto: {verdict}; packing would compute {saving:.0%} fewer tokens per epoch than padded batches "
+        f"(on from {MIN_PACKING_SAVING:.0%})"
+    )
 
 
 def auto_max_seq_length(lengths: list[int], context: int) -> tuple[int, str]:
@@ -109,6 +125,7 @@ def resolve(
     base_learning_rate: float | None,
     lora: LoraSettings,
     gpu_class: GpuClass,
+    seed: int = 0,
 ) -> Hyperparameters:
     """Every setting of a job: the request's value where given, else the rule's, with the reason."""
     reasons: dict[str, str] = {}
@@ -172,7 +189,7 @@ def resolve(
             pick("early_stopping_min_delta", (0.0, "auto: any decrease of the validation loss counts"))
         ),
         label_smoothing=float(pick("label_smoothing", (0.0, "auto: 0 (targets are not smoothed)"))),
-        packing=False,
-        reasons=reasons
-        | {"packing": "off: batches are padded to their longest row (packing is not available yet)"},
+        packing=bool(pick("packing", auto_packing(stats.train_lengths, max_seq_length, micro, seed))),
+        train_on_inputs=bool(pick("train_on_inputs", (False, "auto: loss on assistant replies only"))),
+        reasons=reasons,
     )

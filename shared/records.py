@@ -61,7 +61,10 @@ class Hyperparameters(BaseModel):
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     label_smoothing: float = 0.0
+    # With packing, a micro-batch is `micro_batch_size` rows of max_seq_length tokens, each holding
+    # several examples that cannot attend to each other (shared/packing.py).
     packing: bool = False
+    train_on_inputs: bool = False
     reasons: dict[str, str] = Field(default_factory=dict)
 
 

@@ -205,3 +205,19 @@ def test_a_files_report_counts_its_tokens_with_a_chosen_models_tokenizer(live: L
     # Byte-level tokens: the Chinese rows (3 bytes a character) run past 128 tokens.
     assert 0 < tokens["truncated_examples"] < 91
     assert report["stats"]["exact_duplicates"] >= 0
+
+
+def test_a_packed_job_trains_exactly_what_its_estimate_said(live: LiveTunery):
+    with live.client() as client:
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tunery/tiny-chat", "training_file": upload(client),
+                  "hyperparameters": {"n_epochs": 1, "batch_size": 2, "packing": True}},
+        ).json()  # fmt: skip
+    done, _ = live.wait_for_job(job["id"], FINISHED)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["resolved_hyperparameters"]["packing"] is True
+    assert done["estimate"]["optimizer_steps"] == done["progress"]["total_steps"]
+    assert done["estimate"]["trained_tokens"] == done["trained_tokens"]
+    # 82 examples in rows of the job's sequence length: far fewer steps than 41 padded batches of 2.
+    assert done["progress"]["total_steps"] < 41

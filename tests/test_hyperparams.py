@@ -215,3 +215,29 @@ def test_a_calibrated_class_uses_its_measured_speed() -> None:
         fast["gpu_classes"]["a100"]["duration_seconds"] * 1000, rel=1e-6
     )
     assert slow["gpu_classes"]["a100"]["speed"] == "measured on earlier jobs of this class"
+
+
+def test_packing_is_chosen_when_it_saves_a_quarter_of_the_compute() -> None:
+    from shared.hyperparams import auto_packing
+
+    mixed = [20, 500, 30, 480, 25, 510, 40, 490] * 20  # long and short rows padded together
+    assert auto_packing(mixed, 512, 8, seed=0)[0] is True
+    assert "fewer tokens per epoch" in auto_packing(mixed, 512, 8, seed=0)[1]
+    assert auto_packing([100] * 100, 512, 1, seed=0)[0] is False  # one example a batch: nothing to save
+
+
+def test_a_packed_estimate_counts_packed_rows() -> None:
+    from shared.packing import packed_row_count
+
+    lengths = [100, 200, 300, 50, 60, 500, 10, 20, 30, 40]
+    stats = DataStats(train_lengths=lengths, valid_lengths=[40], validation_source="validation_file")
+    resolved = resolve(
+        {"n_epochs": 2, "batch_size": 2, "max_seq_length": 512, "packing": True}, stats, facts=SMALL_MODEL,
+        context=2048, base_learning_rate=None, lora=LoraSettings(), gpu_class=A100,
+    )  # fmt: skip
+    estimate = build_estimate(
+        stats, SMALL_MODEL, resolved, lora_r=8, seed=0, classes={"a100": A100}, calibration={}
+    )
+    assert resolved.packing is True
+    assert estimate["optimizer_steps"] == 2 * -(-packed_row_count(lengths, 512) // 2)
+    assert estimate["trained_tokens"] == 2 * sum(lengths)

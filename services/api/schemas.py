@@ -44,6 +44,12 @@ class HyperparametersIn(BaseModel):
     early_stopping_min_delta: float | Auto | None = Field(
         default=None, ge=0, description="Tunery: the decrease of the validation loss that counts as better"
     )
+    packing: bool | Auto | None = Field(
+        default=None, description="Tunery: pack short examples into full rows (each isolated from the others)"
+    )
+    train_on_inputs: bool | None = Field(
+        default=None, description="Tunery: also train on prompt tokens, not only on assistant replies"
+    )
     label_smoothing: float | Auto | None = Field(
         default=None,
         ge=0,

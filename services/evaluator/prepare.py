@@ -129,7 +129,7 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
     context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
     hp = hyperparams.resolve(
         spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
-        lora=spec.lora, gpu_class=classes[spec.gpu_class],
+        lora=spec.lora, gpu_class=classes[spec.gpu_class], seed=spec.seed,
     )  # fmt: skip
     length = hp.max_seq_length
     try:

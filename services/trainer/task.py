@@ -113,14 +113,11 @@ class TrainingRun:
         return self.record.id
 
     def run(self) -> str:
-        hp = self.record.hyperparameters
         with tempfile.TemporaryDirectory(prefix=f"tunery-{self.job_id}-") as tmp:
             self.workdir = Path(tmp)
             model_dir = self._fetch_model()
             train_rows, valid_rows, valid_source = self._fetch_data()
-            total_steps = count_optimizer_steps(
-                len(train_rows), hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
-            )
+            total_steps = self._total_steps(len(train_rows))
             self._event(
                 f"Training started: {len(train_rows)} examples, validating on {len(valid_rows)} ({valid_source}); "
                 f"{total_steps} steps",
@@ -197,9 +194,7 @@ class TrainingRun:
         sweep = self.record.learning_rate_sweep
         hp = self.record.hyperparameters
         base = hp.learning_rate / hp.learning_rate_multiplier
-        total = count_optimizer_steps(
-            len(train_rows), hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
-        )
+        total = self._total_steps(len(train_rows))
         steps = max(1, math.ceil(total * sweep.trial_fraction))
         results = []
         for multiplier in sweep.multipliers:
@@ -236,6 +231,15 @@ class TrainingRun:
         )
         return True
 
+    def _total_steps(self, n_train: int) -> int:
+        """The job's optimizer steps: packed rows come from the estimate, which knows the token lengths."""
+        hp = self.record.hyperparameters
+        if hp.packing and (self.record.estimate or {}).get("optimizer_steps"):
+            return self.record.estimate["optimizer_steps"]
+        return count_optimizer_steps(
+            n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
+        )
+
     def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> SFTConfig:
         hp = self.record.hyperparameters
         lora = self.record.lora
@@ -255,6 +259,11 @@ class TrainingRun:
             early_stopping_patience=hp.early_stopping_patience,
             early_stopping_min_delta=hp.early_stopping_min_delta,
             label_smoothing=hp.label_smoothing,
+            packing=hp.packing,
+            train_on_inputs=hp.train_on_inputs,
+            # Per tenant: cached token ids are the data itself, and go when the tenant's data goes.
+            token_cache=self.storage,
+            token_cache_prefix=storage_keys.tenant_prefix(self.record.tenant) + "cache/tokenized/",
             lora_r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @property
+    def effective_redis_url(self) -> str:
+        """The configured Redis; a service run alone without one uses a local default."""
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    @property
     def resolved_storage_path(self) -> Path:
         return self.storage_path or self.data_dir / "storage"
 

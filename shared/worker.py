@@ -52,7 +52,7 @@ def run_worker(
     settings: Settings, service: str, queue_names: list[str], metrics_port: int, multiprocess_dir: Path | None
 ) -> None:
     start_http_server(metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir))
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    redis = Redis.from_url(settings.effective_redis_url, health_check_interval=30)
     worker = PreemptibleWorker(
         [queue(redis, name) for name in queue_names],
         connection=redis,

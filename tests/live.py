@@ -56,6 +56,16 @@ class LiveTunery:
             base_url=self.base_url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         )
 
+    def start_training(self, body: dict) -> dict:
+        """Create a job and wait until its trainer has taken a few optimizer steps."""
+        with self.client() as client:
+            job = client.post("/v1/fine_tuning/jobs", json=body).json()
+            deadline = time.monotonic() + 120
+            while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
+                assert time.monotonic() < deadline, self.log_tail("trainer")
+                time.sleep(0.1)
+        return job
+
     def wait_for_job(self, job_id: str, statuses: set[str], timeout: float = 300) -> tuple[dict, list[str]]:
         """Poll the job until its status is in `statuses`; returns it and every status seen on the way."""
         seen: list[str] = []

@@ -114,14 +114,9 @@ def test_cancelling_a_running_job_stops_training(live: LiveTunery, bucket_storag
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
-        ).json()
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
-            assert time.monotonic() < deadline, live.log_tail("trainer")
-            time.sleep(0.1)
+        job = live.start_training(
+            {"model": "tunery/tiny-chat", "training_file": file["id"], "method": method}
+        )
         cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
         assert cancelled["status"] == "cancelled"
 
@@ -163,14 +158,9 @@ def test_a_trainer_stopped_with_sigterm_requeues_its_job_and_another_finishes_it
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 1}}}
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
-        ).json()
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
-            assert time.monotonic() < deadline, live.log_tail("trainer")
-            time.sleep(0.1)
+        job = live.start_training(
+            {"model": "tunery/tiny-chat", "training_file": file["id"], "method": method}
+        )
         trainer = live.processes["trainer"]
         trainer.send_signal(signal.SIGTERM)
         assert trainer.wait(timeout=60) == 0
@@ -223,14 +213,9 @@ def test_a_killed_training_process_is_retried_as_a_new_attempt_and_finishes(live
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1}}}
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
-        ).json()
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
-            assert time.monotonic() < deadline, live.log_tail("trainer")
-            time.sleep(0.1)
+        job = live.start_training(
+            {"model": "tunery/tiny-chat", "training_file": file["id"], "method": method}
+        )
         (horse,) = _children(live.processes["trainer"].pid)
         os.kill(horse, signal.SIGKILL)
     final, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
@@ -247,14 +232,9 @@ def test_a_lost_trainer_is_noticed_without_it_and_its_job_finishes_elsewhere(liv
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1}}}
-        job = client.post(
-            "/v1/fine_tuning/jobs",
-            json={"model": "tunery/tiny-chat", "training_file": file["id"], "method": method},
-        ).json()
-        deadline = time.monotonic() + 120
-        while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"]["step"] < 3:
-            assert time.monotonic() < deadline, live.log_tail("trainer")
-            time.sleep(0.1)
+        job = live.start_training(
+            {"model": "tunery/tiny-chat", "training_file": file["id"], "method": method}
+        )
         # The whole pod is gone: the worker and its work horse, with no peer on the queue.
         trainer = live.processes["trainer"]
         (horse,) = _children(trainer.pid)

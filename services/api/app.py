@@ -34,7 +34,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> FastAPI:
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", health_check_interval=30)
+    redis = Redis.from_url(settings.effective_redis_url, health_check_interval=30)
     storage = storage_from_settings(settings)
     context = Context(
         settings=settings,

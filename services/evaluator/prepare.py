@@ -33,11 +33,11 @@ from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
 from shared.job_states import JobState
-from shared.job_store import JobStore
 from shared.model_facts import read_model_facts
 from shared.model_loading import generation_eos_ids
 from shared.queue import enqueue_training
 from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
+from shared.runtime import connect
 from shared.settings import Settings, get_settings
 from shared.splits import holdout_split
 from shared.storage import storage_from_settings
@@ -182,9 +182,8 @@ def _spec_of(record: JobRecord) -> JobSpec:
 
 def prepare_job(job_id: str, settings: Settings | None = None) -> str:
     """RQ entry point: validate a created job's files and settings, then queue it for training."""
-    settings = settings or get_settings()
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
-    jobs = JobStore(redis, storage_from_settings(settings), settings.max_events_per_job)
+    runtime = connect(settings)
+    settings, redis, jobs = runtime.settings, runtime.redis, runtime.jobs
     record = jobs.get(job_id)
     if record is None or record.state is not JobState.VALIDATING_FILES:
         return f"skipped ({record.state.value if record else 'missing'})"
@@ -225,7 +224,7 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
 def estimate_request(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     """RQ entry point for POST /v1/fine_tuning/jobs/estimate: plans without creating anything."""
     settings = settings or get_settings()
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    redis = Redis.from_url(settings.effective_redis_url)
     job_spec = JobSpec(**{**spec, "lora": LoraSettings(**spec["lora"])})
     try:
         hp, estimate = plan(settings, redis, job_spec)
@@ -241,7 +240,7 @@ def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict
     from transformers import AutoTokenizer
 
     settings = settings or get_settings()
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    redis = Redis.from_url(settings.effective_redis_url)
     entry = load_catalog(settings).get(spec["model"])
     file = FileStore(redis).get(spec["file_id"], spec["tenant"])
     if entry is None or file is None:

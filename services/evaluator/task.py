@@ -27,8 +27,9 @@ from shared.model_card import render_model_card
 from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
 from shared.queue import enqueue_evaluation
 from shared.records import JobRecord, fine_tuned_model_id
-from shared.settings import Settings, get_settings
-from shared.storage import Storage, storage_from_settings
+from shared.runtime import connect
+from shared.settings import Settings
+from shared.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,8 @@ def _preempt(signum: int, frame: object) -> None:
 def run_evaluation(job_id: str, attempt: int) -> str:
     """RQ entry point: evaluate one job's trained attempt."""
     signal.signal(signal.SIGTERM, _preempt)
-    settings = get_settings()
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
-    storage = storage_from_settings(settings)
-    jobs = JobStore(redis, storage, settings.max_events_per_job)
+    runtime = connect()
+    settings, redis, storage, jobs = runtime.settings, runtime.redis, runtime.storage, runtime.jobs
     record = jobs.get(job_id)
     if record is None or record.attempt != attempt or record.state is not JobState.EVALUATING:
         state = record.state.value if record else "missing"

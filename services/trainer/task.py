@@ -37,9 +37,10 @@ from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.queue import enqueue_evaluation, enqueue_training
 from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
-from shared.settings import Settings, get_settings
+from shared.runtime import connect
+from shared.settings import Settings
 from shared.splits import holdout_split
-from shared.storage import Storage, storage_from_settings
+from shared.storage import Storage
 from shared.usage import add_usage
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,8 @@ class _Preemption:
 def run_training(job_id: str, attempt: int) -> str:
     """RQ entry point. Returns a short outcome for RQ's own record."""
     _Preemption.install()
-    settings = get_settings()
-    redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
-    storage = storage_from_settings(settings)
-    jobs = JobStore(redis, storage, settings.max_events_per_job)
+    runtime = connect()
+    settings, redis, storage, jobs = runtime.settings, runtime.redis, runtime.storage, runtime.jobs
     record = jobs.get(job_id)
     if record is None or record.attempt != attempt or record.state is not JobState.QUEUED:
         state = record.state.value if record else "missing"

@@ -1,0 +1,26 @@
+"""The connections a task needs (Redis, storage, the job store), made the same way in every worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+
+from shared.job_store import JobStore
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, storage_from_settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Redis
+    storage: Storage
+    jobs: JobStore
+
+
+def connect(settings: Settings | None = None) -> Runtime:
+    settings = settings or get_settings()
+    redis = Redis.from_url(settings.effective_redis_url)
+    storage = storage_from_settings(settings)
+    return Runtime(settings, redis, storage, JobStore(redis, storage, settings.max_events_per_job))

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 
 from shared import pii
 from shared.file_validation import MAX_PROBLEMS_SHOWN, ROLES, chat_example_problem
+from shared.near_duplicates import NearDuplicates
 
 FORMATS: tuple[str, ...] = (
     "chat",
@@ -1566,6 +1567,7 @@ class _Stats:
         self._random = random.Random(0)
         self._labels: dict[str, int] = {}
         self._labels_overflow = False
+        self._near = NearDuplicates()
 
     def add(self, example: Example) -> str | None:
         """Count an example in; a problem when it brings one label too many."""
@@ -1585,8 +1587,10 @@ class _Stats:
         digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
         if digest in self._hashes:
             self._duplicates += 1
-        elif len(self._hashes) < _MAX_DUPLICATE_HASHES:
-            self._hashes.add(digest)
+        else:
+            if len(self._hashes) < _MAX_DUPLICATE_HASHES:
+                self._hashes.add(digest)
+            self._near.add("\n".join(_texts(example)), example.source)
         characters = len(example.text or "")
         for message in _all_messages(example):
             content = message.get("content")
@@ -1622,6 +1626,7 @@ class _Stats:
 
         stats: dict[str, Any] = {
             "exact_duplicates": self._duplicates,
+            **self._near.result(),
             "empty_turns": self._empty_turns,
             "characters": {"p50": percentile(0.50), "p95": percentile(0.95), "max": self._longest},
         }

@@ -826,9 +826,30 @@ def test_stats_count_duplicates_empty_turns_and_lengths() -> None:
     result = check(jsonl(records))
     assert result.stats == {
         "exact_duplicates": 2,
+        "near_duplicates": 0,
+        "near_duplicate_pairs": [],
+        "compared_examples": 11,
+        "similarity_threshold": 0.8,
         "empty_turns": 2,
         "characters": {"p50": 6, "p95": 12, "max": 12},
     }
+
+
+def test_near_duplicates_are_counted_with_the_first_pairs() -> None:
+    answer = "The capital of France is Paris, a city on the Seine known for its museums and cafes."
+    records = [
+        chat(("user", f"Question number {i} about geography and rivers"), ("assistant", f"Answer {i}."))
+        for i in range(10)
+    ]
+    records += [
+        chat(("user", "Tell me about the capital of France"), ("assistant", answer)),
+        chat(
+            ("user", "Tell me about the capital of France"), ("assistant", answer.replace("cafes", "parks"))
+        ),
+    ]
+    stats = check(jsonl(records)).stats
+    assert stats["near_duplicates"] == 1
+    assert stats["near_duplicate_pairs"] == [["line 11", "line 12"]]
 
 
 def test_personal_data_is_counted_by_kind_with_where_it_was_first_seen() -> None:

@@ -7,4 +7,3 @@ from shared.gpu_classes import GpuClass
 
 def cost_usd(gpu_class: GpuClass, device_seconds: float) -> float:
     return device_seconds * gpu_class.price_per_hour_usd / 3600
-

@@ -12,7 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.trainer import sft
-from services.trainer.sft import SFTConfig, StepMetrics, train_sft
+from services.trainer.loop import StepMetrics
+from services.trainer.sft import SFTConfig, train_sft
 from shared import token_cache
 from shared.builtin_models import ARCHITECTURES, build_tiny_chat_model
 from shared.chat_data import DataError, iter_batches, tokenize_chat

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +27,14 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
+from services.trainer.loop import (
+    SCHEDULERS,
+    EarlyStopping,
+    StepMetrics,
+    StopAction,
+    TrainingHooks,
+    stop_requested,
+)
 from shared import token_cache
 from shared.chat_data import (
     Messages,
@@ -45,9 +53,6 @@ from shared.storage import Storage
 from shared.token_cache import PREFIX as TOKEN_CACHE_PREFIX
 
 log = logging.getLogger(__name__)
-
-# transformers' scheduler names, each with warmup: constant holds the rate after warming up.
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -84,35 +89,6 @@ class SFTConfig:
     packing: bool = False
     token_cache: Storage | None = None  # keep tokenized datasets here and reuse them (None: no cache)
     token_cache_prefix: str = TOKEN_CACHE_PREFIX  # where in token_cache, e.g. under the tenant's prefix
-
-
-@dataclass
-class StepMetrics:
-    step: int
-    total_steps: int
-    epoch: float  # fractional progress through the epochs
-    train_loss: float  # per trainable token over the step's accumulation window
-    train_accuracy: float  # argmax == label over the window's trainable tokens
-    learning_rate: float
-    grad_norm: float  # before clipping
-    tokens_per_second: float  # non-pad tokens (prompt and completion) per second of this step
-    trained_tokens: int  # cumulative non-pad tokens
-    step_seconds: float
-
-
-class TrainingHooks(Protocol):
-    def on_step(self, m: StepMetrics) -> None:
-        """Called after every optimizer step (on the main process)."""
-
-    def on_epoch_end(self, epoch: int, valid_metrics: dict[str, float] | None) -> None:
-        """Called after each epoch (1-based) with `evaluate_causal_lm` results when there is valid data."""
-
-    def should_stop(self) -> StopAction | None:
-        """Checked after every optimizer step: "discard" (cancel, preemption) ends training without
-        saving; "save" (a budget reached) ends it and saves the adapter trained so far."""
-
-
-StopAction = Literal["discard", "save"]
 
 
 @dataclass
@@ -214,7 +190,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
 
     step, trained_tokens, rows = 0, 0, []
     stopped: StopAction | None = None
-    early_stopping = _EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
+    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
     for epoch in range(1, config.n_epochs + 1):
         if packed is not None:
             packed.repack(epoch)
@@ -274,7 +250,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             )
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
-            stopped = _stop_requested(accelerator, hooks)
+            stopped = stop_requested(accelerator, hooks)
             if stopped or step == config.max_steps:
                 break
             window = _Window()
@@ -371,27 +347,6 @@ class _PackedEpochs(Dataset):
         return [self.examples[j] for j in self.rows[i]]
 
 
-class _EarlyStopping:
-    """Stop when `patience` epochs in a row bring no validation loss below the best by `min_delta`."""
-
-    def __init__(self, patience: int | None, min_delta: float):
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_epochs = 0
-        self.stopped = False
-
-    def should_stop(self, valid_loss: float) -> bool:
-        if self.patience is None:
-            return False
-        if valid_loss < self.best - self.min_delta:
-            self.best, self.bad_epochs = valid_loss, 0
-        else:
-            self.bad_epochs += 1
-        self.stopped = self.bad_epochs >= self.patience
-        return self.stopped
-
-
 class _Window:
     """Running sums over the micro-batches of one optimizer step."""
 
@@ -418,13 +373,3 @@ def _lora_config(config: SFTConfig) -> LoraConfig:
         lora_dropout=config.lora_dropout,
         target_modules=target_modules,
     )
-
-
-_STOP_CODES: dict[StopAction | None, float] = {None: 0.0, "save": 1.0, "discard": 2.0}
-
-
-def _stop_requested(accelerator: Accelerator, hooks: TrainingHooks) -> StopAction | None:
-    """The main process's answer, shared with all processes so they stop at the same step."""
-    action = hooks.should_stop() if accelerator.is_main_process else None
-    code = accelerator.reduce(torch.tensor(_STOP_CODES[action], device=accelerator.device), reduction="max")
-    return {0.0: None, 1.0: "save", 2.0: "discard"}[float(code)]

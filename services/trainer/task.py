@@ -21,7 +21,8 @@ from typing import Any
 
 from redis import Redis
 
-from services.trainer.sft import SFTConfig, SFTResult, StepMetrics, StopAction, train_sft
+from services.trainer.loop import StepMetrics, StopAction
+from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared import metrics, storage_keys
 from shared.calibration import record_throughput
 from shared.catalog import load_catalog, materialize

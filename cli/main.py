@@ -87,13 +87,24 @@ def trainer() -> None:
 
 
 @app.command()
-def evaluator() -> None:
-    """Run an evaluator worker for the queue eval."""
+def evaluator(
+    queue: Annotated[
+        list[str] | None, typer.Option(help="Serve only these queues: prepare, eval [default: both]")
+    ] = None,
+) -> None:
+    """Run an evaluator worker: data preparation and estimates (prepare), evaluations (eval)."""
+    from shared.queue import EVALUATOR_QUEUES  # not the worker module: metrics must wait for _setup
+
+    unknown = set(queue or ()) - set(EVALUATOR_QUEUES)
+    if unknown:
+        choices = ", ".join(EVALUATOR_QUEUES)
+        typer.secho(f"unknown queue {sorted(unknown)[0]!r}; choose from {choices}", fg="red", err=True)
+        raise typer.Exit(2)
     settings = _settings()
     metrics_dir = _setup(settings, "evaluator")
     from services.evaluator.worker import run_worker
 
-    run_worker(settings, metrics_dir)
+    run_worker(settings, metrics_dir, queue)
 
 
 keys_app = typer.Typer(

@@ -17,6 +17,8 @@ from rq.serializers import JSONSerializer
 EVAL_QUEUE = "eval"
 # Data preparation (validating_files) and estimates, served by evaluator workers (CPU, transformers).
 PREPARE_QUEUE = "prepare"
+# What an evaluator serves by default; the first is served first (a user waits on it).
+EVALUATOR_QUEUES = (PREPARE_QUEUE, EVAL_QUEUE)
 TRAIN_TASK = "services.trainer.task.run_training"
 EVAL_TASK = "services.evaluator.task.run_evaluation"
 PREPARE_TASK = "services.evaluator.prepare.prepare_job"

@@ -27,6 +27,17 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The (service, outcome) series each worker's tasks report in tunery_worker_tasks_total.
+OUTCOMES = {
+    "trainer": [("trainer", "trained"), ("trainer", "budget"), ("trainer", "failed")],
+    "evaluator": [
+        ("evaluator", "succeeded"),
+        ("evaluator", "failed"),
+        ("prepare", "queued"),
+        ("prepare", "failed"),
+    ],
+}
+
 
 class PreemptibleWorker(Worker):
     settings: Settings
@@ -61,5 +72,8 @@ def run_worker(
         job_monitoring_interval=settings.worker_heartbeat_seconds,
     )
     worker.settings = settings
+    for label, outcome in OUTCOMES.get(service, ()):
+        # Created at zero, so a first failure shows as an increase rather than a new series.
+        metrics.TASKS_FINISHED.labels(label, outcome)
     log.info("%s worker listening on %s; metrics on :%s", service, ", ".join(queue_names), metrics_port)
     worker.work(logging_level=settings.log_level.upper(), with_scheduler=False)

@@ -1,5 +1,8 @@
 """What happens to a job whose work horse was killed (OOM killer, SIGKILL, a crash in native code).
 
+Also the one way a job goes back to its queue as a new attempt (`requeue_as_new_attempt`): after
+a preemption, a resume, or a killed or lost worker.
+
 The RQ worker survives its work horse and calls `recover_killed_task` for the task it ran. A
 training attempt goes back to the queue as a new attempt, until the job has used its attempts;
 then the job fails with an error that says what to try. An evaluation fails the job at once:
@@ -45,6 +48,34 @@ def recover_killed_task(settings: Settings, redis: Redis, func_name: str, args: 
         log.exception("could not recover %s attempt %s", job_id, attempt)
 
 
+def requeue_as_new_attempt(
+    jobs: JobStore,
+    redis: Redis,
+    settings: Settings,
+    record: JobRecord,
+    message: str,
+    *,
+    level: str = "info",
+    fenced: bool = True,
+) -> JobRecord:
+    """Send a job back to `queued` as its next attempt and queue that attempt for a trainer.
+
+    The attempt number fences the previous one: it may still be running, but it can no longer change
+    the job or publish. `fenced` checks that `record.attempt` is still the job's current attempt.
+    """
+    next_attempt = record.attempt + 1
+
+    def bump(job: JobRecord) -> None:
+        job.attempt = next_attempt
+
+    queued = jobs.transition(
+        record.id, JobState.QUEUED, message, level=level,
+        expected_attempt=record.attempt if fenced else None, mutate=bump,
+    )  # fmt: skip
+    enqueue_training(redis, record.id, next_attempt, record.gpu_class, settings.train_timeout_seconds)
+    return queued
+
+
 def _retry_training(
     settings: Settings, redis: Redis, jobs: JobStore, job_id: str, attempt: int, reason: str
 ) -> None:
@@ -58,13 +89,7 @@ def _retry_training(
             error=JobError(code="worker_died", message=message),
         )  # fmt: skip
         return
-
-    def bump(job: JobRecord) -> None:
-        job.attempt = attempt + 1
-
-    jobs.transition(
-        job_id, JobState.QUEUED,
-        f"The training process died ({reason}); retrying as attempt {attempt + 2} of {settings.max_attempts}",
-        level="warn", expected_attempt=attempt, mutate=bump,
-    )  # fmt: skip
-    enqueue_training(redis, job_id, attempt + 1, record.gpu_class, settings.train_timeout_seconds)
+    message = (
+        f"The training process died ({reason}); retrying as attempt {attempt + 2} of {settings.max_attempts}"
+    )
+    requeue_as_new_attempt(jobs, redis, settings, record, message, level="warn")

@@ -28,8 +28,9 @@ from services.api.schemas import (
 from shared import storage_keys
 from shared.ids import new_job_id
 from shared.job_states import JobState, is_terminal
-from shared.queue import enqueue_preparation, enqueue_training, run_estimate
+from shared.queue import enqueue_preparation, run_estimate
 from shared.records import Budget, FileRecord, JobRecord, LoraSettings, now
+from shared.recovery import requeue_as_new_attempt
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -256,13 +257,8 @@ def resume_job(
     record = _require_job(ctx, tenant, job_id)
     if record.state is not JobState.PAUSED:
         raise APIError(400, f"job {job_id} is not paused (it is {record.state.value})", code="job_not_paused")
-    next_attempt = record.attempt + 1
-
-    def bump(job: JobRecord) -> None:
-        job.attempt = next_attempt
-
-    resumed = ctx.jobs.transition(job_id, JobState.QUEUED, "Job resumed by the user; queued", mutate=bump)
-    enqueue_training(ctx.redis, job_id, next_attempt, record.gpu_class, ctx.settings.train_timeout_seconds)
+    message = "Job resumed by the user; queued"
+    resumed = requeue_as_new_attempt(ctx.jobs, ctx.redis, ctx.settings, record, message, fenced=False)
     return job_object(resumed)
 
 

@@ -36,8 +36,9 @@ from shared.gpu_classes import load_gpu_classes
 from shared.ids import new_file_id, new_id
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
-from shared.queue import enqueue_evaluation, enqueue_training
+from shared.queue import enqueue_evaluation
 from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
+from shared.recovery import requeue_as_new_attempt
 from shared.runtime import connect
 from shared.settings import Settings
 from shared.splits import holdout_split
@@ -276,19 +277,8 @@ class TrainingRun:
 
     def _stopped(self, hooks: ProgressHooks) -> str:
         if hooks.preempted:
-            next_attempt = self.record.attempt + 1
-
-            def bump(record: JobRecord) -> None:
-                record.attempt = next_attempt
-
-            self.jobs.transition(
-                self.job_id, JobState.QUEUED, "Worker is shutting down; job returned to the queue",
-                level="warn", expected_attempt=self.record.attempt, mutate=bump,
-            )  # fmt: skip
-            enqueue_training(
-                self.redis, self.job_id, next_attempt, self.record.gpu_class,
-                self.settings.train_timeout_seconds,
-            )  # fmt: skip
+            message = "Worker is shutting down; job returned to the queue"
+            requeue_as_new_attempt(self.jobs, self.redis, self.settings, self.record, message, level="warn")
             return "preempted"
         return "stopped"
 

@@ -41,7 +41,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="API port [default: 8000]")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data folder [default: ./.tunery]")] = None,
 ) -> None:
-    """Run the API, a trainer and an evaluator (and Redis, when TUNERY_REDIS_URL is unset)."""
+    """Run the API, a trainer, an evaluator, an inference worker (and Redis unless TUNERY_REDIS_URL is set)."""
     from cli.supervisor import SupervisorError, run_up
 
     settings = _settings(api_host=host, api_port=port, data_dir=data_dir)
@@ -105,6 +105,16 @@ def evaluator(
     from services.evaluator.worker import run_worker
 
     run_worker(settings, metrics_dir, queue)
+
+
+@app.command()
+def inference() -> None:
+    """Run an inference worker: chat completions and classifications to try models before exporting them."""
+    settings = _settings()
+    metrics_dir = _setup(settings, "inference")
+    from services.inference.worker import run_worker
+
+    run_worker(settings, metrics_dir)
 
 
 keys_app = typer.Typer(

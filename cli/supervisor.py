@@ -1,5 +1,5 @@
-"""`tunery up`: one embedded Redis (when none is configured) and the three services as child
-processes, restarted if one dies, all stopped cleanly on Ctrl-C or SIGTERM."""
+"""`tunery up`: one embedded Redis (when none is configured) and the four services (API, trainer,
+evaluator, inference) as child processes, restarted if one dies, all stopped cleanly on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from shared.settings import Settings
 
 console = Console(stderr=True)
 
-SERVICES = ("api", "trainer", "evaluator")
+SERVICES = ("api", "trainer", "evaluator", "inference")
 STOP_GRACE_SECONDS = 60
 RESTART_BACKOFF_SECONDS = 2.0
 

@@ -215,6 +215,12 @@ def iter_batches(
         yield collate(ordered[i : i + batch_size], pad_token_id)
 
 
+def render_generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
+    """The prompt a model answers `messages` from: the chat template with its generation prompt, the same
+    rendering training masks against (encode it without adding special tokens, as training does)."""
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
 def _prefix_length(
     tokenizer: PreTrainedTokenizerBase,
     messages: Messages,

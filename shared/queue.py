@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from redis import Redis
-from rq import Queue
-from rq.job import JobStatus
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 EVAL_QUEUE = "eval"
@@ -24,6 +24,11 @@ EVAL_TASK = "services.evaluator.task.run_evaluation"
 PREPARE_TASK = "services.evaluator.prepare.prepare_job"
 ESTIMATE_TASK = "services.evaluator.prepare.estimate_request"
 TOKEN_REPORT_TASK = "services.evaluator.prepare.token_report"
+# Smoke-test inference on fine-tuned models, served by `tunery inference` (one process that keeps models
+# loaded between requests).
+INFERENCE_QUEUE = "inference"
+CHAT_COMPLETION_TASK = "services.inference.task.chat_completion"
+CLASSIFICATION_TASK = "services.inference.task.classify"
 
 # RQ's record of a finished task is only a delivery receipt: keep it briefly.
 RESULT_TTL_SECONDS = 3600
@@ -83,19 +88,34 @@ def run_estimate(
         task_name, args=[spec], timeout=int(timeout_seconds) + 60, result_ttl=600, ttl=int(timeout_seconds),
         at_front=True, description="estimate",
     )  # fmt: skip
+    return _wait_for_result(task, timeout_seconds, "the estimate failed on the worker")
+
+
+def run_inference(redis: Redis, task_name: str, spec: dict, timeout_seconds: float) -> dict | None:
+    """Ask an inference worker for a chat completion or classifications and wait for the answer; None when
+    no worker answered in time (the request is then withdrawn from the queue)."""
+    task = queue(redis, INFERENCE_QUEUE).enqueue_call(
+        task_name, args=[spec], timeout=int(timeout_seconds) + 60, result_ttl=60,
+        ttl=max(1, int(timeout_seconds)), description="inference",
+    )  # fmt: skip
+    return _wait_for_result(task, timeout_seconds, "inference failed on the worker; see its log")
+
+
+def listening_workers(redis: Redis, name: str) -> int:
+    """How many workers are registered on a queue (a worker killed outright stays listed until its TTL)."""
+    return Worker.count(connection=redis, queue=queue(redis, name))
+
+
+def _wait_for_result(task: Job, timeout_seconds: float, failure: str) -> dict | None:
+    """Poll a task until it finishes; a failed task becomes an `internal_error`, and a task still waiting
+    at the deadline is cancelled and None returned."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         status = task.get_status(refresh=True)
         if status == JobStatus.FINISHED:
             return task.return_value(refresh=True)
         if status == JobStatus.FAILED:
-            return {
-                "error": {
-                    "code": "internal_error",
-                    "message": "the estimate failed on the worker",
-                    "param": None,
-                }
-            }
+            return {"error": {"code": "internal_error", "message": failure, "param": None}}
         time.sleep(0.05)
     task.cancel()
     return None

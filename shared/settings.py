@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     trainer_metrics_port: int = 9101
     evaluator_metrics_port: int = 9102
+    inference_metrics_port: int = 9103
+
+    # Smoke-test inference (POST /v1/chat/completions, /v1/classifications), served by `tunery inference`.
+    # How long the API waits for an inference worker's answer; the first request for a model includes
+    # loading it (and downloading a catalog model that is not cached yet).
+    inference_timeout_seconds: float = Field(default=120.0, gt=0)
+    # Models an inference worker keeps loaded between requests (least recently used go first).
+    inference_cache_size: int = Field(default=2, ge=1)
+    # The most tokens one chat completion may generate (also its default when max_tokens is not sent).
+    inference_max_tokens: int = Field(default=512, ge=1)
+    # The most texts one classification request may hold.
+    inference_max_inputs: int = Field(default=64, ge=1)
 
     # Access. Keys are stored as HMAC-SHA256 with this secret when set (else SHA-256).
     api_key_secret: str | None = None
@@ -77,6 +89,16 @@ class Settings(BaseSettings):
     janitor_interval_seconds: float = Field(default=30.0, gt=0)
     # Attempts a job gets when its training process dies (killed, out of host memory, node lost).
     max_attempts: int = Field(default=3, ge=1)
+    # Full-state checkpoints (adapter, optimizer, scheduler, RNG, data position) while training, so a
+    # preempted or killed attempt carries on from the last one; a job may set its own interval. 0: off.
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    checkpoint_every_seconds: float = Field(default=900.0, ge=0)
+    # Periodic checkpoints kept per job (older ones are deleted; the final adapter is always kept).
+    checkpoint_keep: int = Field(default=2, ge=1)
+    # After SIGTERM a trainer finishes its step, saves a checkpoint and exits; a work horse still busy
+    # after this many seconds is killed (its job resumes from its previous checkpoint). Keep Kubernetes'
+    # terminationGracePeriodSeconds above it.
+    stop_grace_seconds: float = Field(default=300.0, gt=0)
     # Progress events: one at least every this many seconds while training (and at each epoch end).
     progress_interval_seconds: float = 10.0
     # Examples kept per job's event stream (older ones are trimmed).

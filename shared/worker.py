@@ -3,7 +3,8 @@
 RQ forks a work horse per task. The parent never imports torch (so CUDA is never initialised
 before a fork); tasks import it. On SIGTERM RQ would wait for the task to finish (hours) and then
 be SIGKILLed by Kubernetes, so this worker passes the signal on to the work horse, whose task
-stops at its next step and hands its job back to the queue.
+stops at its next step, saves a checkpoint and hands its job back to the queue. A horse still busy
+after TUNERY_STOP_GRACE_SECONDS is killed: its job then carries on from its previous checkpoint.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 from prometheus_client import start_http_server
 from redis import Redis
 from rq import Worker
 from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker
 
 from shared import metrics
 from shared.queue import queue
@@ -36,6 +39,8 @@ OUTCOMES = {
         ("prepare", "queued"),
         ("prepare", "failed"),
     ],
+    # rejected: the request cannot be answered (too long a prompt, a template error); failed: a crash.
+    "inference": [("inference", "succeeded"), ("inference", "rejected"), ("inference", "failed")],
 }
 
 
@@ -53,18 +58,39 @@ class PreemptibleWorker(Worker):
 
     def request_stop(self, signum, frame):  # type: ignore[no-untyped-def]
         if self.horse_pid:
-            log.info("passing signal %s on to work horse %s", signum, self.horse_pid)
+            horse = self.horse_pid
+            log.info("passing signal %s on to work horse %s", signum, horse)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.horse_pid, signal.SIGTERM)
+                os.kill(horse, signal.SIGTERM)
+            timer = threading.Timer(self.settings.stop_grace_seconds, self._kill_horse, args=(horse,))
+            timer.daemon = True
+            timer.start()
         super().request_stop(signum, frame)
+
+    def _kill_horse(self, pid: int) -> None:
+        if self.horse_pid == pid:
+            log.warning(
+                "work horse %s still busy %.0f s after SIGTERM: killing it",
+                pid,
+                self.settings.stop_grace_seconds,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def run_worker(
-    settings: Settings, service: str, queue_names: list[str], metrics_port: int, multiprocess_dir: Path | None
+    settings: Settings,
+    service: str,
+    queue_names: list[str],
+    metrics_port: int,
+    multiprocess_dir: Path | None,
+    worker_class: type[BaseWorker] = PreemptibleWorker,
 ) -> None:
+    """Serve `queue_names` until stopped. With `worker_class` RQ's SimpleWorker, tasks run in this process
+    instead of a forked work horse, which is what keeps the inference worker's models loaded between them."""
     start_http_server(metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir))
     redis = Redis.from_url(settings.effective_redis_url, health_check_interval=30)
-    worker = PreemptibleWorker(
+    worker = worker_class(
         [queue(redis, name) for name in queue_names],
         connection=redis,
         serializer=JSONSerializer,

@@ -94,6 +94,7 @@ def live_env(tmp: Path, redis_url: str, extra: dict[str, str] | None = None) -> 
             "TUNERY_API_PORT": str(free_port()),
             "TUNERY_TRAINER_METRICS_PORT": str(free_port()),
             "TUNERY_EVALUATOR_METRICS_PORT": str(free_port()),
+            "TUNERY_INFERENCE_METRICS_PORT": str(free_port()),
             "TUNERY_PROGRESS_INTERVAL_SECONDS": "0.5",
             "TUNERY_LOG_LEVEL": "INFO",
             "TUNERY_BOOTSTRAP_API_KEY": ADMIN_KEY,

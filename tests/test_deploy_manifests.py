@@ -1337,11 +1337,14 @@ TUNERY_METRICS: dict[str, tuple[str, set[str]]] = {
     "tunery_device_seconds_total": ("counter", {"gpu_class"}),
     "tunery_cost_usd_total": ("counter", {"tenant", "gpu_class"}),
     "tunery_worker_tasks_total": ("counter", {"service", "outcome"}),
+    "tunery_inference_request_duration_seconds": ("histogram", {"task"}),
+    "tunery_inference_generated_tokens_total": ("counter", set()),
+    "tunery_inference_model_loads_total": ("counter", {"task"}),
 }
 # Label values from closed sets: a typo in a matcher would match nothing, silently.
-TASK_SERVICES = {"trainer", "evaluator", "prepare"}
-TASK_OUTCOMES = {"trained", "budget", "failed", "succeeded", "queued"}
-WORKER_SERVICES = {"trainer", "evaluator"}  # RQ worker names start with the service
+TASK_SERVICES = {"trainer", "evaluator", "prepare", "inference"}
+TASK_OUTCOMES = {"trained", "budget", "failed", "succeeded", "queued", "rejected"}
+WORKER_SERVICES = {"trainer", "evaluator", "inference"}  # RQ worker names start with the service
 WORKER_STATES = {"busy", "idle"}
 # Labels every scraped series has; the only ones besides Tunery's that a legend may show.
 TARGET_LABELS = {"instance", "job"}

@@ -21,11 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_tunery_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path: Path):
-    port, trainer_port, evaluator_port = free_port(), free_port(), free_port()
+    port, trainer_port, evaluator_port, inference_port = free_port(), free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")}
     env |= {
         "TUNERY_TRAINER_METRICS_PORT": str(trainer_port),
         "TUNERY_EVALUATOR_METRICS_PORT": str(evaluator_port),
+        "TUNERY_INFERENCE_METRICS_PORT": str(inference_port),
         "TUNERY_PROGRESS_INTERVAL_SECONDS": "1",
     }
     data_dir = tmp_path / "data"
@@ -40,7 +41,8 @@ def test_tunery_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path: P
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 60, "tunery up", process)
-        wait_for(lambda: port_open(trainer_port) and port_open(evaluator_port), 60, "workers", process)
+        workers = (trainer_port, evaluator_port, inference_port)
+        wait_for(lambda: all(port_open(p) for p in workers), 60, "workers", process)
         key = (data_dir / "api-key").read_text().strip()
         assert (data_dir / "api-key").stat().st_mode & 0o777 == 0o600
         with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
@@ -73,7 +75,7 @@ def test_tunery_up_runs_a_job_end_to_end_and_stops_cleanly_on_ctrl_c(tmp_path: P
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
-        for open_port in (port, trainer_port, evaluator_port):
+        for open_port in (port, trainer_port, evaluator_port, inference_port):
             assert not port_open(open_port)
     finally:
         stop_process(process)

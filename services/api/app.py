@@ -15,7 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis import Redis
 from redis.exceptions import RedisError
 
-from services.api import routes_files, routes_jobs, routes_models, routes_uploads, routes_usage
+from services.api import (
+    routes_files,
+    routes_inference,
+    routes_jobs,
+    routes_models,
+    routes_uploads,
+    routes_usage,
+)
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
 from shared import janitor, metrics
@@ -117,6 +124,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_models.router)
     app.include_router(routes_uploads.router)
     app.include_router(routes_usage.router)
+    app.include_router(routes_inference.router)
 
     return app
 

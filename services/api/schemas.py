@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.job_states import public_status
-from shared.records import FileRecord, JobRecord, LearningRateSweep, LoraSettings
+from shared.records import Distributed, FileRecord, JobRecord, LearningRateSweep, LoraSettings
 
 Auto = Literal["auto"]
 
@@ -143,6 +143,27 @@ class JobCreate(BaseModel):
         default=None,
         description="Tunery extra (send via extra_body): LoRA r, alpha, dropout, target modules.",
     )
+    num_gpus: int = Field(
+        default=1, ge=1, le=64,
+        description="Tunery extra: devices per node, one training process each (at most the GPU class's "
+        "devices_per_node)",
+    )  # fmt: skip
+    num_nodes: int = Field(default=1, ge=1, le=64, description="Tunery extra: nodes the job trains on")
+    distributed: Distributed = Field(
+        default="ddp",
+        description="Tunery extra: how several devices share the work: ddp (a replica per device), fsdp "
+        "(weights sharded), deepspeed_zero2 or deepspeed_zero3",
+    )
+    checkpoint_every_steps: int | None = Field(
+        default=None, ge=1,
+        description="Tunery extra: save a full training state every this many steps (default: the "
+        "server's TUNERY_CHECKPOINT_EVERY_STEPS)",
+    )  # fmt: skip
+    checkpoint_every_seconds: float | None = Field(
+        default=None, gt=0,
+        description="Tunery extra: save a full training state every this many seconds (default: the "
+        "server's TUNERY_CHECKPOINT_EVERY_SECONDS)",
+    )  # fmt: skip
 
     @field_validator("metadata")
     @classmethod
@@ -237,6 +258,12 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "progress": record.progress.model_dump(),
         "evaluation": record.evaluation,
         "attempt": record.attempt,
+        "num_gpus": record.num_gpus,
+        "num_nodes": record.num_nodes,
+        "distributed": record.distributed,
+        "checkpoint_every_steps": record.checkpoint_every_steps,
+        "checkpoint_every_seconds": record.checkpoint_every_seconds,
+        "resume_checkpoint": record.resume_checkpoint.model_dump() if record.resume_checkpoint else None,
     }
 
 
@@ -392,3 +419,121 @@ class CheckpointList(_Page):
 
 class ModelList(_Page):
     data: list[Model]
+
+
+# -- inference: trying a model before exporting it (POST /v1/chat/completions, /v1/classifications) ------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates take it (OpenAI's `developer` is the templates' `system`)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A fine-tuned model of your organization (`ft:…`) or a catalog model id.")
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="At most TUNERY_INFERENCE_MAX_TOKENS (also the default)."
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
+    temperature: float | None = Field(default=1.0, ge=0, le=2, description="0 decodes greedily.")
+    top_p: float | None = Field(default=1.0, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 strings the reply ends before.")
+    n: int | None = Field(default=1, ge=1, le=1, description="Only 1 choice is generated.")
+    stream: bool | None = Field(default=False, description="Streaming is not available; must be false.")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 non-empty strings")
+        return stops
+
+
+class ChatCompletionMessage(_Open):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(_Open):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionUsage(_Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+
+
+class ClassificationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A classifier fine-tuned by your organization (method classification).")
+    input: str | list[str] = Field(
+        description="A text or a list of texts (at most TUNERY_INFERENCE_MAX_INPUTS)."
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("needs at least one text")
+        empty = next((i for i, text in enumerate(texts) if not text.strip()), None)
+        if empty is not None:
+            raise ValueError(f"text {empty} is empty")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassificationResult(_Open):
+    index: int
+    label: str = Field(description="The most probable label (one of the training data's labels).")
+    score: float = Field(description="Its probability.")
+    scores: dict[str, float] = Field(description="Every label's probability.")
+
+
+class ClassificationUsage(_Open):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ClassificationList(_Open):
+    object: Literal["list"]
+    model: str
+    data: list[ClassificationResult]
+    usage: ClassificationUsage

@@ -1,0 +1,32 @@
+"""The inference process: an RQ worker on the `inference` queue that answers smoke-test chat completions
+and classifications.
+
+Unlike the trainer and the evaluator it does not fork a work horse per task (RQ's SimpleWorker): tasks run
+in this process, so the models they load stay in memory for the next request.
+"""
+
+from pathlib import Path
+
+from rq import SimpleWorker
+
+from shared import worker
+from shared.queue import INFERENCE_QUEUE
+from shared.settings import Settings
+
+
+def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
+    import torch
+
+    # Imported now, not on the first request: torch and transformers take seconds to import.
+    import services.inference.task  # noqa: F401
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    worker.run_worker(
+        settings,
+        "inference",
+        [INFERENCE_QUEUE],
+        settings.inference_metrics_port,
+        multiprocess_dir,
+        worker_class=SimpleWorker,
+    )

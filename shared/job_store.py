@@ -251,6 +251,11 @@ class JobStore:
     def add_checkpoint(self, job_id: str, checkpoint: dict[str, Any]) -> None:
         self.redis.lpush(_checkpoints_key(job_id), json.dumps(checkpoint))
 
+    def remove_checkpoint(self, job_id: str, checkpoint_id: str) -> None:
+        for raw in self.redis.lrange(_checkpoints_key(job_id), 0, -1):
+            if json.loads(raw)["id"] == checkpoint_id:
+                self.redis.lrem(_checkpoints_key(job_id), 1, raw)
+
     def list_checkpoints(
         self, job_id: str, *, after: str | None, limit: int
     ) -> tuple[list[dict[str, Any]], bool]:
@@ -336,8 +341,21 @@ class JobStore:
     # -- per-step metrics ----------------------------------------------------------------------
 
     def reset_step_metrics(self, job_id: str) -> None:
-        """A new attempt trains from its first step again: its series starts afresh."""
+        """A new attempt that trains from its first step again: its series starts afresh."""
         self.redis.delete(_series_key(job_id))
+
+    def keep_step_metrics(self, job_id: str, up_to_step: int) -> None:
+        """An attempt resumed from the checkpoint of `up_to_step`: later rows will be trained again, and a
+        validation at that very step too (a checkpoint at an epoch's last step precedes its validation)."""
+        kept = [
+            row for row in self.step_metrics(job_id)
+            if row["step"] < up_to_step or (row["step"] == up_to_step and row.get("kind") != "validation")
+        ]  # fmt: skip
+        with self.redis.pipeline() as pipe:  # MULTI: readers see the old series or the new one
+            pipe.delete(_series_key(job_id))
+            if kept:
+                pipe.rpush(_series_key(job_id), *(json.dumps(row) for row in kept))
+            pipe.execute()
 
     def add_step_metrics(self, job_id: str, row: dict[str, Any]) -> None:
         self.redis.rpush(_series_key(job_id), json.dumps(row))

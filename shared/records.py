@@ -94,6 +94,18 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | None = None
 
 
+Distributed = Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+
+
+class ResumeCheckpoint(BaseModel):
+    id: str
+    step: int
+    attempt: int  # the attempt that saved it
+    prefix: str  # where its files are stored
+    trained_tokens: int = 0
+    created_at: int
+
+
 class Progress(BaseModel):
     step: int = 0
     total_steps: int | None = None
@@ -132,6 +144,15 @@ class JobRecord(BaseModel):
     export_merged: bool = False
     learning_rate_sweep: LearningRateSweep | None = None
     sweep_results: list[dict[str, Any]] = Field(default_factory=list)
+    # Devices: processes per node (one per GPU) and nodes, and how the model is spread over them.
+    num_gpus: int = 1
+    num_nodes: int = 1
+    distributed: Distributed = "ddp"
+    # Full-state checkpoints (None: the operator's TUNERY_CHECKPOINT_EVERY_* defaults).
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = None
+    # The newest full-state checkpoint of this job, from which its next attempt carries on.
+    resume_checkpoint: ResumeCheckpoint | None = None
     state: JobState = JobState.VALIDATING_FILES
     error: JobError | None = None
     fine_tuned_model: str | None = None

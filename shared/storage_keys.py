@@ -33,12 +33,22 @@ def merged_prefix(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/merged/"
 
 
+def checkpoint_prefix(tenant: str, job_id: str, attempt: int, step: int) -> str:
+    """A full-state checkpoint; the attempt in the name keeps a fenced-off attempt from overwriting."""
+    return f"{job_prefix(tenant, job_id)}checkpoints/attempt-{attempt}-step-{step:08d}/"
+
+
 def model_card_key(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/README.md"
 
 
 def evaluation_report_key(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/evaluation.json"
+
+
+def generations_key(tenant: str, job_id: str) -> str:
+    """The evaluator's generated replies (base and fine-tuned) beside the references, one JSON line each."""
+    return job_prefix(tenant, job_id) + "artifacts/generations.jsonl"
 
 
 def validation_split_key(tenant: str, job_id: str) -> str:

@@ -76,6 +76,12 @@ def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
             code="gpu_class_not_found",
             param="gpu_class",
         )
+    devices = ctx.gpu_classes[gpu_class].devices_per_node
+    if body.num_gpus > devices:
+        raise APIError(
+            400, f"num_gpus {body.num_gpus} is more than gpu_class {gpu_class!r} has per node ({devices})",
+            code="invalid_num_gpus", param="num_gpus",
+        )  # fmt: skip
     if body.integrations:
         raise APIError(400, "integrations are not supported", param="integrations")
     _usable_file(ctx, tenant, body.training_file, "training_file")
@@ -103,6 +109,11 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         learning_rate_sweep=body.learning_rate_sweep,
         data_policy=body.data_policy,
         export_merged=body.export_merged,
+        num_gpus=body.num_gpus,
+        num_nodes=body.num_nodes,
+        distributed=body.distributed,
+        checkpoint_every_steps=body.checkpoint_every_steps,
+        checkpoint_every_seconds=body.checkpoint_every_seconds,
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:

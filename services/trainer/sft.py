@@ -27,12 +27,15 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
+from services.trainer.checkpointing import Checkpoints, CheckpointSink, LoopState
 from services.trainer.loop import (
     SCHEDULERS,
     EarlyStopping,
+    EpochShuffle,
     StepMetrics,
     StopAction,
     TrainingHooks,
+    epoch_batches,
     stop_requested,
 )
 from shared import token_cache
@@ -89,6 +92,8 @@ class SFTConfig:
     packing: bool = False
     token_cache: Storage | None = None  # keep tokenized datasets here and reuse them (None: no cache)
     token_cache_prefix: str = TOKEN_CACHE_PREFIX  # where in token_cache, e.g. under the tenant's prefix
+    checkpoints: CheckpointSink | None = None  # where full-state checkpoints go (None: none are saved)
+    resume_from: Path | None = None  # a checkpoint directory written by an earlier attempt of this run
 
 
 @dataclass
@@ -154,7 +159,9 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         loader = DataLoader(
             train,
             batch_size=config.batch_size,
-            shuffle=True,
+            sampler=EpochShuffle(len(train), config.seed),
+            # Its own generator: starting an epoch's iterator must not draw from the global RNG, which
+            # dropout uses and a checkpoint restores.
             generator=torch.Generator().manual_seed(config.seed),
             collate_fn=partial(collate, pad_token_id=pad_id),
         )
@@ -186,17 +193,28 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         num_training_steps=total_steps,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     steps_per_epoch = total_steps // config.n_epochs
 
-    step, trained_tokens, rows = 0, 0, []
+    checkpoints = Checkpoints(accelerator, config.checkpoints, config.output_dir / "checkpoints")
+    checkpoints.save_trainable_only(model)
+    state = checkpoints.resume(config.resume_from) if config.resume_from else LoopState()
+    step, trained_tokens, rows = state.step, state.trained_tokens, state.rows
     stopped: StopAction | None = None
-    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
-    for epoch in range(1, config.n_epochs + 1):
+    early_stopping = EarlyStopping(
+        config.early_stopping_patience,
+        config.early_stopping_min_delta,
+        state.best_valid_loss,
+        state.bad_epochs,
+    )
+    for epoch in range(state.epoch, config.n_epochs + 1):
         if packed is not None:
             packed.repack(epoch)
         model.train()
         window = _Window()
-        for batch in loader:
+        consumed = state.batches_in_epoch if epoch == state.epoch else 0
+        for batch in epoch_batches(accelerator, loader, epoch, consumed):
+            consumed += 1
             with accelerator.accumulate(model):
                 # Logits passed inline: no reference keeps the (large) tensor alive into the next forward.
                 # Packed batches add position_ids (reset per example) and a 4-D mask, or no mask at all.
@@ -251,6 +269,11 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
             stopped = stop_requested(accelerator, hooks)
+            if checkpoints.due(step, stopped):
+                checkpoints.save(
+                    LoopState(step, epoch, consumed, trained_tokens, rows, early_stopping.best_or_none,
+                              early_stopping.bad_epochs)
+                )  # fmt: skip
             if stopped or step == config.max_steps:
                 break
             window = _Window()
@@ -276,7 +299,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             break
 
     stats = packed.stats if packed is not None else None
-    if stopped == "discard":
+    if stopped in ("discard", "suspend"):
         return SFTResult(step, total_steps, trained_tokens, stopped, False, rows, warnings, packing=stats)
     if config.max_steps is not None:
         trial = evaluate_causal_lm(

@@ -21,6 +21,7 @@ from typing import Any
 
 from redis import Redis
 
+from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
 from services.trainer.loop import StepMetrics, StopAction
 from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared import metrics, storage_keys
@@ -125,24 +126,30 @@ class TrainingRun:
                 data={"train_examples": len(train_rows), "valid_examples": len(valid_rows),
                       "validation_source": valid_source, "total_steps": total_steps},
             )  # fmt: skip
+            resume_from = self._resume_point()
             hooks = ProgressHooks(self, total_steps)
-            self.jobs.reset_step_metrics(self.job_id)
             try:
-                if self.record.learning_rate_sweep and not self._sweep(
-                    model_dir, train_rows, valid_rows, hooks
+                swept = bool(self.record.sweep_results)  # an earlier attempt's sweep already chose
+                if (
+                    self.record.learning_rate_sweep
+                    and not swept
+                    and not self._sweep(model_dir, train_rows, valid_rows, hooks)
                 ):
                     hooks.account()
                     if hooks.budget_reason:
                         message = f"{hooks.budget_reason} during the learning-rate sweep; nothing was trained"
                         raise JobFailure("budget_exceeded", message)
                     return self._stopped(hooks)
-                result = train_sft(self._config(model_dir, train_rows, valid_rows), hooks)
+                config = self._config(model_dir, train_rows, valid_rows)
+                config.checkpoints = JobCheckpoints(self.settings, self.storage, self.jobs, self.record)
+                config.resume_from = resume_from
+                result = train_sft(config, hooks)
             except DataError as exc:
                 raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
             except ChatTemplateError as exc:
                 raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
             hooks.account()
-            if result.stopped == "discard":
+            if result.stopped in ("discard", "suspend"):
                 return self._stopped(hooks)
             self._calibrate(hooks, result)
             if result.early_stopped:
@@ -155,6 +162,26 @@ class TrainingRun:
 
     def _event(self, message: str, **kwargs: Any) -> None:
         self.jobs.add_event(self.job_id, message, **kwargs)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint an earlier attempt left, downloaded; None to train from the first step."""
+        checkpoint = self.record.resume_checkpoint
+        directory = fetch_resume_checkpoint(self.storage, self.record, self.workdir)
+        if checkpoint is None or directory is None or not directory.is_dir():
+            if checkpoint is not None:
+                self._event(
+                    f"Checkpoint {checkpoint.id} (step {checkpoint.step}) is missing from storage; "
+                    "training from the first step", level="warn",
+                )  # fmt: skip
+            self.jobs.reset_step_metrics(self.job_id)
+            return None
+        self.jobs.keep_step_metrics(self.job_id, checkpoint.step)
+        self._event(
+            f"Resuming from checkpoint {checkpoint.id} at step {checkpoint.step} (saved by attempt "
+            f"{checkpoint.attempt + 1}); steps after it are trained again",
+            data={"checkpoint": checkpoint.id, "step": checkpoint.step, "saved_by_attempt": checkpoint.attempt},
+        )  # fmt: skip
+        return directory
 
     def _fetch_model(self) -> Path:
         catalog = load_catalog(self.settings)
@@ -277,7 +304,9 @@ class TrainingRun:
 
     def _stopped(self, hooks: ProgressHooks) -> str:
         if hooks.preempted:
-            message = "Worker is shutting down; job returned to the queue"
+            saved = self.jobs.require(self.job_id).resume_checkpoint
+            where = f"it carries on from step {saved.step}" if saved else "it trains from the first step"
+            message = f"Worker is shutting down; job returned to the queue ({where})"
             requeue_as_new_attempt(self.jobs, self.redis, self.settings, self.record, message, level="warn")
             return "preempted"
         return "stopped"
@@ -414,10 +443,11 @@ class ProgressHooks:
         self.total_steps = total_steps
         self.gpu_class = run.record.gpu_class
         self.price = load_gpu_classes(run.settings.gpu_classes)[self.gpu_class]
-        self.devices = 1
+        self.devices = run.record.num_gpus * run.record.num_nodes  # cost counts every device held
         self.interval = run.settings.progress_interval_seconds
         self.last_report = 0.0
-        self.last_tokens = 0
+        resumed = run.record.resume_checkpoint
+        self.last_tokens = resumed.trained_tokens if resumed else 0
         self.started = time.monotonic()
         self.accounted = 0.0  # device-seconds already added to the job's usage
         self.training_seconds = 0.0
@@ -500,13 +530,13 @@ class ProgressHooks:
     def should_stop(self) -> StopAction | None:
         if _Preemption.requested:
             self.preempted = True
-            return "discard"
+            return "suspend"
         record = self.run.jobs.get(self.run.job_id)
-        if (
-            record is None
-            or record.state is not JobState.RUNNING
-            or record.attempt != self.run.record.attempt
-        ):
+        if record is None or record.attempt != self.run.record.attempt:
+            return "discard"
+        if record.state is JobState.PAUSED:
+            return "suspend"  # resuming the job carries on from the checkpoint saved now
+        if record.state is not JobState.RUNNING:
             return "discard"
         budget = record.budget
         spent = record.usage.device_seconds + (self.device_seconds() - self.accounted)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from shared.group_metrics import group_members, largest_gap
+
 
 def evaluate_classifier(
     model: torch.nn.Module,
@@ -134,10 +136,7 @@ def _by_group(
     losses: Sequence[float] | None,
     groups: Sequence[str | None],
 ) -> dict[str, Any]:
-    members: dict[str, list[int]] = {}
-    for i, group in enumerate(groups):
-        if group is not None:
-            members.setdefault(str(group), []).append(i)
+    members = group_members(groups)
     per_group = {
         group: _metrics(
             [y_true[i] for i in rows],
@@ -145,13 +144,13 @@ def _by_group(
             labels,
             None if losses is None else [losses[i] for i in rows],
         )
-        for group, rows in sorted(members.items())
+        for group, rows in members.items()
     }
     out: dict[str, Any] = {"groups": per_group, "n_without_group": sum(g is None for g in groups)}
     for metric in ("accuracy", "macro_f1"):
-        ranked = sorted(per_group, key=lambda g: per_group[g][metric])
-        worst, best = ranked[0], ranked[-1]
-        out[f"{metric}_gap"] = per_group[best][metric] - per_group[worst][metric]
-        out[f"{metric}_best_group"] = best
-        out[f"{metric}_worst_group"] = worst
+        gap = largest_gap(per_group, metric)
+        assert gap is not None  # every group has examples, so every group has a score
+        out[f"{metric}_gap"] = gap["gap"]
+        out[f"{metric}_best_group"] = gap["best_group"]
+        out[f"{metric}_worst_group"] = gap["worst_group"]
     return out

@@ -9,6 +9,17 @@ from typing import Any
 from shared.catalog import CatalogEntry
 from shared.records import FileRecord, JobRecord
 
+# What the card's tables show, in order: report key → name.
+METRICS: dict[str, str] = {
+    "loss": "loss",
+    "perplexity": "perplexity",
+    "mean_token_accuracy": "token accuracy",
+    "exact_match": "exact match",
+    "rouge_l": "ROUGE-L F1",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+}
+
 
 def render_model_card(
     job: JobRecord, base: CatalogEntry | None, training_file: FileRecord | None, report: dict[str, Any]
@@ -30,13 +41,10 @@ def render_model_card(
             else "No personal data was found in the training file by Tunery's scan."
         )
     base_metrics, tuned = report["base"], report["fine_tuned"]
+    measured = [key for key in METRICS if base_metrics.get(key) is not None and tuned.get(key) is not None]
     rows = "\n".join(
-        f"| {name} | {base_metrics[key]:.4f} | {tuned[key]:.4f} |"
-        for name, key in (
-            ("loss", "loss"),
-            ("perplexity", "perplexity"),
-            ("token accuracy", "mean_token_accuracy"),
-        )
+        f"| {METRICS[key]} | {_number(key, base_metrics[key])} | {_number(key, tuned[key])} |"
+        for key in measured
     )
     settings = {
         k: v for k, v in (hp.model_dump(exclude={"reasons"}) if hp else {}).items() if v is not None
@@ -69,8 +77,8 @@ On {report["n_examples"]} held-out rows ({report["validation_source"]}), the sam
 |---|---|---|
 {rows}
 
-Verdict: **{report["verdict"]}** (loss change {report["loss_change"]:+.4f}).
-
+{_generation_note(report)}Verdict: **{report["verdict"]}**: {_verdict_detail(report)}.
+{_groups_section(report)}
 ## Cost
 
 {job.usage.device_seconds:.1f} device-seconds on GPU class `{job.gpu_class}`, ${job.usage.cost_usd:.4f};
@@ -79,9 +87,9 @@ Verdict: **{report["verdict"]}** (loss change {report["loss_change"]:+.4f}).
 ## Intended use and limitations
 
 This adapter specialises its base model to the conversations of the training file. It inherits the
-base model's licence, knowledge and biases; the evaluation above covers loss on held-out rows of the
-same data only, not safety, factuality or behaviour outside that data. Evaluate it on your own cases
-before deploying it, and do not use it where its errors could harm people.
+base model's licence, knowledge and biases; the evaluation above covers loss and reply similarity on
+held-out rows of the same data only, not safety, factuality or behaviour outside that data. Evaluate it
+on your own cases before deploying it, and do not use it where its errors could harm people.
 
 ## Files
 
@@ -89,4 +97,68 @@ before deploying it, and do not use it where its errors could harm people.
 - `tokenizer/`: the tokenizer and its chat template.
 - `merged/` (when exported): the base with the adapter merged in, loadable by `transformers` and vLLM alone.
 - `evaluation.json`: the full evaluation report.
+- `generations.jsonl` (when replies were generated): each prompt, its reference reply, both models' replies
+  and their scores.
+"""
+
+
+def _number(metric: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if metric in ("bleu", "chrf") else f"{value:.4f}"
+
+
+def _verdict_detail(report: dict[str, Any]) -> str:
+    """The report's verdict line; reports made before it existed show the loss change alone."""
+    return report.get("verdict_summary") or f"loss change {report['loss_change']:+.4f}"
+
+
+def _generation_note(report: dict[str, Any]) -> str:
+    generation = report.get("generation")
+    if not generation:
+        return ""
+    return (
+        f"Exact match, ROUGE-L, BLEU and chrF compare the {generation['decoding']} replies of each model to the "
+        f"first {generation['n_examples']} rows' prompts (at most {generation['max_new_tokens']} new tokens) "
+        "with the reference replies: exact match and ROUGE-L F1 from 0 to 1, BLEU and chrF from 0 to 100; "
+        "higher is better. Loss and perplexity: lower is better.\n\n"
+    )
+
+
+def _groups_section(report: dict[str, Any]) -> str:
+    """Every metric per group of rows, and the gap between the best and the worst group."""
+    by_group = report.get("by_group")
+    if not by_group:
+        return ""
+    keys = [key for key in METRICS if report["base"].get(key) is not None]
+    header = "| group | rows | " + " | ".join(METRICS[key] for key in keys) + " |"
+    lines = [header, "|---|---|" + "---|" * len(keys)]
+    for group, values in by_group["groups"].items():
+        cells = [f"{_number(k, values['base'][k])} → {_number(k, values['fine_tuned'][k])}" for k in keys]
+        name = group.replace("|", "\\|")  # a group value must not split the table row
+        lines.append(f"| {name} | {values['n_examples']} | " + " | ".join(cells) + " |")
+    gaps = by_group["gaps"]
+    cells = []
+    for key in keys:
+        base_gap, tuned_gap = gaps["base"].get(key), gaps["fine_tuned"].get(key)
+        if base_gap is None or tuned_gap is None:
+            cells.append("–")
+            continue
+        cells.append(
+            f"{_number(key, base_gap['gap'])} → {_number(key, tuned_gap['gap'])} (worst: {tuned_gap['worst_group']})"
+        )
+    lines.append("| **largest gap** | | " + " | ".join(cells) + " |")
+    without = by_group["n_without_group"]
+    rest = ""
+    if without:
+        rows_have = "1 row has" if without == 1 else f"{without} rows have"
+        rest = f" {rows_have} no group and count{'s' if without == 1 else ''} only in the totals."
+    return f"""
+### By group
+
+Rows grouped by their `{by_group["field"]}` field; each cell is base → fine-tuned. The largest gap is how
+much better the best group scores than the worst, for the base and for the fine-tuned model (and which
+group is worst after fine-tuning).{rest}
+
+{chr(10).join(lines)}
 """

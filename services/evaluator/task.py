@@ -1,7 +1,10 @@
 """The evaluation task: the base model and the fine-tuned model on the same held-out rows.
 
-It reports loss, perplexity and token accuracy for both, stores the report beside the
-artifacts, names the fine-tuned model and moves the job to `succeeded`.
+It reports loss, perplexity and token accuracy for both on every row, and what each model replies to
+the first prompts (greedy, scored against the reference replies; shared.generation_metrics), each
+also per group of rows when the rows carry a group field, with the gap between the best and the worst
+group. It stores the report and the replies beside the artifacts, names the fine-tuned model and moves
+the job to `succeeded`.
 """
 
 from __future__ import annotations
@@ -10,16 +13,33 @@ import json
 import logging
 import signal
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from redis import Redis
 
-from shared import metrics, storage_keys
+from shared import metrics, pii, storage_keys
 from shared.catalog import load_catalog, materialize
-from shared.chat_data import iter_batches, read_conversations, tokenize_chat
+from shared.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
+from shared.classification_data import DEFAULT_GROUP_FIELD
+from shared.data_formats import read_examples
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
+from shared.generation_metrics import (
+    GENERATION_METRICS,
+    MAIN_METRIC,
+    MAX_NEW_TOKENS,
+    METRIC_NAMES,
+    GenerationCase,
+    corpus_scores,
+    generate_replies,
+    generation_cases,
+    row_scores,
+)
+from shared.group_metrics import group_members, largest_gap, pool_token_metrics
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.lm_metrics import evaluate_causal_lm
@@ -34,6 +54,11 @@ from shared.storage import Storage
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 8
+GENERATION_ROWS = 64  # prompts both models answer: the first suitable validation rows, in file order
+GENERATION_BATCH_SIZE = 16
+LOSS_TOLERANCE = 1e-3  # a loss change this small is "unchanged"
+TOKEN_METRICS: tuple[str, ...] = ("loss", "perplexity", "mean_token_accuracy")
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 
 class EvaluationPreempted(Exception):
@@ -82,23 +107,75 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         return f"failed: {error.code}"
 
 
+@dataclass
+class ValidationRows:
+    conversations: list[Messages]
+    groups: list[str | None]  # each row's group (its `group_field` value as a string), or None
+    source: str  # validation_file or held_out_split
+
+
+@dataclass
+class ModelScores:
+    """One model's results: token metrics overall and per group, and its replies to the generation cases."""
+
+    tokens: dict[str, float]  # loss, perplexity, mean_token_accuracy, n_tokens
+    tokens_by_group: dict[str, dict[str, float] | None]  # None: the group has no trainable token
+    replies: list[str]
+
+
 def _validation_rows(
-    redis: Redis, storage: Storage, record: JobRecord, workdir: Path
-) -> tuple[list[list[dict[str, Any]]], str]:
+    redis: Redis, storage: Storage, record: JobRecord, workdir: Path, group_field: str | None
+) -> ValidationRows:
     path = workdir / "validation.jsonl"
     if record.validation_file:
         file = FileStore(redis).get(record.validation_file, record.tenant)
         if file is None:
             raise JobFailure("file_not_found", f"validation file {record.validation_file} was deleted")
         storage.download_file(file.storage_key, path)
-        return read_conversations(
-            path, file.filename, redact=record.data_policy == "redact"
-        ), "validation_file"
+        redact = record.data_policy == "redact"
+        return _read_rows(path, file.filename, "validation_file", redact=redact, group_field=group_field)
     storage.download_file(storage_keys.validation_split_key(record.tenant, record.id), path)
-    return read_conversations(path, "validation_split.jsonl"), "held_out_split"
+    # The trainer wrote the split already redacted.
+    return _read_rows(path, "validation_split.jsonl", "held_out_split", redact=False, group_field=group_field)
 
 
-def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobRecord) -> dict[str, Any]:
+def _read_rows(
+    path: Path, filename: str, source: str, *, redact: bool, group_field: str | None
+) -> ValidationRows:
+    """Like chat_data.read_conversations (same conversion and redaction), keeping each row's group from
+    the fields its format does not use."""
+    with open(path, "rb") as f:
+        examples = list(read_examples(f, filename=filename))
+    if examples and examples[0].kind != "chat":
+        raise DataError(f"{filename} holds {examples[0].kind} examples, not chat conversations")
+    conversations = [example.messages or [] for example in examples]
+    if redact:
+        conversations = [
+            [
+                {**m, "content": pii.redact(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in c
+            ]
+            for c in conversations
+        ]
+    groups = [example.fields.get(group_field) if group_field else None for example in examples]
+    return ValidationRows(conversations, [None if g is None else str(g) for g in groups], source)
+
+
+def evaluate(
+    settings: Settings,
+    redis: Redis,
+    storage: Storage,
+    record: JobRecord,
+    *,
+    generation_rows: int = GENERATION_ROWS,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> dict[str, Any]:
+    """Score the base model and the fine-tuned adapter on the job's validation rows; returns the report
+    (`build_report`) and stores the replies both models generated as the job's generations artifact.
+
+    `generation_rows`: how many prompts (the first suitable rows) both models answer; 0 skips generation.
+    `group_field`: the row field whose values are reported as groups (None: no groups).
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -106,6 +183,7 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
     entry = catalog.get(record.model)
     if entry is None:
         raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
+    max_length = record.hyperparameters.max_seq_length
     with tempfile.TemporaryDirectory(prefix=f"tunery-eval-{record.id}-") as tmp:
         workdir = Path(tmp)
         base_dir = materialize(entry, settings)
@@ -113,7 +191,7 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
         storage.download_prefix(storage_keys.adapter_prefix(record.tenant, record.id), adapter_dir)
         tokenizer_dir = workdir / "tokenizer"
         storage.download_prefix(storage_keys.tokenizer_prefix(record.tenant, record.id), tokenizer_dir)
-        rows, source = _validation_rows(redis, storage, record, workdir)
+        rows = _validation_rows(redis, storage, record, workdir, group_field)
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         trust = settings.allow_trust_remote_code
@@ -121,24 +199,188 @@ def evaluate(settings: Settings, redis: Redis, storage: Storage, record: JobReco
         model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
         eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
         examples = [
-            tokenize_chat(tokenizer, m, record.hyperparameters.max_seq_length, eos_token_ids=eos_ids)
-            for m in rows
+            tokenize_chat(tokenizer, m, max_length, eos_token_ids=eos_ids) for m in rows.conversations
         ]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        cases = generation_cases(rows.conversations, generation_rows)
 
-        base = evaluate_causal_lm(model, iter_batches(examples, EVAL_BATCH_SIZE, pad_id))
-        tuned_model = PeftModel.from_pretrained(model, adapter_dir)
-        tuned = evaluate_causal_lm(tuned_model, iter_batches(examples, EVAL_BATCH_SIZE, pad_id))
-    change = tuned["loss"] - base["loss"]
-    verdict = "improved" if change < -1e-3 else "regressed" if change > 1e-3 else "unchanged"
-    return {
+        def score(m: torch.nn.Module) -> ModelScores:
+            tokens, by_group = _token_metrics(m, examples, rows.groups, pad_id)
+            replies = generate_replies(
+                m, tokenizer, cases, eos_token_ids=eos_ids, pad_token_id=pad_id,
+                max_prompt_tokens=max_length, batch_size=GENERATION_BATCH_SIZE,
+            )  # fmt: skip
+            return ModelScores(tokens, by_group, replies)
+
+        base = score(model)
+        # The adapter is injected into `model` in place: the base is scored first, without a second copy.
+        tuned = score(PeftModel.from_pretrained(model, adapter_dir))
+    if cases:
+        lines = generation_records(cases, rows.groups, base.replies, tuned.replies)
+        body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+        storage.put_bytes(storage_keys.generations_key(record.tenant, record.id), body)
+    return build_report(rows.source, rows.groups, cases, base, tuned, group_field=group_field)
+
+
+def _token_metrics(
+    model: torch.nn.Module, examples: Sequence[TokenizedExample], groups: Sequence[str | None], pad_id: int
+) -> tuple[dict[str, float], dict[str, dict[str, float] | None]]:
+    """Loss, perplexity and token accuracy overall and per group, in one pass over the rows: each group
+    (and the rows without one) is scored alone, and the overall figures pooled from those exactly."""
+    members = group_members(groups)
+    parts = [*members.values(), [i for i, group in enumerate(groups) if group is None]]
+    scored = []
+    for rows in parts:
+        subset = [examples[i] for i in rows]
+        trainable = sum(example.n_trainable for example in subset) > 0
+        batches = iter_batches(subset, EVAL_BATCH_SIZE, pad_id)
+        scored.append(evaluate_causal_lm(model, batches) if trainable else None)
+    overall = pool_token_metrics(part for part in scored if part is not None)
+    return overall, dict(zip(members, scored[:-1], strict=True))
+
+
+def generation_records(
+    cases: Sequence[GenerationCase], groups: Sequence[str | None], base: Sequence[str], tuned: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The lines of the generations artifact: each prompt, its reference, both replies and their scores."""
+    return [
+        {
+            "index": case.index,
+            "group": groups[case.index],
+            "prompt": case.prompt,
+            "reference": case.reference,
+            "base": base[k],
+            "fine_tuned": tuned[k],
+            "base_scores": row_scores(base[k], case.reference),
+            "fine_tuned_scores": row_scores(tuned[k], case.reference),
+        }
+        for k, case in enumerate(cases)
+    ]
+
+
+def build_report(
+    source: str,
+    groups: Sequence[str | None],
+    cases: Sequence[GenerationCase],
+    base: ModelScores,
+    tuned: ModelScores,
+    *,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> dict[str, Any]:
+    """The evaluation report.
+
+    {validation_source, n_examples, n_tokens, base and fine_tuned {loss, perplexity, mean_token_accuracy,
+    exact_match, rouge_l, bleu, chrf (None without generation)}, verdict (improved, unchanged or
+    regressed, by the loss), loss_change, loss_relative_change, generation {n_examples, decoding,
+    max_new_tokens, main_metric, main_metric_change} or None, verdict_summary (the numbers behind the
+    verdict in one line),
+    by_group (None unless some row has a group)}.
+    """
+    references = [case.reference for case in cases]
+    base_generated = corpus_scores(base.replies, references)
+    tuned_generated = corpus_scores(tuned.replies, references)
+    change = tuned.tokens["loss"] - base.tokens["loss"]
+    verdict = (
+        "improved" if change < -LOSS_TOLERANCE else "regressed" if change > LOSS_TOLERANCE else "unchanged"
+    )
+    report: dict[str, Any] = {
         "validation_source": source,
-        "n_examples": len(rows),
-        "n_tokens": base["n_tokens"],
-        "base": {k: base[k] for k in ("loss", "perplexity", "mean_token_accuracy")},
-        "fine_tuned": {k: tuned[k] for k in ("loss", "perplexity", "mean_token_accuracy")},
+        "n_examples": len(groups),
+        "n_tokens": base.tokens["n_tokens"],
+        "base": _metrics(base.tokens, base_generated),
+        "fine_tuned": _metrics(tuned.tokens, tuned_generated),
         "verdict": verdict,
         "loss_change": change,
+        "loss_relative_change": change / base.tokens["loss"] if base.tokens["loss"] else None,
+        "generation": None,
+    }
+    if base_generated and tuned_generated:
+        report["generation"] = {
+            "n_examples": len(cases),
+            "decoding": "greedy",
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "main_metric": MAIN_METRIC,
+            "main_metric_change": tuned_generated[MAIN_METRIC] - base_generated[MAIN_METRIC],
+        }
+    report["verdict_summary"] = verdict_summary(report)
+    report["by_group"] = _by_group(groups, cases, base, tuned, group_field)
+    return report
+
+
+def verdict_summary(report: dict[str, Any]) -> str:
+    """One line of the numbers behind the verdict: the loss change, absolute and relative, and the main
+    generation metric's change."""
+    base, tuned = report["base"], report["fine_tuned"]
+    relative = report.get("loss_relative_change")
+    line = f"loss {base['loss']:.4f} → {tuned['loss']:.4f} ({report['loss_change']:+.4f}"
+    line += f", {relative:+.1%})" if relative is not None else ")"
+    generation = report.get("generation")
+    if generation:
+        key = generation["main_metric"]
+        line += (
+            f"; {METRIC_NAMES[key]} {base[key]:.2f} → {tuned[key]:.2f} ({generation['main_metric_change']:+.2f}) "
+            f"on {generation['n_examples']} generated replies"
+        )
+    return line
+
+
+def _metrics(tokens: dict[str, float] | None, generated: dict[str, float] | None) -> dict[str, float | None]:
+    out: dict[str, float | None] = {key: tokens[key] if tokens else None for key in TOKEN_METRICS}
+    return out | {key: generated[key] if generated else None for key in GENERATION_METRICS}
+
+
+def _by_group(
+    groups: Sequence[str | None],
+    cases: Sequence[GenerationCase],
+    base: ModelScores,
+    tuned: ModelScores,
+    group_field: str | None,
+) -> dict[str, Any] | None:
+    """{field, n_without_group, groups {value: {n_examples, n_tokens, n_generated, base, fine_tuned}},
+    gaps {base, fine_tuned: {metric: {gap, best_group, worst_group}}}, gap_change {metric: fine-tuned gap
+    minus base gap, > 0 when fine-tuning widened it}}."""
+    members = group_members(groups)
+    if not members:
+        return None
+    per_group: dict[str, dict[str, Any]] = {}
+    for group in members:
+        picked = [k for k, case in enumerate(cases) if groups[case.index] == group]
+        references = [cases[k].reference for k in picked]
+        tokens = base.tokens_by_group.get(group)
+        per_group[group] = {
+            "n_examples": len(members[group]),
+            "n_tokens": tokens["n_tokens"] if tokens else 0,
+            "n_generated": len(picked),
+            **{
+                name: _metrics(
+                    scores.tokens_by_group.get(group),
+                    corpus_scores([scores.replies[k] for k in picked], references),
+                )
+                for name, scores in (("base", base), ("fine_tuned", tuned))
+            },
+        }
+    gaps = {
+        name: {
+            metric: largest_gap(
+                {group: values[name] for group, values in per_group.items()},
+                metric,
+                higher_is_better=metric not in LOWER_IS_BETTER,
+            )
+            for metric in (*TOKEN_METRICS, *GENERATION_METRICS)
+        }
+        for name in ("base", "fine_tuned")
+    }
+    gap_change = {
+        metric: gaps["fine_tuned"][metric]["gap"] - gaps["base"][metric]["gap"]
+        for metric in gaps["base"]
+        if gaps["base"][metric] and gaps["fine_tuned"][metric]
+    }
+    return {
+        "field": group_field,
+        "n_without_group": sum(group is None for group in groups),
+        "groups": per_group,
+        "gaps": gaps,
+        "gap_change": gap_change,
     }
 
 
@@ -161,11 +403,10 @@ def _succeed(
     )
     card_key = storage_keys.model_card_key(record.tenant, record.id)
     storage.put_bytes(card_key, card.encode())
-    base, tuned = report["base"], report["fine_tuned"]
     jobs.add_event(
         record.id,
         f"Evaluation complete on {report['n_examples']} {report['validation_source']} rows: "
-        f"loss {base['loss']:.4f} → {tuned['loss']:.4f} ({report['verdict']})",
+        f"{report['verdict']}; {report['verdict_summary']}",
         data=report,
     )
     model_id = fine_tuned_model_id(record)
@@ -175,6 +416,8 @@ def _succeed(
         job.evaluation = report
         job.artifacts["evaluation"] = report_key
         job.artifacts["model_card"] = card_key
+        if report.get("generation"):
+            job.artifacts["generations"] = storage_keys.generations_key(record.tenant, record.id)
 
     done = jobs.transition(
         record.id,

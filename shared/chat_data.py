@@ -9,6 +9,7 @@ template's own text too), except the replies marked `"weight": 0`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from shared import pii
-from shared.data_formats import read_examples
+from shared.data_formats import Example, read_examples
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
@@ -52,20 +53,28 @@ def read_conversations(path: Path, filename: str, *, redact: bool = False) -> li
     With `redact`, personal data and secrets in every message are replaced by `[REDACTED:<kind>]`
     (a job's `data_policy: redact`): the model never sees them.
     """
+    return [example.messages or [] for example in read_chat_examples(path, filename, redact=redact)]
+
+
+def read_chat_examples(path: Path, filename: str, *, redact: bool = False) -> list[Example]:
+    """`read_conversations`, each conversation as its Example: with the fields its format does not use
+    (e.g. `group`), which the held-out split and the evaluator's per-group figures keep."""
     with open(path, "rb") as f:
         examples = list(read_examples(f, filename=filename))
     if examples and examples[0].kind != "chat":
         raise DataError(f"{filename} holds {examples[0].kind} examples, not chat conversations")
-    conversations = [example.messages or [] for example in examples]
     if redact:
-        conversations = [
-            [
-                {**m, "content": pii.redact(m["content"])} if isinstance(m.get("content"), str) else m
-                for m in c
-            ]
-            for c in conversations
+        examples = [
+            dataclasses.replace(
+                example,
+                messages=[
+                    {**m, "content": pii.redact(m["content"])} if isinstance(m.get("content"), str) else m
+                    for m in example.messages or []
+                ],
+            )
+            for example in examples
         ]
-    return conversations
+    return examples
 
 
 def tokenize_chat(

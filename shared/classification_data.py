@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from shared.chat_data import DataError
 from shared.data_formats import Example, read_examples
@@ -130,6 +130,14 @@ def tokenize_classification(
         f"length ({max_length} tokens) and were truncated, e.g. example {first} "
         f"({examples[first].source or f'row {first + 1}'}); the model sees only their beginning"
     ]
+
+
+def is_encoder(config: PretrainedConfig) -> bool:
+    """A masked-LM encoder (BERT, MiniLM, DeBERTa…): reads the whole text at once, and is small enough to
+    fine-tune whole; anything else (decoders) is trained with LoRA and a head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -275,6 +275,12 @@ class JobStore:
     def unregister_fine_tuned_model(self, tenant: str, model_id: str, job_id: str) -> bool:
         return bool(self.redis.zrem(_models_key(tenant), f"{model_id}\t{job_id}"))
 
+    def job_of_fine_tuned_model(self, tenant: str, model_id: str) -> str | None:
+        """The id of the job that made `model_id`, a fine-tuned model of `tenant` (None: not one)."""
+        return next(
+            (job_id for model, job_id, _ in self.fine_tuned_models(tenant) if model == model_id), None
+        )
+
     def fine_tuned_models(self, tenant: str) -> list[tuple[str, str, int]]:
         """(model id, job id, created) of a tenant's fine-tuned models, oldest first."""
         entries = self.redis.zrange(_models_key(tenant), 0, -1, withscores=True)

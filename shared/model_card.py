@@ -18,6 +18,20 @@ METRICS: dict[str, str] = {
     "rouge_l": "ROUGE-L F1",
     "bleu": "BLEU",
     "chrf": "chrF",
+    # classification
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    # preference (DPO)
+    "preference_accuracy": "preference accuracy",
+    "logp_margin": "log-prob margin (chosen − rejected)",
+    "reward_accuracy": "reward accuracy",
+    "reward_margin": "reward margin",
+}
+# What each task's job makes, said in the card's first line.
+KINDS = {
+    "supervised": "A LoRA fine-tune",
+    "dpo": "A LoRA preference tune (DPO)",
+    "classification": "A text classifier fine-tuned",
 }
 
 
@@ -51,13 +65,13 @@ def render_model_card(
     } | {"lora": job.lora.model_dump(), "seed": job.seed}
     return f"""---
 base_model: {job.model}
-library_name: peft
-tags: [tunery, lora, fine-tuned]
+library_name: {"transformers" if "model" in job.artifacts else "peft"}
+tags: [tunery, {job.method_type}, fine-tuned]
 ---
 
 # {job.fine_tuned_model}
 
-A LoRA fine-tune of {base_line}, made by Tunery job `{job.id}` for organization `{job.tenant}`.
+{KINDS.get(job.method_type, "A fine-tune")} of {base_line}, made by Tunery job `{job.id}` for organization `{job.tenant}`.
 
 ## Training data
 
@@ -86,14 +100,17 @@ On {report["n_examples"]} held-out rows ({report["validation_source"]}), the sam
 
 ## Intended use and limitations
 
-This adapter specialises its base model to the conversations of the training file. It inherits the
-base model's licence, knowledge and biases; the evaluation above covers loss and reply similarity on
-held-out rows of the same data only, not safety, factuality or behaviour outside that data. Evaluate it
+This model specialises its base model to the task and data of the training file. It inherits the base
+model's licence, knowledge and biases; the evaluation above covers held-out rows of the same data only,
+not safety, factuality or behaviour outside that data. Evaluate it
 on your own cases before deploying it, and do not use it where its errors could harm people.
 
 ## Files
 
-- `adapter/`: the LoRA adapter (PEFT, safetensors); load it with `PeftModel.from_pretrained(base, "adapter")`.
+- `adapter/`: the LoRA adapter (PEFT, safetensors; for a classifier, with its head); load it with
+  `PeftModel.from_pretrained(base, "adapter")`.
+- `model/` (a classifier fine-tuned whole): the weights, loadable by `AutoModelForSequenceClassification`.
+- `labels.json` (a classifier): its labels, class id i being `labels[i]`.
 - `tokenizer/`: the tokenizer and its chat template.
 - `merged/` (when exported): the base with the adapter merged in, loadable by `transformers` and vLLM alone.
 - `evaluation.json`: the full evaluation report.
@@ -130,11 +147,17 @@ def _groups_section(report: dict[str, Any]) -> str:
     by_group = report.get("by_group")
     if not by_group:
         return ""
-    keys = [key for key in METRICS if report["base"].get(key) is not None]
+    keys = [
+        key
+        for key in METRICS
+        if report["base"].get(key) is not None and report["fine_tuned"].get(key) is not None
+    ]
     header = "| group | rows | " + " | ".join(METRICS[key] for key in keys) + " |"
     lines = [header, "|---|---|" + "---|" * len(keys)]
     for group, values in by_group["groups"].items():
-        cells = [f"{_number(k, values['base'][k])} → {_number(k, values['fine_tuned'][k])}" for k in keys]
+        cells = [
+            f"{_number(k, values['base'].get(k))} → {_number(k, values['fine_tuned'].get(k))}" for k in keys
+        ]
         name = group.replace("|", "\\|")  # a group value must not split the table row
         lines.append(f"| {name} | {values['n_examples']} | " + " | ".join(cells) + " |")
     gaps = by_group["gaps"]

@@ -24,6 +24,7 @@ EVAL_TASK = "services.evaluator.task.run_evaluation"
 PREPARE_TASK = "services.evaluator.prepare.prepare_job"
 ESTIMATE_TASK = "services.evaluator.prepare.estimate_request"
 TOKEN_REPORT_TASK = "services.evaluator.prepare.token_report"
+STANDALONE_EVAL_TASK = "services.evaluator.standalone.run_standalone_evaluation"
 # Smoke-test inference on fine-tuned models, served by `tunery inference` (one process that keeps models
 # loaded between requests).
 INFERENCE_QUEUE = "inference"
@@ -35,16 +36,19 @@ RESULT_TTL_SECONDS = 3600
 FAILURE_TTL_SECONDS = 7 * 24 * 3600
 
 
-def train_queue_name(gpu_class: str) -> str:
-    return f"train:{gpu_class}"
+def train_queue_name(gpu_class: str, num_nodes: int = 1) -> str:
+    """`train:<class>`; a job on several nodes waits for a trainer group of that many nodes."""
+    return f"train:{gpu_class}" if num_nodes == 1 else f"train:{gpu_class}:nodes-{num_nodes}"
 
 
 def queue(redis: Redis, name: str) -> Queue:
     return Queue(name, connection=redis, serializer=JSONSerializer)
 
 
-def enqueue_training(redis: Redis, job_id: str, attempt: int, gpu_class: str, timeout_seconds: int) -> None:
-    queue(redis, train_queue_name(gpu_class)).enqueue_call(
+def enqueue_training(
+    redis: Redis, job_id: str, attempt: int, gpu_class: str, timeout_seconds: int, num_nodes: int = 1
+) -> None:
+    queue(redis, train_queue_name(gpu_class, num_nodes)).enqueue_call(
         TRAIN_TASK,
         args=[job_id, attempt],
         job_id=f"{job_id}-train-{attempt}",
@@ -52,6 +56,18 @@ def enqueue_training(redis: Redis, job_id: str, attempt: int, gpu_class: str, ti
         result_ttl=RESULT_TTL_SECONDS,
         failure_ttl=FAILURE_TTL_SECONDS,
         description=f"train {job_id} (attempt {attempt})",
+    )
+
+
+def enqueue_standalone_evaluation(redis: Redis, evaluation_id: str, timeout_seconds: int) -> None:
+    queue(redis, EVAL_QUEUE).enqueue_call(
+        STANDALONE_EVAL_TASK,
+        args=[evaluation_id],
+        job_id=f"{evaluation_id}-run",
+        timeout=timeout_seconds,
+        result_ttl=RESULT_TTL_SECONDS,
+        failure_ttl=FAILURE_TTL_SECONDS,
+        description=f"evaluate {evaluation_id}",
     )
 
 

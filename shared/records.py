@@ -43,14 +43,20 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+MethodType = Literal["supervised", "dpo", "classification"]
+
+
 class Hyperparameters(BaseModel):
     """Resolved values, each with the reason it was chosen (user-set or the rule that picked it)."""
 
-    method: str = "lora"
+    method: str = "lora"  # lora, or full (classification: every weight trains)
     n_epochs: int
-    batch_size: int  # examples per optimizer step = micro_batch_size × gradient_accumulation_steps
-    micro_batch_size: int
+    batch_size: (
+        int  # examples per optimizer step = micro_batch_size × gradient_accumulation_steps × processes
+    )
+    micro_batch_size: int  # per process
     gradient_accumulation_steps: int = 1
+    processes: int = 1  # training processes (one per device) the batch is shared by
     learning_rate_multiplier: float
     learning_rate: float
     max_seq_length: int
@@ -65,6 +71,10 @@ class Hyperparameters(BaseModel):
     # several examples that cannot attend to each other (shared/packing.py).
     packing: bool = False
     train_on_inputs: bool = False
+    # Method dpo: how far the policy may move from the reference (larger keeps it closer).
+    beta: float | None = None
+    # Method classification: "balanced" weighs each class's loss by its rarity, "none" counts every example alike.
+    class_weights: Literal["none", "balanced"] | None = None
     reasons: dict[str, str] = Field(default_factory=dict)
 
 
@@ -127,7 +137,7 @@ class JobRecord(BaseModel):
     seed: int
     suffix: str | None = None
     metadata: dict[str, str] | None = None
-    method_type: str = "supervised"
+    method_type: MethodType = "supervised"
     # What the client asked for, "auto" included, as the API echoes it back.
     requested_hyperparameters: dict[str, Any] = Field(default_factory=dict)
     # Resolved when the job's files are validated (None until then, shown as the request).
@@ -148,6 +158,8 @@ class JobRecord(BaseModel):
     num_gpus: int = 1
     num_nodes: int = 1
     distributed: Distributed = "ddp"
+    # Publish the artifacts to this Hugging Face Hub repository ("owner/name") when the job succeeds.
+    hub_repo: str | None = None
     # Full-state checkpoints (None: the operator's TUNERY_CHECKPOINT_EVERY_* defaults).
     checkpoint_every_steps: int | None = None
     checkpoint_every_seconds: float | None = None
@@ -171,3 +183,24 @@ class JobRecord(BaseModel):
 def fine_tuned_model_id(record: JobRecord) -> str:
     """OpenAI's shape: ft:<base>:<org>:<suffix>:<job id>."""
     return f"ft:{record.model}:{record.tenant}:{record.suffix or ''}:{record.id}"
+
+
+EvaluationStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class EvaluationRecord(BaseModel):
+    """A standalone evaluation (POST /v1/evaluations): one model on one validation file."""
+
+    id: str
+    tenant: str
+    created_at: int
+    model: str  # a catalog model or a fine-tuned model of the tenant
+    validation_file: str
+    fine_tuning_job: str | None = None  # the job that made `model`, when it is a fine-tuned model
+    group_field: str | None = "group"  # rows carrying this field are also reported per group
+    generation_rows: int = 64  # prompts the models answer (chat models)
+    metadata: dict[str, str] | None = None
+    status: EvaluationStatus = "queued"
+    report: dict[str, Any] | None = None
+    error: JobError | None = None
+    finished_at: int | None = None

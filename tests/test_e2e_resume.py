@@ -16,7 +16,8 @@ from tests.live import LiveTunery
 pytestmark = pytest.mark.slow
 
 SEED = 1234
-METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1}}}
+METHOD = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}}
+TRAINING_ROWS = b"".join(IDENTITY_CHAT.read_bytes().splitlines(keepends=True)[:40])  # 36 train: 72 steps
 
 
 def _children(pid: int) -> list[int]:
@@ -59,7 +60,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_attempt_carries_on_from_it(live
     with live.client() as client:
         file_id = client.post(
             "/v1/files",
-            files={"file": ("train.jsonl", IDENTITY_CHAT.read_bytes())},
+            files={"file": ("train.jsonl", TRAINING_ROWS)},
             data={"purpose": "fine-tune"},
         ).json()["id"]
     reference, reference_losses = _uninterrupted(live, file_id)
@@ -89,7 +90,7 @@ def test_a_killed_training_process_resumes_from_its_last_periodic_checkpoint(liv
     with live.client() as client:
         file_id = client.post(
             "/v1/files",
-            files={"file": ("train.jsonl", IDENTITY_CHAT.read_bytes())},
+            files={"file": ("train.jsonl", TRAINING_ROWS)},
             data={"purpose": "fine-tune"},
         ).json()["id"]
     reference, reference_losses = _uninterrupted(live, file_id)

@@ -165,8 +165,9 @@ def test_packed_examples_have_exactly_their_unpacked_loss(
             leaked = max(leaked, (unmasked[r, at : at + n - 1] - want).abs().max().item())
             at += n
         assert batch["token_mask"][r].sum() == at
-    # Measured: 0.0 on this CPU (fp32), for summed losses of up to ~660 nats per example.
-    assert worst < 1e-5
+    # Measured: 0.0 to 6e-5 on this CPU (fp32, the rounding of the sum depends on the thread count), for
+    # summed losses of up to ~660 nats per example: 1e-7 relative. A leak moves losses by more than 0.1.
+    assert worst < 1e-4
     # No example leaks into the loss of another through the batch's own padding either.
     assert packed.sum().item() == pytest.approx(sum(a.sum().item() for a in alone), rel=1e-6)
     assert leaked > 0.1  # the control: packing without the mask changes the losses

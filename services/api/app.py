@@ -16,6 +16,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from services.api import (
+    routes_evaluations,
     routes_files,
     routes_inference,
     routes_jobs,
@@ -125,6 +126,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_uploads.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_inference.router)
+    app.include_router(routes_evaluations.router)
 
     return app
 

@@ -35,7 +35,21 @@ from shared.recovery import requeue_as_new_attempt
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-def _usable_file(ctx: Context, tenant: str, file_id: str, param: str) -> FileRecord:
+# The file task each method trains on, and how to say what that is.
+TASK_OF_METHOD: dict[str, str] = {
+    "supervised": "chat",
+    "dpo": "preference",
+    "classification": "classification",
+}
+EXPECTED_DATA = {
+    "supervised": "chat, prompt/completion, alpaca or sharegpt examples",
+    "dpo": "preference pairs (OpenAI's DPO rows: input, preferred_output, non_preferred_output; or prompt, "
+    "chosen, rejected)",
+    "classification": "classification rows (text, label)",
+}
+
+
+def _usable_file(ctx: Context, tenant: str, file_id: str, param: str, method_type: str) -> FileRecord:
     record = ctx.files.get(file_id, tenant)
     if record is None:
         raise APIError(400, f"{param} {file_id} does not exist", code="file_not_found", param=param)
@@ -48,15 +62,52 @@ def _usable_file(ctx: Context, tenant: str, file_id: str, param: str) -> FileRec
             code=f"invalid_{param}",
             param=param,
         )
-    if record.task != "chat":
+    if record.task != TASK_OF_METHOD[method_type]:
         raise APIError(
             400,
-            f"{param} {file_id} holds {record.format} data ({record.task}); supervised fine-tuning needs chat, "
-            "prompt/completion, alpaca or sharegpt examples",
+            f"{param} {file_id} holds {record.format} data ({record.task}); method {method_type} needs "
+            f"{EXPECTED_DATA[method_type]}",
             code="unsupported_data_for_method",
             param=param,
         )
     return record
+
+
+def _check_method(ctx: Context, body: JobCreate) -> None:
+    """The method's own rules: a model that can learn it, its hyperparameters where it reads them, and
+    the options it supports."""
+    method_type = body.method_type
+    entry = ctx.catalog[body.model]
+    if method_type not in entry.tasks:
+        raise APIError(
+            400, f"model {body.model!r} can be trained for {', '.join(entry.tasks)} only, not method "
+            f"{method_type} (see the tasks of GET /v1/models)",
+            code="unsupported_method_for_model", param="model",
+        )  # fmt: skip
+    if body.method is not None:
+        for other in ("supervised", "dpo", "classification"):
+            if other != method_type and getattr(body.method, other) is not None:
+                raise APIError(
+                    400, f"method.{other} was given, but method.type is {method_type!r}; put the hyperparameters "
+                    f"under method.{method_type}",
+                    code="invalid_request", param=f"method.{other}",
+                )  # fmt: skip
+    if method_type != "supervised" and body.hyperparameters is not None:
+        raise APIError(
+            400, f"the top-level hyperparameters are for supervised jobs; give them under method.{method_type}"
+            ".hyperparameters", code="invalid_request", param="hyperparameters",
+        )  # fmt: skip
+    if method_type != "supervised" and body.learning_rate_sweep is not None:
+        raise APIError(
+            400, f"learning-rate sweeps are available for supervised jobs only, not method {method_type}",
+            code="invalid_request", param="learning_rate_sweep",
+        )  # fmt: skip
+    if method_type == "classification" and body.export_merged:
+        raise APIError(
+            400, "export_merged merges a causal LM's adapter into its weights; a classifier is exported as it was "
+            "trained (its model or adapter, tokenizer and labels)",
+            code="invalid_request", param="export_merged",
+        )  # fmt: skip
 
 
 def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
@@ -82,11 +133,22 @@ def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
             400, f"num_gpus {body.num_gpus} is more than gpu_class {gpu_class!r} has per node ({devices})",
             code="invalid_num_gpus", param="num_gpus",
         )  # fmt: skip
+    if body.hub_repo and not ctx.settings.hf_token:
+        raise APIError(
+            400, "hub_repo: this server has no Hugging Face token (TUNERY_HF_TOKEN) to publish with",
+            code="hub_unavailable", param="hub_repo",
+        )  # fmt: skip
+    if gpu_class == "cpu" and body.distributed != "ddp":
+        raise APIError(
+            400, f"distributed {body.distributed!r} needs GPUs; processes of the cpu class use ddp (gloo)",
+            code="invalid_distributed", param="distributed",
+        )  # fmt: skip
     if body.integrations:
         raise APIError(400, "integrations are not supported", param="integrations")
-    _usable_file(ctx, tenant, body.training_file, "training_file")
+    _check_method(ctx, body)
+    _usable_file(ctx, tenant, body.training_file, "training_file", body.method_type)
     if body.validation_file is not None:
-        _usable_file(ctx, tenant, body.validation_file, "validation_file")
+        _usable_file(ctx, tenant, body.validation_file, "validation_file", body.method_type)
     return gpu_class
 
 
@@ -102,6 +164,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         suffix=body.suffix,
         metadata=body.metadata,
+        method_type=body.method_type,
         requested_hyperparameters=body.requested_hyperparameters(),
         lora=body.lora or LoraSettings(),
         gpu_class=gpu_class,
@@ -114,6 +177,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         distributed=body.distributed,
         checkpoint_every_steps=body.checkpoint_every_steps,
         checkpoint_every_seconds=body.checkpoint_every_seconds,
+        hub_repo=body.hub_repo,
     )
     limit = ctx.settings.max_active_jobs_per_tenant
     if ctx.jobs.active_count(tenant) >= limit:
@@ -151,8 +215,10 @@ def estimate_job(
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "seed": body.seed if body.seed is not None else 0,
+        "method_type": body.method_type,
         "requested": body.requested_hyperparameters(),
         "lora": (body.lora or LoraSettings()).model_dump(),
+        "processes": body.num_gpus * body.num_nodes,
         "gpu_class": gpu_class,
         "data_policy": body.data_policy,
     }

@@ -28,6 +28,7 @@ def _catalog_model(entry: CatalogEntry) -> dict:
         "description": entry.description,
         "license": entry.license,
         "max_seq_length": entry.max_seq_length,
+        "tasks": list(entry.tasks),  # the method.type values a job may train it for
         "fine_tuned": False,
     }
 
@@ -70,7 +71,8 @@ def retrieve_model(
     "/{model_id:path}",
     summary="Delete a fine-tuned model (admin keys only)",
     response_model=Deleted,
-    description="Removes the model from the list and deletes its adapter and tokenizer; the job stays.",
+    description="Removes the model from the list and deletes its weights (adapter, or a classifier's model and "
+    "labels) and tokenizer; the job stays.",
 )
 def delete_model(
     model_id: str,
@@ -89,6 +91,8 @@ def delete_model(
             ctx.jobs.unregister_fine_tuned_model(caller.tenant, model_id, job_id)
             ctx.storage.delete_prefix(storage_keys.adapter_prefix(caller.tenant, job_id))
             ctx.storage.delete_prefix(storage_keys.tokenizer_prefix(caller.tenant, job_id))
+            ctx.storage.delete_prefix(storage_keys.model_prefix(caller.tenant, job_id))
+            ctx.storage.delete(storage_keys.labels_key(caller.tenant, job_id))
             ctx.jobs.add_event(job_id, f"Fine-tuned model {model_id} deleted", level="warn")
             return {"id": model_id, "object": "model", "deleted": True}
     raise not_found("model", model_id, param="model")

@@ -11,12 +11,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.job_states import public_status
-from shared.records import Distributed, FileRecord, JobRecord, LearningRateSweep, LoraSettings
+from shared.records import Distributed, FileRecord, JobRecord, LearningRateSweep, LoraSettings, MethodType
 
 Auto = Literal["auto"]
 
 
-class HyperparametersIn(BaseModel):
+class _HyperparametersIn(BaseModel):
+    """What the hyperparameters of every method share."""
+
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: int | Auto | None = Field(default=None, description="1-50, or auto")
@@ -43,18 +45,6 @@ class HyperparametersIn(BaseModel):
     )
     early_stopping_min_delta: float | Auto | None = Field(
         default=None, ge=0, description="Tunery: the decrease of the validation loss that counts as better"
-    )
-    packing: bool | Auto | None = Field(
-        default=None, description="Tunery: pack short examples into full rows (each isolated from the others)"
-    )
-    train_on_inputs: bool | None = Field(
-        default=None, description="Tunery: also train on prompt tokens, not only on assistant replies"
-    )
-    label_smoothing: float | Auto | None = Field(
-        default=None,
-        ge=0,
-        le=0.5,
-        description="Tunery: share of each target's probability spread over the vocabulary",
     )
 
     @field_validator("max_seq_length")
@@ -89,15 +79,80 @@ class HyperparametersIn(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class HyperparametersIn(_HyperparametersIn):
+    """Supervised fine-tuning."""
+
+    packing: bool | Auto | None = Field(
+        default=None, description="Tunery: pack short examples into full rows (each isolated from the others)"
+    )
+    train_on_inputs: bool | None = Field(
+        default=None, description="Tunery: also train on prompt tokens, not only on assistant replies"
+    )
+    label_smoothing: float | Auto | None = Field(
+        default=None,
+        ge=0,
+        le=0.5,
+        description="Tunery: share of each target's probability spread over the vocabulary",
+    )
+
+
+class DpoHyperparametersIn(_HyperparametersIn):
+    """Direct preference optimisation (OpenAI's DPO hyperparameters, and Tunery's extras)."""
+
+    beta: float | Auto | None = Field(
+        default=None, gt=0, le=10,
+        description="how far the tuned model may move from the base: larger keeps it closer (auto: 0.1)",
+    )  # fmt: skip
+    label_smoothing: float | Auto | None = Field(
+        default=None, ge=0, lt=0.5,
+        description="Tunery: conservative DPO, the share of pairs assumed to be labelled the wrong way round",
+    )  # fmt: skip
+
+
+class ClassificationHyperparametersIn(_HyperparametersIn):
+    """Text classification with a head (Tunery's method)."""
+
+    class_weights: Literal["none", "balanced", "auto"] | None = Field(
+        default=None,
+        description="balanced: each class's loss weighed by its rarity; none: every example alike",
+    )
+    label_smoothing: float | Auto | None = Field(
+        default=None, ge=0, le=0.5, description="share of each target's probability spread over the classes"
+    )
+    method: Literal["auto", "full", "lora"] | None = Field(
+        default=None,
+        description="full: every weight trains (small encoders); lora: an adapter and the head (decoders)",
+    )
+
+
 class SupervisedIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hyperparameters: HyperparametersIn | None = None
 
 
+class DpoIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
+class ClassificationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: ClassificationHyperparametersIn | None = None
+
+
 class MethodIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is available yet.")
+    type: MethodType = Field(
+        description="supervised (chat data), dpo (preference pairs), or Tunery's classification (text, label)"
+    )
     supervised: SupervisedIn | None = None
+    dpo: DpoIn | None = None
+    classification: ClassificationIn | None = Field(default=None, description="Tunery's method")
+
+    def hyperparameters(self) -> _HyperparametersIn | None:
+        """The hyperparameters given under the key `type` names."""
+        section = getattr(self, self.type)
+        return section.hyperparameters if section is not None else None
 
 
 class JobCreate(BaseModel):
@@ -159,6 +214,11 @@ class JobCreate(BaseModel):
         description="Tunery extra: save a full training state every this many steps (default: the "
         "server's TUNERY_CHECKPOINT_EVERY_STEPS)",
     )  # fmt: skip
+    hub_repo: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=96,
+        description="Tunery extra: when the job succeeds, publish its artifacts to this Hugging Face Hub "
+        "repository (owner/name; private, created if missing; needs the server's TUNERY_HF_TOKEN)",
+    )  # fmt: skip
     checkpoint_every_seconds: float | None = Field(
         default=None, gt=0,
         description="Tunery extra: save a full training state every this many seconds (default: the "
@@ -177,12 +237,15 @@ class JobCreate(BaseModel):
                 raise ValueError("keys are at most 64 characters and values at most 512")
         return value
 
+    @property
+    def method_type(self) -> MethodType:
+        return self.method.type if self.method else "supervised"
+
     def requested_hyperparameters(self) -> dict[str, Any]:
-        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
-            return self.method.supervised.hyperparameters.requested()
-        if self.hyperparameters:
-            return self.hyperparameters.requested()
-        return {}
+        given = self.method.hyperparameters() if self.method else None
+        if given is None:
+            given = self.hyperparameters  # OpenAI's deprecated top-level form (supervised jobs)
+        return given.requested() if given else {}
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -222,12 +285,7 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "training_file": record.training_file,
         "validation_file": record.validation_file,
         "hyperparameters": hyperparameters,
-        "method": {
-            "type": record.method_type,
-            "supervised": {"hyperparameters": hyperparameters},
-            "dpo": None,
-            "reinforcement": None,
-        },
+        "method": method_object(record, hyperparameters),
         "status": public_status(record.state),
         "error": record.error.model_dump() if record.error else None,
         "fine_tuned_model": record.fine_tuned_model,
@@ -264,7 +322,33 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "checkpoint_every_steps": record.checkpoint_every_steps,
         "checkpoint_every_seconds": record.checkpoint_every_seconds,
         "resume_checkpoint": record.resume_checkpoint.model_dump() if record.resume_checkpoint else None,
+        "hub_repo": record.hub_repo,
     }
+
+
+def method_object(record: JobRecord, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method`: the type and its hyperparameters under the key it names (the others null);
+    Tunery's classification under `classification`. Resolved values once known, else the request's."""
+    hp = record.hyperparameters
+    requested = record.requested_hyperparameters
+
+    def values(*names: str) -> dict[str, Any]:
+        return {name: getattr(hp, name) if hp is not None else requested.get(name, "auto") for name in names}
+
+    method: dict[str, Any] = {
+        "type": record.method_type,
+        "supervised": None,
+        "dpo": None,
+        "reinforcement": None,
+    }
+    if record.method_type == "dpo":
+        method["dpo"] = {"hyperparameters": hyperparameters | values("beta")}
+    elif record.method_type == "classification":
+        chosen = values("class_weights", "label_smoothing", "method")
+        method["classification"] = {"hyperparameters": hyperparameters | chosen}
+    else:
+        method["supervised"] = {"hyperparameters": hyperparameters}
+    return method
 
 
 def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -537,3 +621,38 @@ class ClassificationList(_Open):
     model: str
     data: list[ClassificationResult]
     usage: ClassificationUsage
+
+
+# -- standalone evaluations -------------------------------------------------------------------------
+
+
+class EvaluationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A catalog chat model, or a fine-tuned model of your organization (ft:…)")
+    validation_file: str = Field(description="A processed file of the data the model's task reads")
+    group_field: str | None = Field(
+        default="group",
+        description="Rows carrying this field are also scored per group, with the largest gap",
+    )
+    generation_rows: int = Field(default=64, ge=0, le=512, description="Prompts the models answer (0: none)")
+    metadata: dict[str, str] | None = None
+
+
+class Evaluation(_Open):
+    id: str
+    object: Literal["evaluation"]
+    created_at: int
+    model: str
+    validation_file: str
+    fine_tuning_job: str | None
+    status: Literal["queued", "running", "succeeded", "failed"]
+    report: dict[str, Any] | None = Field(
+        description="base (and fine_tuned) metrics, verdict, per-group figures: as a job's evaluation"
+    )
+    error: dict[str, Any] | None
+    finished_at: int | None
+
+
+class EvaluationList(_Page):
+    data: list[Evaluation]

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from transformers import PreTrainedTokenizerBase
 
 from shared import hyperparams, metrics
 from shared.calibration import calibrated_flops
@@ -28,19 +31,22 @@ from shared.chat_data import (
     read_conversations,
     tokenize_chat,
 )
-from shared.estimate import DataStats, build_estimate, token_summary
+from shared.classification_data import is_encoder, label_vocabulary, tokenize_classification
+from shared.estimate import DataStats, Workload, build_estimate, token_summary
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
 from shared.job_states import JobState
 from shared.model_facts import read_model_facts
 from shared.model_loading import generation_eos_ids
+from shared.preference_data import PreferencePair, tokenize_preferences
 from shared.queue import enqueue_training
 from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
 from shared.runtime import connect
 from shared.settings import Settings, get_settings
 from shared.splits import holdout_split
 from shared.storage import storage_from_settings
+from shared.task_data import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ class JobSpec:
     lora: LoraSettings
     gpu_class: str
     data_policy: str = "warn"
+    processes: int = 1  # training processes (devices) in all: num_gpus × num_nodes
+    method_type: str = "supervised"
 
 
 def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
@@ -95,7 +103,7 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
                 )
             path = Path(tmp) / file_id
             storage.download_file(record.storage_key, path)
-            return read_conversations(path, record.filename, redact=spec.data_policy == "redact")
+            return read_rows(path, record.filename, spec.method_type, redact=spec.data_policy == "redact")
 
         try:
             rows = rows_of(spec.training_file, "training_file")
@@ -111,35 +119,26 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
     model_dir = materialize(entry, settings)
     trust = settings.allow_trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
-    eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
-    try:
-        check_eos(tokenizer, eos_ids)
-        train = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in train_rows]
-        valid = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in valid_rows]
-    except ChatTemplateError as exc:
-        raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
-    except DataError as exc:
-        raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
-    stats = DataStats(
-        train_lengths=[len(e.input_ids) for e in train],
-        valid_lengths=[len(e.input_ids) for e in valid],
-        validation_source=source,
-    )
     facts = read_model_facts(model_dir)
     context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
-    hp = hyperparams.resolve(
-        spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
-        lora=spec.lora, gpu_class=classes[spec.gpu_class], seed=spec.seed,
-    )  # fmt: skip
-    length = hp.max_seq_length
+
+    def resolve(stats: DataStats, encoder: bool = False) -> Hyperparameters:
+        return hyperparams.resolve(
+            spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
+            lora=spec.lora, gpu_class=classes[spec.gpu_class], seed=spec.seed, processes=spec.processes,
+            method_type=spec.method_type, encoder=encoder,
+        )  # fmt: skip
+
+    task_rows = TaskRows(train_rows, valid_rows, source)
     try:
-        check_trainable(
-            [
-                TokenizedExample(e.input_ids[:length], e.labels[:length], len(e.input_ids) > length)
-                for e in train
-            ],
-            train_rows,
-        )
+        if spec.method_type == "classification":
+            hp, stats = _plan_classification(tokenizer, model_dir, task_rows, resolve, trust)
+        elif spec.method_type == "dpo":
+            hp, stats = _plan_dpo(tokenizer, model_dir, task_rows, resolve, trust, notes)
+        else:
+            hp, stats = _plan_supervised(tokenizer, model_dir, task_rows, resolve, trust)
+    except ChatTemplateError as exc:
+        raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
     except DataError as exc:
         raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
     estimate = build_estimate(
@@ -150,9 +149,100 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
         seed=spec.seed,
         classes=classes,
         calibration=calibrated_flops(redis),
+        workload=Workload.of(spec.method_type, hp.method),
     )
     estimate["notes"] = notes
     return hp, estimate
+
+
+@dataclass
+class TaskRows:
+    train: list[Any]  # Messages (supervised) or Examples (classification, dpo)
+    valid: list[Any]
+    source: str  # validation_file or held_out_split
+
+    @property
+    def valid_param(self) -> str:
+        """The request field a problem of the validation rows is reported against."""
+        return "validation_file" if self.source == "validation_file" else "training_file"
+
+
+Resolver = Callable[..., Hyperparameters]
+
+
+def _plan_supervised(
+    tokenizer: PreTrainedTokenizerBase, model_dir: Path, rows: TaskRows, resolve: Resolver, trust: bool
+) -> tuple[Hyperparameters, DataStats]:
+    """Chat conversations rendered with the model's template: every example must keep a token to learn."""
+    eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
+    check_eos(tokenizer, eos_ids)
+    train = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in rows.train]
+    valid = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in rows.valid]
+    stats = DataStats(
+        train_lengths=[len(e.input_ids) for e in train],
+        valid_lengths=[len(e.input_ids) for e in valid],
+        validation_source=rows.source,
+    )
+    hp = resolve(stats)
+    length = hp.max_seq_length
+    check_trainable(
+        [TokenizedExample(e.input_ids[:length], e.labels[:length], len(e.input_ids) > length) for e in train],
+        rows.train,
+    )
+    return hp, stats
+
+
+def _plan_classification(
+    tokenizer: PreTrainedTokenizerBase, model_dir: Path, rows: TaskRows, resolve: Resolver, trust: bool
+) -> tuple[Hyperparameters, DataStats]:
+    """Texts with the model's tokenizer (its special tokens included); the labels come from the training
+    rows, and a validation label outside them is refused (the model could never predict it)."""
+    from transformers import AutoConfig
+
+    labels = label_vocabulary(rows.train)
+    train, _ = tokenize_classification(tokenizer, rows.train, labels, UNBOUNDED)
+    try:
+        valid, _ = tokenize_classification(tokenizer, rows.valid, labels, UNBOUNDED, dataset="validation")
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), rows.valid_param) from exc
+    stats = DataStats(
+        train_lengths=[len(e.input_ids) for e in train],
+        valid_lengths=[len(e.input_ids) for e in valid],
+        validation_source=rows.source,
+    )
+    encoder = is_encoder(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
+    return resolve(stats, encoder), stats
+
+
+def _plan_dpo(
+    tokenizer: PreTrainedTokenizerBase,
+    model_dir: Path,
+    rows: TaskRows,
+    resolve: Resolver,
+    trust: bool,
+    notes: list[str],
+) -> tuple[Hyperparameters, DataStats]:
+    """Both sides of every pair rendered with the model's template. The sequence length (per side) is chosen
+    from the longer side of each pair; the estimate counts both sides as training will cut them."""
+    eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
+    check_eos(tokenizer, eos_ids)
+    tokenize = partial(tokenize_preferences, tokenizer, eos_token_ids=eos_ids)
+
+    def longer_sides(pairs: list[PreferencePair]) -> list[int]:
+        return [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+
+    train, _ = tokenize(rows.train, UNBOUNDED)
+    try:
+        valid, _ = tokenize(rows.valid, UNBOUNDED, dataset="validation")
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), rows.valid_param) from exc
+    hp = resolve(DataStats(longer_sides(train), longer_sides(valid), rows.source))
+    # Cut as training cuts them: the estimate's token counts are exact.
+    train, warnings = tokenize(rows.train, hp.max_seq_length)
+    valid, _ = tokenize(rows.valid, hp.max_seq_length, dataset="validation")
+    notes += warnings
+    stats = DataStats([p.n_tokens for p in train], [p.n_tokens for p in valid], rows.source)
+    return hp, stats
 
 
 def personal_data_summary(record: FileRecord) -> str:
@@ -168,6 +258,7 @@ def personal_data_summary(record: FileRecord) -> str:
 
 def _spec_of(record: JobRecord) -> JobSpec:
     return JobSpec(
+        method_type=record.method_type,
         tenant=record.tenant,
         model=record.model,
         training_file=record.training_file,
@@ -177,6 +268,7 @@ def _spec_of(record: JobRecord) -> JobSpec:
         lora=record.lora,
         gpu_class=record.gpu_class,
         data_policy=record.data_policy,
+        processes=record.num_gpus * record.num_nodes,
     )
 
 
@@ -216,7 +308,9 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
         f"${chosen['cost_usd']:.4f} on {record.gpu_class}. Job queued.",
         mutate=resolved, data={"estimate": estimate},
     )  # fmt: skip
-    enqueue_training(redis, job_id, record.attempt, record.gpu_class, settings.train_timeout_seconds)
+    enqueue_training(
+        redis, job_id, record.attempt, record.gpu_class, settings.train_timeout_seconds, record.num_nodes
+    )
     metrics.TASKS_FINISHED.labels("prepare", "queued").inc()
     return "queued"
 

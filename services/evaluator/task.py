@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from redis import Redis
 
+from services.evaluator import classification_eval, preference_eval
 from shared import metrics, pii, storage_keys
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
@@ -40,6 +41,7 @@ from shared.generation_metrics import (
     row_scores,
 )
 from shared.group_metrics import group_members, largest_gap, pool_token_metrics
+from shared.hub import push_to_hub
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
 from shared.lm_metrics import evaluate_causal_lm
@@ -80,7 +82,7 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         log.info("skipping evaluation of %s attempt %s: job is %s", job_id, attempt, state)
         return f"skipped ({state})"
     try:
-        report = evaluate(settings, redis, storage, record)
+        report = evaluate_job(settings, redis, storage, record)
         _succeed(jobs, storage, record, report, settings, redis)
         metrics.TASKS_FINISHED.labels("evaluator", "succeeded").inc()
         return "succeeded"
@@ -107,6 +109,28 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         return f"failed: {error.code}"
 
 
+def evaluate_job(
+    settings: Settings,
+    redis: Redis,
+    storage: Storage,
+    record: JobRecord,
+    *,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+    generation_rows: int = GENERATION_ROWS,
+    generations_key: str | None = None,
+) -> dict[str, Any]:
+    """The evaluation of the job's task: its report, base and fine-tuned side by side, with a verdict."""
+    if record.method_type == "classification":
+        return classification_eval.evaluate(settings, redis, storage, record, group_field=group_field)
+    if record.method_type == "dpo":
+        return preference_eval.evaluate(settings, redis, storage, record, group_field=group_field)
+    report = evaluate(
+        settings, redis, storage, record, group_field=group_field, generation_rows=generation_rows,
+        generations_key=generations_key,
+    )  # fmt: skip
+    return {"task": "supervised", **report}
+
+
 @dataclass
 class ValidationRows:
     conversations: list[Messages]
@@ -126,17 +150,27 @@ class ModelScores:
 def _validation_rows(
     redis: Redis, storage: Storage, record: JobRecord, workdir: Path, group_field: str | None
 ) -> ValidationRows:
-    path = workdir / "validation.jsonl"
     if record.validation_file:
-        file = FileStore(redis).get(record.validation_file, record.tenant)
-        if file is None:
-            raise JobFailure("file_not_found", f"validation file {record.validation_file} was deleted")
-        storage.download_file(file.storage_key, path)
-        redact = record.data_policy == "redact"
-        return _read_rows(path, file.filename, "validation_file", redact=redact, group_field=group_field)
+        return _file_rows(
+            redis, storage, record.tenant, record.validation_file, workdir, record.data_policy, group_field
+        )
+    path = workdir / "validation.jsonl"
     storage.download_file(storage_keys.validation_split_key(record.tenant, record.id), path)
     # The trainer wrote the split already redacted.
     return _read_rows(path, "validation_split.jsonl", "held_out_split", redact=False, group_field=group_field)
+
+
+def _file_rows(
+    redis: Redis, storage: Storage, tenant: str, file_id: str, workdir: Path, data_policy: str,
+    group_field: str | None,
+) -> ValidationRows:  # fmt: skip
+    file = FileStore(redis).get(file_id, tenant)
+    if file is None:
+        raise JobFailure("file_not_found", f"validation file {file_id} was deleted", "validation_file")
+    path = workdir / "validation.jsonl"
+    storage.download_file(file.storage_key, path)
+    redact = data_policy == "redact"
+    return _read_rows(path, file.filename, "validation_file", redact=redact, group_field=group_field)
 
 
 def _read_rows(
@@ -169,57 +203,110 @@ def evaluate(
     *,
     generation_rows: int = GENERATION_ROWS,
     group_field: str | None = DEFAULT_GROUP_FIELD,
+    generations_key: str | None = None,
 ) -> dict[str, Any]:
     """Score the base model and the fine-tuned adapter on the job's validation rows; returns the report
-    (`build_report`) and stores the replies both models generated as the job's generations artifact.
+    (`build_report`) and stores the replies both models generated (by default as the job's generations
+    artifact).
 
     `generation_rows`: how many prompts (the first suitable rows) both models answer; 0 skips generation.
     `group_field`: the row field whose values are reported as groups (None: no groups).
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    catalog = load_catalog(settings)
-    entry = catalog.get(record.model)
-    if entry is None:
-        raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
-    max_length = record.hyperparameters.max_seq_length
+    entry = _catalog_entry(settings, record.model)
     with tempfile.TemporaryDirectory(prefix=f"tunery-eval-{record.id}-") as tmp:
         workdir = Path(tmp)
-        base_dir = materialize(entry, settings)
         adapter_dir = workdir / "adapter"
         storage.download_prefix(storage_keys.adapter_prefix(record.tenant, record.id), adapter_dir)
         tokenizer_dir = workdir / "tokenizer"
         storage.download_prefix(storage_keys.tokenizer_prefix(record.tenant, record.id), tokenizer_dir)
         rows = _validation_rows(redis, storage, record, workdir, group_field)
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        trust = settings.allow_trust_remote_code
-        device = default_device()
-        model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
-        eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
-        examples = [
-            tokenize_chat(tokenizer, m, max_length, eos_token_ids=eos_ids) for m in rows.conversations
-        ]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        cases = generation_cases(rows.conversations, generation_rows)
-
-        def score(m: torch.nn.Module) -> ModelScores:
-            tokens, by_group = _token_metrics(m, examples, rows.groups, pad_id)
-            replies = generate_replies(
-                m, tokenizer, cases, eos_token_ids=eos_ids, pad_token_id=pad_id,
-                max_prompt_tokens=max_length, batch_size=GENERATION_BATCH_SIZE,
-            )  # fmt: skip
-            return ModelScores(tokens, by_group, replies)
-
-        base = score(model)
-        # The adapter is injected into `model` in place: the base is scored first, without a second copy.
-        tuned = score(PeftModel.from_pretrained(model, adapter_dir))
+        base, tuned, cases = _score(
+            settings, entry, tokenizer_dir, adapter_dir, rows, record.hyperparameters.max_seq_length,
+            generation_rows,
+        )  # fmt: skip
+    assert tuned is not None
     if cases:
         lines = generation_records(cases, rows.groups, base.replies, tuned.replies)
         body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-        storage.put_bytes(storage_keys.generations_key(record.tenant, record.id), body)
+        storage.put_bytes(generations_key or storage_keys.generations_key(record.tenant, record.id), body)
     return build_report(rows.source, rows.groups, cases, base, tuned, group_field=group_field)
+
+
+def evaluate_base_model(
+    settings: Settings,
+    redis: Redis,
+    storage: Storage,
+    tenant: str,
+    model: str,
+    validation_file: str,
+    *,
+    generation_rows: int = GENERATION_ROWS,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> dict[str, Any]:
+    """A catalog chat model alone on a validation file: the base side of `evaluate`'s report."""
+    entry = _catalog_entry(settings, model)
+    with tempfile.TemporaryDirectory(prefix="tunery-eval-base-") as tmp:
+        workdir = Path(tmp)
+        rows = _file_rows(redis, storage, tenant, validation_file, workdir, "warn", group_field)
+        base_dir = materialize(entry, settings)
+        base, _, cases = _score(settings, entry, base_dir, None, rows, entry.max_seq_length, generation_rows)
+    generated = corpus_scores(base.replies, [case.reference for case in cases])
+    return {
+        "task": "supervised",
+        "validation_source": rows.source,
+        "n_examples": len(rows.groups),
+        "n_tokens": base.tokens["n_tokens"],
+        "base": _metrics(base.tokens, generated),
+        "fine_tuned": None,
+        "verdict": None,
+        "generation": {"n_examples": len(cases), "decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS}
+        if generated
+        else None,
+    }
+
+
+def _catalog_entry(settings: Settings, model: str) -> Any:
+    entry = load_catalog(settings).get(model)
+    if entry is None:
+        raise JobFailure("model_not_found", f"model {model!r} is no longer in the catalog", "model")
+    return entry
+
+
+def _score(
+    settings: Settings,
+    entry: Any,
+    tokenizer_dir: Path,
+    adapter_dir: Path | None,
+    rows: ValidationRows,
+    max_length: int,
+    generation_rows: int,
+) -> tuple[ModelScores, ModelScores | None, list[GenerationCase]]:
+    """The base model's scores, then (with an adapter) the fine-tuned model's, on the same rows."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_dir = materialize(entry, settings)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    trust = settings.allow_trust_remote_code
+    device = default_device()
+    model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
+    eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
+    examples = [tokenize_chat(tokenizer, m, max_length, eos_token_ids=eos_ids) for m in rows.conversations]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cases = generation_cases(rows.conversations, generation_rows)
+
+    def score(m: torch.nn.Module) -> ModelScores:
+        tokens, by_group = _token_metrics(m, examples, rows.groups, pad_id)
+        replies = generate_replies(
+            m, tokenizer, cases, eos_token_ids=eos_ids, pad_token_id=pad_id,
+            max_prompt_tokens=max_length, batch_size=GENERATION_BATCH_SIZE,
+        )  # fmt: skip
+        return ModelScores(tokens, by_group, replies)
+
+    base = score(model)
+    # The adapter is injected into `model` in place: the base is scored first, without a second copy.
+    tuned = score(PeftModel.from_pretrained(model, adapter_dir)) if adapter_dir is not None else None
+    return base, tuned, cases
 
 
 def _token_metrics(
@@ -427,3 +514,25 @@ def _succeed(
         mutate=finish,
     )
     jobs.register_fine_tuned_model(done)
+    if done.hub_repo:
+        _publish_to_hub(jobs, storage, settings, done)
+
+
+def _publish_to_hub(jobs: JobStore, storage: Storage, settings: Settings, record: JobRecord) -> None:
+    """Best effort, after success: the artifacts stay in storage whatever happens to the push."""
+    try:
+        url = push_to_hub(settings, storage, record)
+    except Exception as exc:
+        log.warning("pushing %s to %s failed: %s", record.id, record.hub_repo, exc)
+        jobs.add_event(
+            record.id,
+            f"Publishing to the Hugging Face Hub repository {record.hub_repo} failed: {exc}",
+            level="warn",
+        )
+        return
+
+    def published(job: JobRecord) -> None:
+        job.artifacts["hub"] = url
+
+    jobs.update(record.id, published)
+    jobs.add_event(record.id, f"Published to the Hugging Face Hub: {url}")

@@ -10,8 +10,8 @@ The classic AutoTrain task. Labels come from the training data (`shared.classifi
   non-pad token, so the config gets a pad_token_id).
 
 "auto" picks full for masked-LM encoders up to FULL_FINE_TUNE_MAX_PARAMS and LoRA otherwise. Hooks, stop
-actions, schedulers, early stopping and the seeded data order are those of the SFT recipe
-(`services.trainer.sft`), so the trainer task drives both the same way. Loss is cross-entropy per example
+actions, schedulers, early stopping, the seeded data order and full-state checkpoints (with resuming from
+one) are those of the SFT recipe (`services.trainer.sft`), so the trainer task drives both the same way. Loss is cross-entropy per example
 (optionally class-weighted and label-smoothed), normalised across the accumulation window and processes.
 """
 
@@ -32,20 +32,23 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from services.trainer.checkpointing import Checkpoints, CheckpointSink, LoopState
 from services.trainer.loop import (
     SCHEDULERS,
     EarlyStopping,
+    EpochShuffle,
     StepMetrics,
     StopAction,
     TrainingHooks,
+    epoch_batches,
     stop_requested,
 )
 from shared.classification_data import (
     DEFAULT_GROUP_FIELD,
     class_weights,
     collate_classification,
+    is_encoder,
     iter_classification_batches,
     label_vocabulary,
     pad_token_id,
@@ -55,13 +58,13 @@ from shared.classification_data import (
 from shared.classification_metrics import evaluate_classifier, summary
 from shared.data_formats import Example
 from shared.estimate import count_optimizer_steps
+from shared.hyperparams import FULL_FINE_TUNE_MAX_PARAMS
 from shared.model_loading import weights_dtype
 
 log = logging.getLogger(__name__)
 
 Method = Literal["auto", "full", "lora"]
 
-FULL_FINE_TUNE_MAX_PARAMS = 150_000_000  # "auto": full fine-tuning for encoders up to this size
 HEAD_NAMES = ("classifier", "score")  # transformers' names for the classification head
 
 
@@ -95,6 +98,8 @@ class ClassificationConfig:
     max_steps: int | None = None
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
+    checkpoints: CheckpointSink | None = None  # where full-state checkpoints go (None: none are saved)
+    resume_from: Path | None = None  # a checkpoint directory written by an earlier attempt of this run
 
 
 @dataclass
@@ -115,7 +120,8 @@ class ClassificationResult:
 
 
 def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> ClassificationResult:
-    """Fine-tune a classifier; save it under output_dir unless stopped with "discard":
+    """Fine-tune a classifier; save it under output_dir unless stopped with "discard" or "suspend" (which
+    saves a checkpoint instead) or run as a max_steps trial:
 
     - `model/` (method "full": config with id2label, safetensors weights) or `adapter/` (method "lora":
       the adapter and the head);
@@ -169,7 +175,9 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
     loader = DataLoader(
         train,
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=EpochShuffle(len(train), config.seed),
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG, which
+        # dropout uses and a checkpoint restores.
         generator=torch.Generator().manual_seed(config.seed),
         collate_fn=partial(collate_classification, pad_token_id=pad_id),
     )
@@ -188,6 +196,7 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
         num_training_steps=total_steps,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     if weights is not None:
         weights = weights.to(accelerator.device)
     steps_per_epoch = total_steps // config.n_epochs
@@ -197,14 +206,24 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
         batches = iter_classification_batches(valid, config.batch_size, pad_id)
         return evaluate_classifier(accelerator.unwrap_model(model), batches, labels)
 
-    step, trained_tokens, rows = 0, 0, []
+    checkpoints = Checkpoints(accelerator, config.checkpoints, config.output_dir / "checkpoints")
+    checkpoints.save_trainable_only(model)
+    state = checkpoints.resume(config.resume_from) if config.resume_from else LoopState()
+    step, trained_tokens, rows = state.step, state.trained_tokens, state.rows
     stopped: StopAction | None = None
     valid_report: dict[str, Any] | None = None
-    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
-    for epoch in range(1, config.n_epochs + 1):
+    early_stopping = EarlyStopping(
+        config.early_stopping_patience,
+        config.early_stopping_min_delta,
+        state.best_valid_loss,
+        state.bad_epochs,
+    )
+    for epoch in range(state.epoch, config.n_epochs + 1):
         model.train()
         window = _Window()
-        for batch in loader:
+        consumed = state.batches_in_epoch if epoch == state.epoch else 0
+        for batch in epoch_batches(accelerator, loader, epoch, consumed):
+            consumed += 1
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss_sum, weight_sum, n_correct = _loss_terms(
@@ -260,6 +279,11 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
             stopped = stop_requested(accelerator, hooks)
+            if checkpoints.due(step, stopped):
+                checkpoints.save(
+                    LoopState(step, epoch, consumed, trained_tokens, rows, early_stopping.best_or_none,
+                              early_stopping.bad_epochs)
+                )  # fmt: skip
             if stopped or step == config.max_steps:
                 break
             window = _Window()
@@ -287,7 +311,7 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
         step, total_steps, trained_tokens, stopped, early_stopping.stopped, rows, warnings, labels, method,
         valid_report,
     )  # fmt: skip
-    if stopped == "discard":
+    if stopped in ("discard", "suspend"):
         result.early_stopped = False
         return result
     if config.max_steps is not None:
@@ -316,10 +340,7 @@ def _resolve_method(config: ClassificationConfig, model: torch.nn.Module | None)
         if model is not None
         else AutoConfig.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
     )
-    is_encoder = model_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
-        model_config, "is_decoder", False
-    )
-    if not is_encoder:
+    if not is_encoder(model_config):
         return "lora"
     if model is None:
         return "full"  # provisional: the size is known once loaded

@@ -11,8 +11,9 @@ optimised.
 Each step reports the DPO loss as train_loss and the reward accuracy (the share of pairs whose chosen reply
 has the higher implicit reward) as train_accuracy; each epoch ends with `evaluate_preferences` on the
 validation pairs. Hooks, stop actions, schedulers, early stopping (on the validation DPO loss), the seeded
-data order and the saved artifacts (`adapter/`, `tokenizer/`) are those of the SFT recipe
-(`services.trainer.sft`), so the trainer task drives both the same way.
+data order, full-state checkpoints (with resuming from one) and the saved artifacts (`adapter/`,
+`tokenizer/`) are those of the SFT recipe (`services.trainer.sft`), so the trainer task drives both the
+same way.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, get_scheduler
 
+from services.trainer.checkpointing import Checkpoints, CheckpointSink, LoopState
 from services.trainer.loop import (
     SCHEDULERS,
     EarlyStopping,
+    EpochShuffle,
     StepMetrics,
     StopAction,
     TrainingHooks,
+    epoch_batches,
     stop_requested,
 )
 from shared.chat_data import check_eos
@@ -84,6 +88,8 @@ class DPOConfig:
     max_steps: int | None = None
     torch_threads: int = 0  # 0 leaves torch's setting; launchers may have set OMP_NUM_THREADS=1
     trust_remote_code: bool = False
+    checkpoints: CheckpointSink | None = None  # where full-state checkpoints go (None: none are saved)
+    resume_from: Path | None = None  # a checkpoint directory written by an earlier attempt of this run
 
 
 @dataclass
@@ -138,7 +144,9 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> DPOResult:
     loader = DataLoader(
         train,
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=EpochShuffle(len(train), config.seed),
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG, which
+        # dropout uses and a checkpoint restores.
         generator=torch.Generator().manual_seed(config.seed),
         collate_fn=partial(collate_pairs, pad_token_id=pad_id),
     )
@@ -157,6 +165,7 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> DPOResult:
         num_training_steps=total_steps,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     steps_per_epoch = total_steps // config.n_epochs
 
     def validate() -> dict[str, Any]:
@@ -164,14 +173,24 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> DPOResult:
         batches = iter_preference_batches(valid, config.batch_size, pad_id)
         return evaluate_preferences(accelerator.unwrap_model(model), batches, config.beta)
 
-    step, trained_tokens, rows = 0, 0, []
+    checkpoints = Checkpoints(accelerator, config.checkpoints, config.output_dir / "checkpoints")
+    checkpoints.save_trainable_only(model)
+    state = checkpoints.resume(config.resume_from) if config.resume_from else LoopState()
+    step, trained_tokens, rows = state.step, state.trained_tokens, state.rows
     stopped: StopAction | None = None
     valid_report: dict[str, Any] | None = None
-    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
-    for epoch in range(1, config.n_epochs + 1):
+    early_stopping = EarlyStopping(
+        config.early_stopping_patience,
+        config.early_stopping_min_delta,
+        state.best_valid_loss,
+        state.bad_epochs,
+    )
+    for epoch in range(state.epoch, config.n_epochs + 1):
         model.train()
         window = _Window()
-        for batch in loader:
+        consumed = state.batches_in_epoch if epoch == state.epoch else 0
+        for batch in epoch_batches(accelerator, loader, epoch, consumed):
+            consumed += 1
             with accelerator.accumulate(model):
                 # The reference: the same weights with the adapter disabled, no graph kept. Through the
                 # prepared model, so a sharded one (FSDP) gathers its weights as for the policy.
@@ -234,6 +253,11 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> DPOResult:
             if accelerator.is_main_process:
                 hooks.on_step(metrics)
             stopped = stop_requested(accelerator, hooks)
+            if checkpoints.due(step, stopped):
+                checkpoints.save(
+                    LoopState(step, epoch, consumed, trained_tokens, rows, early_stopping.best_or_none,
+                              early_stopping.bad_epochs)
+                )  # fmt: skip
             if stopped or step == config.max_steps:
                 break
             window = _Window()
@@ -259,8 +283,7 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> DPOResult:
     result = DPOResult(
         step, total_steps, trained_tokens, stopped, early_stopping.stopped, rows, warnings, valid_report
     )
-    if stopped is not None and stopped != "save":
-        # "discard", or a suspension: this recipe keeps no checkpoints yet, so another attempt starts over.
+    if stopped in ("discard", "suspend"):  # a suspension's state is its checkpoint
         result.early_stopped = False
         return result
     if config.max_steps is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import LoraConfig, TaskType, get_peft_model
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
@@ -193,6 +193,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         num_training_steps=total_steps,
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     accelerator.register_for_checkpointing(scheduler)
     steps_per_epoch = total_steps // config.n_epochs
 
@@ -222,7 +223,12 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
                 logits = model(**inputs, use_cache=False).logits
                 stats = token_stats(logits, batch["labels"], config.label_smoothing)
                 del logits
-                accelerator.backward(stats.loss_sum)
+                if deepspeed:
+                    # DeepSpeed steps inside backward(): the loss is made per token of this micro-batch
+                    # up front (its mean over the window and processes, a close stand-in for per-token).
+                    accelerator.backward(stats.loss_sum / stats.n_tokens.clamp(min=1))
+                else:
+                    accelerator.backward(stats.loss_sum)
                 real = batch["token_mask"] if "token_mask" in batch else batch["attention_mask"]
                 window.add(stats, real.sum())
                 if accelerator.sync_gradients:
@@ -232,7 +238,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
                     # accelerator.backward and averaged over processes; make them per trainable token.
                     scale = config.gradient_accumulation_steps * accelerator.num_processes / n_tokens
                     for p in model.parameters():
-                        if p.grad is not None:
+                        if p.grad is not None and not deepspeed:
                             p.grad.mul_(scale)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     learning_rate = scheduler.get_last_lr()[0]
@@ -252,7 +258,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
                 train_loss=loss_sum / n_tokens,
                 train_accuracy=n_correct / n_tokens,
                 learning_rate=learning_rate,
-                grad_norm=float(grad_norm),
+                grad_norm=math.nan if grad_norm is None else float(grad_norm),
                 tokens_per_second=n_input / seconds,
                 trained_tokens=trained_tokens,
                 step_seconds=seconds,

@@ -1,15 +1,15 @@
 """The training task an RQ work horse runs: one attempt at one job, from queued to evaluating.
 
-It fetches what the job needs, runs the SFT recipe with hooks that report progress and obey
-cancel and preemption, publishes the artifacts, and hands the job to the evaluator. A stale
-attempt (the job moved on without it) never publishes anything.
+It fetches what the job needs, runs the recipe of the job's method (supervised fine-tuning, text
+classification or DPO) with hooks that report progress and obey cancel and preemption, publishes the
+artifacts, and hands the job to the evaluator. A stale attempt (the job moved on without it) never
+publishes anything.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import signal
@@ -21,13 +21,17 @@ from typing import Any
 
 from redis import Redis
 
+from services.trainer.classification import ClassificationConfig, ClassificationResult, train_classification
+from services.trainer.dpo import DPOConfig, DPOResult, train_dpo
 from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
+from services.trainer.launch import run_launched, world_size
 from services.trainer.loop import StepMetrics, StopAction
 from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared import metrics, storage_keys
 from shared.calibration import record_throughput
 from shared.catalog import load_catalog, materialize
-from shared.chat_data import ChatTemplateError, DataError, read_conversations
+from shared.chat_data import ChatTemplateError, DataError, read_chat_examples
+from shared.classification_data import LABELS_FILE
 from shared.cost import cost_usd
 from shared.estimate import count_optimizer_steps
 from shared.export import merge_adapter
@@ -44,11 +48,31 @@ from shared.runtime import connect
 from shared.settings import Settings
 from shared.splits import holdout_split
 from shared.storage import Storage
+from shared.task_data import read_rows, split_jsonl
 from shared.usage import add_usage
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+RecipeConfig = SFTConfig | ClassificationConfig | DPOConfig
+RecipeResult = SFTResult | ClassificationResult | DPOResult
+
+# The per-step metrics CSV by method: OpenAI's columns for supervised jobs, each recipe's own figures else.
+RESULT_COLUMNS = {
+    "supervised": ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"],
+    "classification": ["step", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_macro_f1"],
+    "dpo": [
+        "step", "train_loss", "train_accuracy", "train_reward_margin", "valid_loss", "valid_reward_accuracy",
+        "valid_reward_margin", "valid_preference_accuracy",
+    ],
+}  # fmt: skip
+# The validation figures each recipe reports at an epoch's end (its `valid_metrics`), kept per step.
+VALIDATION_METRICS = {
+    "supervised": ("loss", "mean_token_accuracy"),
+    "classification": ("loss", "accuracy", "macro_f1"),
+    "dpo": ("loss", "reward_accuracy", "reward_margin", "preference_accuracy"),
+}
+# The columns of the supervised CSV, which OpenAI's checkpoint metrics name (the rest are added as they are).
+OPENAI_ROW_KEYS = frozenset(RESULT_COLUMNS["supervised"])
 
 
 class _Preemption:
@@ -143,7 +167,7 @@ class TrainingRun:
                 config = self._config(model_dir, train_rows, valid_rows)
                 config.checkpoints = JobCheckpoints(self.settings, self.storage, self.jobs, self.record)
                 config.resume_from = resume_from
-                result = train_sft(config, hooks)
+                result = self._train(config, hooks)
             except DataError as exc:
                 raise JobFailure("invalid_training_data", str(exc), "training_file") from exc
             except ChatTemplateError as exc:
@@ -159,6 +183,20 @@ class TrainingRun:
             self._publish(result, model_dir, budget_reason=hooks.budget_reason)
             metrics.TASKS_FINISHED.labels("trainer", "budget" if hooks.budget_reason else "trained").inc()
             return "budget reached" if hooks.budget_reason else "trained"
+
+    def _train(self, config: RecipeConfig, hooks: ProgressHooks) -> RecipeResult:
+        """The one place a job's recipe runs: the one its config is for, in this process, or in one
+        process per device under `accelerate launch` when the job has several (services.trainer.launch)."""
+        recipe = (
+            train_classification if isinstance(config, ClassificationConfig)
+            else train_dpo if isinstance(config, DPOConfig)
+            else train_sft
+        )  # fmt: skip
+        if world_size(self.record) > 1:
+            return run_launched(
+                self, f"{recipe.__module__}:{recipe.__name__}", config, hooks, hooks.total_steps
+            )
+        return recipe(config, hooks)
 
     def _event(self, message: str, **kwargs: Any) -> None:
         self.jobs.add_event(self.job_id, message, **kwargs)
@@ -193,7 +231,7 @@ class TrainingRun:
         self._event(f"Fetching base model {entry.id}")
         return materialize(entry, self.settings)
 
-    def _download_rows(self, file_id: str, param: str) -> list[list[dict[str, Any]]]:
+    def _download_rows(self, file_id: str, param: str) -> list[Any]:
         file = FileStore(self.redis).get(file_id, self.record.tenant)
         if file is None:
             raise JobFailure(
@@ -201,20 +239,26 @@ class TrainingRun:
             )
         path = self.workdir / file_id
         self.storage.download_file(file.storage_key, path)
-        return read_conversations(path, file.filename, redact=self.record.data_policy == "redact")
+        redact = self.record.data_policy == "redact"
+        if self.record.method_type == "supervised":
+            # Examples, not bare conversations: a held-out split keeps each row's fields (e.g. group).
+            return read_chat_examples(path, file.filename, redact=redact)
+        return read_rows(path, file.filename, self.record.method_type, redact=redact)
 
     def _fetch_data(self) -> tuple[list, list, str]:
         rows = self._download_rows(self.record.training_file, "training_file")
         if self.record.validation_file:
-            return (
-                rows,
-                self._download_rows(self.record.validation_file, "validation_file"),
-                "validation_file",
-            )
-        train, valid = holdout_split(rows, self.record.seed)
-        body = "".join(json.dumps({"messages": m}) + "\n" for m in valid).encode()
-        self.storage.put_bytes(storage_keys.validation_split_key(self.record.tenant, self.job_id), body)
-        return train, valid, "held_out_split"
+            train, valid = rows, self._download_rows(self.record.validation_file, "validation_file")
+            source = "validation_file"
+        else:
+            train, valid = holdout_split(rows, self.record.seed)
+            # Already redacted (data_policy redact): the evaluator reads the split as it is.
+            key = storage_keys.validation_split_key(self.record.tenant, self.job_id)
+            self.storage.put_bytes(key, split_jsonl(valid))
+            source = "held_out_split"
+        if self.record.method_type == "supervised":  # the SFT recipe trains on the conversations
+            train, valid = [e.messages or [] for e in train], [e.messages or [] for e in valid]
+        return train, valid, source
 
     def _sweep(self, model_dir: Path, train_rows: list, valid_rows: list, hooks: ProgressHooks) -> bool:
         """Short trials of each learning-rate multiplier; the one of lowest validation loss is kept on the
@@ -265,13 +309,14 @@ class TrainingRun:
         if hp.packing and (self.record.estimate or {}).get("optimizer_steps"):
             return self.record.estimate["optimizer_steps"]
         return count_optimizer_steps(
-            n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs
+            n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs, hp.processes
         )
 
-    def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> SFTConfig:
+    def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> RecipeConfig:
+        """The config of the job's recipe: what all three share, then each method's own settings."""
         hp = self.record.hyperparameters
         lora = self.record.lora
-        return SFTConfig(
+        common: dict[str, Any] = dict(
             model_dir=model_dir,
             output_dir=self.workdir / "output",
             train_examples=train_rows,
@@ -287,11 +332,6 @@ class TrainingRun:
             early_stopping_patience=hp.early_stopping_patience,
             early_stopping_min_delta=hp.early_stopping_min_delta,
             label_smoothing=hp.label_smoothing,
-            packing=hp.packing,
-            train_on_inputs=hp.train_on_inputs,
-            # Per tenant: cached token ids are the data itself, and go when the tenant's data goes.
-            token_cache=self.storage,
-            token_cache_prefix=storage_keys.tenant_prefix(self.record.tenant) + "cache/tokenized/",
             lora_r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
@@ -300,6 +340,18 @@ class TrainingRun:
             seed=self.record.seed,
             torch_threads=self.settings.resolved_torch_threads,
             trust_remote_code=self.settings.allow_trust_remote_code,
+        )
+        if self.record.method_type == "classification":
+            return ClassificationConfig(**common, method=hp.method, class_weights=hp.class_weights)
+        if self.record.method_type == "dpo":
+            return DPOConfig(**common, beta=hp.beta)
+        return SFTConfig(
+            **common,
+            packing=hp.packing,
+            train_on_inputs=hp.train_on_inputs,
+            # Per tenant: cached token ids are the data itself, and go when the tenant's data goes.
+            token_cache=self.storage,
+            token_cache_prefix=storage_keys.tenant_prefix(self.record.tenant) + "cache/tokenized/",
         )
 
     def _stopped(self, hooks: ProgressHooks) -> str:
@@ -311,7 +363,7 @@ class TrainingRun:
             return "preempted"
         return "stopped"
 
-    def _calibrate(self, hooks: ProgressHooks, result: SFTResult) -> None:
+    def _calibrate(self, hooks: ProgressHooks, result: RecipeResult) -> None:
         """Feed the measured speed back into the estimates of this GPU class."""
         estimate = self.record.estimate or {}
         if not estimate.get("train_flops") or not result.total_steps:
@@ -319,15 +371,31 @@ class TrainingRun:
         done = estimate["train_flops"] * result.steps_completed / result.total_steps
         record_throughput(self.redis, self.record.gpu_class, done, hooks.training_seconds)
 
-    def _publish(self, result: SFTResult, model_dir: Path, budget_reason: str | None = None) -> None:
+    def _upload_artifacts(self) -> dict[str, str]:
+        """What the recipe saved: the adapter (LoRA) or the whole model (a classifier trained in full),
+        the tokenizer, and a classifier's labels; artifact name → storage key."""
+        tenant, output = self.record.tenant, self.workdir / "output"
+        folders = {
+            "adapter": storage_keys.adapter_prefix,
+            "model": storage_keys.model_prefix,
+            "tokenizer": storage_keys.tokenizer_prefix,
+        }
+        artifacts = {}
+        for name, prefix_of in folders.items():
+            if (output / name).is_dir():
+                artifacts[name] = prefix_of(tenant, self.job_id)
+                self.storage.upload_directory(output / name, artifacts[name])
+        if (output / LABELS_FILE).is_file():
+            artifacts["labels"] = storage_keys.labels_key(tenant, self.job_id)
+            self.storage.upload_file(output / LABELS_FILE, artifacts["labels"])
+        return artifacts
+
+    def _publish(self, result: RecipeResult, model_dir: Path, budget_reason: str | None = None) -> None:
         tenant = self.record.tenant
         output = self.workdir / "output"
-        self.storage.upload_directory(output / "adapter", storage_keys.adapter_prefix(tenant, self.job_id))
-        self.storage.upload_directory(
-            output / "tokenizer", storage_keys.tokenizer_prefix(tenant, self.job_id)
-        )
+        uploaded = self._upload_artifacts()
         result_file = self._store_result_csv(result.metrics_rows)
-        self._event("Artifacts uploaded: adapter, tokenizer, step metrics")
+        self._event(f"Artifacts uploaded: {', '.join(uploaded)}, step metrics")
         merged = None
         if self.record.export_merged and not budget_reason:
             merged_dir = merge_adapter(
@@ -337,7 +405,7 @@ class TrainingRun:
             merged = storage_keys.merged_prefix(tenant, self.job_id)
             self.storage.upload_directory(merged_dir, merged)
             self._event("Merged model exported (base with the adapter merged in, safetensors)")
-        self._record_checkpoint(result)
+        self._record_checkpoint(result, uploaded)
         attempt = self.record.attempt
 
         def finish_training(record: JobRecord) -> None:
@@ -346,10 +414,7 @@ class TrainingRun:
             record.progress.trained_tokens = result.trained_tokens
             record.trained_tokens = result.trained_tokens
             record.result_files = [result_file.id]
-            record.artifacts = {
-                "adapter": storage_keys.adapter_prefix(tenant, self.job_id),
-                "tokenizer": storage_keys.tokenizer_prefix(tenant, self.job_id),
-            } | ({"merged": merged} if merged else {})
+            record.artifacts = uploaded | ({"merged": merged} if merged else {})
             record.estimated_finish = None
 
         if budget_reason:
@@ -371,9 +436,10 @@ class TrainingRun:
         )  # fmt: skip
         enqueue_evaluation(self.redis, self.job_id, attempt, self.settings.eval_timeout_seconds)
 
-    def _record_checkpoint(self, result: SFTResult) -> None:
-        """The final adapter, listed as OpenAI lists a job's checkpoints."""
+    def _record_checkpoint(self, result: RecipeResult, artifacts: dict[str, str]) -> None:
+        """The final adapter (or model), listed as OpenAI lists a job's checkpoints."""
         last = result.metrics_rows[-1]
+        weights = "adapter" if "adapter" in artifacts else "model"
         self._event(
             f"Checkpoint saved at step {result.steps_completed}", data={"step": result.steps_completed}
         )
@@ -391,21 +457,24 @@ class TrainingRun:
                     "train_loss": last["train_loss"],
                     "train_mean_token_accuracy": last["train_accuracy"],
                     "valid_loss": last["valid_loss"],
-                    "valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
+                    "valid_mean_token_accuracy": last.get("valid_mean_token_accuracy"),
                     "full_valid_loss": last["valid_loss"],
-                    "full_valid_mean_token_accuracy": last["valid_mean_token_accuracy"],
-                },
-                # Tunery extra: where the adapter of this checkpoint is stored.
-                "adapter": storage_keys.adapter_prefix(self.record.tenant, self.job_id),
+                    "full_valid_mean_token_accuracy": last.get("valid_mean_token_accuracy"),
+                }
+                # The recipe's own figures (classification, DPO) as they are named in its result CSV.
+                | {key: value for key, value in last.items() if key not in OPENAI_ROW_KEYS},
+                # Tunery extra: where the adapter (or a classifier's whole model) of this checkpoint is stored.
+                weights: artifacts[weights],
             },
         )
 
     def _store_result_csv(self, rows: list[dict[str, Any]]) -> FileRecord:
+        columns = RESULT_COLUMNS[self.record.method_type]
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in RESULT_COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
         file_id = new_file_id()
         key = storage_keys.file_key(self.record.tenant, file_id)
         stored = self.storage.put_stream(key, io.BytesIO(text.getvalue().encode()))
@@ -518,13 +587,16 @@ class ProgressHooks:
         self.run.jobs.update(self.run.job_id, progress, expected_attempt=self.run.record.attempt)
 
     def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
-        detail = f"; validation loss={valid_metrics['loss']:.4f}" if valid_metrics else ""
+        """The recipe's validation figures (VALIDATION_METRICS), e.g. "validation loss=0.41, accuracy=0.88"."""
+        detail = ""
         if valid_metrics:
+            names = VALIDATION_METRICS[self.run.record.method_type]
+            detail = "; validation " + ", ".join(f"{name}={valid_metrics[name]:.4f}" for name in names)
             self.run.jobs.add_step_metrics(
                 self.run.job_id,
-                {"kind": "validation", "step": self.last_step, "epoch": epoch, "valid_loss": valid_metrics["loss"],
-                 "valid_mean_token_accuracy": valid_metrics["mean_token_accuracy"]},
-            )  # fmt: skip
+                {"kind": "validation", "step": self.last_step, "epoch": epoch}
+                | {f"valid_{name}": valid_metrics[name] for name in names},
+            )
         self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
 
     def should_stop(self) -> StopAction | None:

@@ -1,4 +1,5 @@
-"""The trainer process: an RQ worker on `train:<gpu class>`."""
+"""The trainer process: an RQ worker on `train:<gpu class>`, or on `train:<gpu class>:nodes-<n>` as rank 0 of
+a trainer group of n nodes, whose other ranks follow it (services.trainer.launch.follow_group)."""
 
 from pathlib import Path
 
@@ -8,10 +9,15 @@ from shared.settings import Settings
 
 
 def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
+    if settings.trainer_node_rank > 0:
+        from services.trainer.launch import follow_group
+
+        follow_group(settings)
+        return
     worker.run_worker(
         settings,
         "trainer",
-        [train_queue_name(settings.gpu_class)],
+        [train_queue_name(settings.gpu_class, settings.trainer_nodes)],
         settings.trainer_metrics_port,
         multiprocess_dir,
     )

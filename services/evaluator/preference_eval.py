@@ -1,0 +1,172 @@
+"""The evaluation of a DPO job: the base model and the preference-tuned adapter on the same held-out pairs.
+
+Two families of figures (`shared.preference_metrics`):
+
+- each model's own ranking, comparable between the two: `preference_accuracy` (the share of pairs whose
+  chosen reply gets the higher mean log-probability per token) and `logp_margin`;
+- what DPO optimises, measured against the base (the reference the adapter was trained from): the DPO
+  `loss`, `reward_accuracy` (the share of pairs whose chosen reply gained more log-probability than the
+  rejected one) and `reward_margin`. The base is its own reference: its loss is log 2, its reward margin
+  0, and its reward accuracy has no meaning (chance is 0.5).
+
+The verdict follows the held-out DPO loss against the base's log 2: below it, the tuned model prefers the
+chosen replies of pairs it never saw more than the base did.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from redis import Redis
+from transformers import AutoTokenizer
+
+from shared.catalog import load_catalog, materialize
+from shared.failures import JobFailure
+from shared.group_metrics import largest_gap
+from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
+from shared.preference_data import DEFAULT_GROUP_FIELD, iter_preference_batches, tokenize_preferences
+from shared.preference_metrics import evaluate_preferences
+from shared.records import JobRecord
+from shared.settings import Settings
+from shared.storage import Storage
+from shared.task_data import read_validation_rows
+
+EVAL_BATCH_SIZE = 8  # pairs: 16 sequences a forward pass
+LOSS_TOLERANCE = 1e-3  # a DPO loss this close to log 2 is "unchanged"
+LOG_2 = math.log(2)
+RANKING = ("preference_accuracy", "logp_margin")  # both models
+REWARD = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")  # against the base
+
+
+def evaluate(
+    settings: Settings,
+    redis: Redis,
+    storage: Storage,
+    record: JobRecord,
+    *,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> dict[str, Any]:
+    """Score the base model and the job's adapter on its held-out pairs; the report (`build_report`).
+    `group_field`: the row field whose values are reported as groups (None: no groups)."""
+    entry = load_catalog(settings).get(record.model)
+    if entry is None:
+        raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
+    trust = settings.allow_trust_remote_code
+    device = default_device()
+    hp = record.hyperparameters
+    with tempfile.TemporaryDirectory(prefix=f"tunery-eval-{record.id}-") as tmp:
+        workdir = Path(tmp)
+        base_dir = materialize(entry, settings)
+        storage.download_prefix(record.artifacts["tokenizer"], workdir / "tokenizer")
+        storage.download_prefix(record.artifacts["adapter"], workdir / "adapter")
+        examples, source = read_validation_rows(redis, storage, record, workdir)
+
+        tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer", trust_remote_code=trust)
+        eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
+        pairs, _ = tokenize_preferences(
+            tokenizer, examples, hp.max_seq_length, eos_token_ids=eos_ids, dataset="validation",
+            group_field=group_field,
+        )  # fmt: skip
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
+
+        def batches() -> Any:
+            return iter_preference_batches(pairs, EVAL_BATCH_SIZE, pad_id)
+
+        base = evaluate_preferences(model, batches(), hp.beta, reference=None)
+        # The adapter goes into `model` in place; with it disabled, the same weights are the reference.
+        tuned = evaluate_preferences(
+            PeftModel.from_pretrained(model, workdir / "adapter"), batches(), hp.beta
+        )
+    return build_report(source, base, tuned, beta=hp.beta, group_field=group_field)
+
+
+def build_report(
+    source: str,
+    base: dict[str, Any],
+    tuned: dict[str, Any],
+    *,
+    beta: float,
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> dict[str, Any]:
+    """The evaluation report from `evaluate_preferences` of the base alone and of the tuned adapter
+    against it, on the same pairs.
+
+    {task, validation_source, n_examples, beta, base and fine_tuned {preference_accuracy, logp_margin, loss,
+    reward_accuracy, reward_margin, chosen_reward, rejected_reward} (the base's reward figures are its own
+    by definition: loss log 2, rewards 0, reward accuracy None), verdict (improved, unchanged or regressed,
+    by the DPO loss against log 2), loss_change, preference_accuracy_change, verdict_summary, by_group (None
+    unless some pair has a group)}.
+    """
+    change = tuned["loss"] - LOG_2
+    verdict = (
+        "improved" if change < -LOSS_TOLERANCE else "regressed" if change > LOSS_TOLERANCE else "unchanged"
+    )
+    report: dict[str, Any] = {
+        "task": "dpo",
+        "validation_source": source,
+        "n_examples": tuned["n_pairs"],
+        "beta": beta,
+        "base": _figures(base, as_reference=True),
+        "fine_tuned": _figures(tuned),
+        "verdict": verdict,
+        "loss_change": change,
+        "preference_accuracy_change": tuned["preference_accuracy"] - base["preference_accuracy"],
+    }
+    report["verdict_summary"] = (
+        f"DPO loss {LOG_2:.4f} → {tuned['loss']:.4f} ({change:+.4f}); reward accuracy "
+        f"{tuned['reward_accuracy']:.2f} (chance 0.5), margin {tuned['reward_margin']:+.4f}; preference accuracy "
+        f"{base['preference_accuracy']:.2f} → {tuned['preference_accuracy']:.2f} "
+        f"({report['preference_accuracy_change']:+.2f}) on {report['n_examples']} pairs"
+    )
+    report["by_group"] = _by_group(base, tuned, group_field)
+    return report
+
+
+def _figures(scores: dict[str, Any], as_reference: bool = False) -> dict[str, Any]:
+    """A model's figures; `as_reference`: the base, whose reward figures hold by definition."""
+    ranking = {key: scores[key] for key in RANKING}
+    if as_reference:
+        reference = {"loss": LOG_2, "reward_accuracy": None, "reward_margin": 0.0}
+        return ranking | reference | {"chosen_reward": 0.0, "rejected_reward": 0.0}
+    return ranking | {key: scores[key] for key in REWARD}
+
+
+def _by_group(base: dict[str, Any], tuned: dict[str, Any], group_field: str | None) -> dict[str, Any] | None:
+    """{field, n_without_group, groups {value: {n_examples, base, fine_tuned}}, gaps {base: {preference_accuracy},
+    fine_tuned: {preference_accuracy, reward_accuracy}: {gap, best_group, worst_group}}, gap_change
+    {preference_accuracy: fine-tuned gap minus base gap, > 0 when tuning widened it}}."""
+    if base["by_group"] is None:
+        return None
+    per_group = {
+        group: {
+            "n_examples": scores["n_pairs"],
+            "base": _figures(scores, as_reference=True),
+            "fine_tuned": _figures(tuned["by_group"]["groups"][group]),
+        }
+        for group, scores in base["by_group"]["groups"].items()
+    }
+
+    def gap(name: str, metric: str) -> dict[str, Any] | None:
+        return largest_gap({group: values[name] for group, values in per_group.items()}, metric)
+
+    gaps = {
+        "base": {"preference_accuracy": gap("base", "preference_accuracy")},
+        "fine_tuned": {
+            metric: gap("fine_tuned", metric) for metric in ("preference_accuracy", "reward_accuracy")
+        },
+    }
+    return {
+        "field": group_field,
+        "n_without_group": base["by_group"]["n_without_group"],
+        "groups": per_group,
+        "gaps": gaps,
+        "gap_change": {
+            "preference_accuracy": gaps["fine_tuned"]["preference_accuracy"]["gap"]
+            - gaps["base"]["preference_accuracy"]["gap"]
+        },
+    }

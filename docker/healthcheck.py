@@ -1,9 +1,10 @@
 """Container health check for every Tunery image: exit 0 when the service answers HTTP, 1 otherwise.
 
-The service is the one PID 1 runs (`tunery api`, `tunery trainer` or `tunery evaluator`), so one
-script serves both images; a first argument (api, trainer, evaluator) overrides the guess. The API
-answers /healthz on TUNERY_API_PORT; workers answer /metrics on their metrics port. Only the
-standard library is used, and nothing is written to disk (the root filesystem may be read-only).
+The service is the one PID 1 runs (`tunery api`, `tunery trainer`, `tunery evaluator` or
+`tunery inference`), so one script serves both images; a first argument (api, trainer, evaluator,
+inference) overrides the guess. The API answers /healthz on TUNERY_API_PORT; workers answer
+/metrics on their metrics port. Only the standard library is used, and nothing is written to disk
+(the root filesystem may be read-only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ TARGETS = {
     "api": ("TUNERY_API_PORT", "8000", "/healthz"),
     "trainer": ("TUNERY_TRAINER_METRICS_PORT", "9101", "/metrics"),
     "evaluator": ("TUNERY_EVALUATOR_METRICS_PORT", "9102", "/metrics"),
+    "inference": ("TUNERY_INFERENCE_METRICS_PORT", "9103", "/metrics"),
 }
 
 

@@ -7,7 +7,9 @@
   upstream CRDs for the fields Tunery uses and closed to any other field.
 - The rendered output is checked against the deployment's rules: restricted pod security,
   resources, probes, pinned images, KEDA triggers that match the workers' queues (read from
-  Tunery's own worker code), GPU classes that match the trainers, GPUs in prod, Redis with AOF and
+  Tunery's own worker code), GPU classes that match the trainers, GPUs in prod, trainer groups
+  (multi-node jobs) whose size, ranks, rendezvous address, network policy, monitor and disruption
+  budget agree with each other and with their class's trainer, Redis with AOF and
   noeviction (its redis.conf is loaded by a real redis-server), settings names that Tunery's
   Settings knows.
 - Monitoring: the Grafana dashboard and the alert rules use only Tunery's metric names and their
@@ -25,6 +27,7 @@ input it must reject, so a tool that checks nothing cannot pass.
 from __future__ import annotations
 
 import copy
+import functools
 import http.server
 import json
 import os
@@ -51,6 +54,25 @@ APP_UID = 10001
 
 CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
+# Tunery's worker commands (`tunery <worker>`): RQ workers with a metrics port, no Service.
+WORKERS = ("trainer", "evaluator", "inference")
+# Workers that pass SIGTERM to a forked work horse and kill it after TUNERY_STOP_GRACE_SECONDS
+# (shared/worker.py's PreemptibleWorker); the inference worker runs tasks in its own process.
+PREEMPTIBLE_WORKERS = ("trainer", "evaluator")
+# Seconds between the worker killing a work horse still busy after TUNERY_STOP_GRACE_SECONDS and the
+# kubelet's SIGKILL: the worker needs them to hand the job back and exit.
+STOP_GRACE_MARGIN_SECONDS = 60
+# A trainer group (multi-node jobs): a StatefulSet of `tunery trainer` pods with this component label.
+# Rank 0 (ordinal 0) serves train:<class>:nodes-<n>; the others follow it (services/trainer/launch.py).
+TRAINER_GROUP = "trainer-group"
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+# The trainer settings that make a pod a member of a group; everything else is the class's trainer's.
+GROUP_SETTINGS = (
+    "TUNERY_TRAINER_NODES",
+    "TUNERY_TRAINER_NODE_RANK",
+    "TUNERY_TRAINER_MAIN_ADDRESS",
+    "TUNERY_TRAINER_RENDEZVOUS_PORT",
+)
 # Settings the deployment passes before Tunery's Settings declares them (later changes add them).
 FORWARD_DECLARED_SETTINGS = {"TUNERY_API_KEY_SECRET", "TUNERY_BOOTSTRAP_API_KEY"}
 # The Secrets operators create (k8s/README.md), with the keys the manifests read.
@@ -166,6 +188,16 @@ def _env_value(container: dict[str, Any], name: str) -> str | None:
     return None
 
 
+def _worker(workload: dict[str, Any]) -> str | None:
+    """The Tunery worker a workload runs (trainer, evaluator, inference), from its command."""
+    command = _pod_spec(workload)["containers"][0].get("command", [])
+    return command[1] if command[:1] == ["tunery"] and command[1:2] and command[1] in WORKERS else None
+
+
+def _gpus(container: dict[str, Any], bound: str = "limits") -> int:
+    return int(container.get("resources", {}).get(bound, {}).get("nvidia.com/gpu", 0))
+
+
 def _trainers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Trainer Deployments by the GPU class (TUNERY_GPU_CLASS) they serve."""
     out = {}
@@ -177,6 +209,26 @@ def _trainers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         assert gpu_class not in out, f"two trainers serve train:{gpu_class}"
         out[gpu_class] = deployment
     return out
+
+
+def _trainer_groups(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Trainer groups (StatefulSets of `tunery trainer` pods) by name."""
+    out = {}
+    for workload in _workloads(docs):
+        if _worker(workload) == "trainer" and workload["kind"] != "Deployment":
+            assert workload["kind"] == "StatefulSet", f"{_name(workload)}: a trainer group is a StatefulSet"
+            assert _component(workload) == TRAINER_GROUP, f"{_name(workload)}: component label"
+            out[workload["metadata"]["name"]] = workload
+    return out
+
+
+def _group_labels(group: dict[str, Any], index: int) -> dict[str, str]:
+    """The labels of a group's pod `index`, as the StatefulSet controller sets them (Kubernetes >= 1.28)."""
+    return {**group["spec"]["template"]["metadata"]["labels"], POD_INDEX_LABEL: str(index)}
+
+
+def _env_item(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((item for item in container.get("env", []) if item["name"] == name), None)
 
 
 def _settings_configmap(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -222,6 +274,8 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict[str,
             "PrometheusRule/tunery",
             "ConfigMap/tunery-grafana-dashboard",
             "ScaledObject/tunery-evaluator",
+            "Deployment/tunery-inference",
+            "PodDisruptionBudget/tunery-inference",
         ):
             assert expected in names, f"{overlay}: {expected} missing"
         for prefix in ("tunery-settings-", "tunery-catalog-", "tunery-gpu-classes-", "tunery-redis-config-"):
@@ -232,6 +286,14 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict[str,
     assert "Job/tunery-minio-create-bucket" in dev
     assert set(_trainers(rendered["dev"])) == {"cpu"}
     assert set(_trainers(rendered["prod"])) == {"a100", "l4"}
+    # Prod serves `prepare` from a CPU Deployment of its own; dev's one evaluator serves both queues.
+    prod = {_name(doc) for doc in rendered["prod"]}
+    assert {"Deployment/tunery-evaluator-prepare", "ScaledObject/tunery-evaluator-prepare"} <= prod
+    assert "Deployment/tunery-evaluator-prepare" not in dev
+    # Prod's trainer group for jobs of two a100 nodes (k8s/README.md, "Multi-node jobs").
+    group = "tunery-trainer-a100-x2"
+    for kind in ("StatefulSet", "Service", "NetworkPolicy", "PodMonitor", "PodDisruptionBudget"):
+        assert f"{kind}/{group}" in prod and f"{kind}/{group}" not in dev
     assert not any("minio" in _name(doc) for doc in rendered["prod"])
 
 
@@ -772,9 +834,10 @@ def test_writable_paths_are_volumes(rendered: dict[str, list[dict[str, Any]]], o
             assert mounts[str(catalog.parent)].get("readOnly") is True
             sources = [source["configMap"]["name"] for source in config_volume["projected"]["sources"]]
             assert [name.rsplit("-", 1)[0] for name in sources] == ["tunery-catalog", "tunery-gpu-classes"]
-            if container["command"][1] in ("trainer", "evaluator"):
+            if container["command"][1] in WORKERS:
                 cache_mount = next(path for path in mounts if cache_dir.startswith(path + "/"))
                 assert "emptyDir" in volumes[mounts[cache_mount]["name"]], f"{at}: model cache"
+            if container["command"][1] in PREEMPTIBLE_WORKERS:
                 assert "/dev/shm" in mounts, f"{at}: /dev/shm (torch data loading) not mounted"
             for volume_name in (mount["name"] for mount in mounts.values()):
                 empty_dir = volumes[volume_name].get("emptyDir")
@@ -877,9 +940,38 @@ def test_gpu_classes_match_the_trainers(
             # On CPU the class's memory is the container's: estimates must not plan beyond the limit.
             assert gpu_class.memory_gb <= _gib(resources["limits"]["memory"]), f"{overlay} {name}: memory_gb"
     if overlay == "prod":
-        expected = {"a100": (80, 2.0, 312), "l4": (24, 0.80, 121)}
-        actual = {n: (c.memory_gb, c.price_per_hour_usd, c.peak_tflops) for n, c in classes.items()}
+        expected = {"a100": (80, 2.0, 312, 8), "l4": (24, 0.80, 121, 1)}
+        actual = {
+            n: (c.memory_gb, c.price_per_hour_usd, c.peak_tflops, c.devices_per_node)
+            for n, c in classes.items()
+        }
         assert actual == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainer_pods_hold_devices_per_node_gpus(
+    rendered: dict[str, list[dict[str, Any]]], gpu_classes: dict[str, dict[str, Any]], overlay: str
+) -> None:
+    """A job may ask num_gpus up to its class's devices_per_node (the API checks) and trains with one
+    process per GPU inside one trainer pod: each pod must hold exactly that many GPUs, requested and
+    limited alike (Kubernetes requires the two to be equal for extended resources)."""
+    for name, trainer in _trainers(rendered[overlay]).items():
+        container = _pod_spec(trainer)["containers"][0]
+        devices = gpu_classes[overlay][name].devices_per_node
+        requested, limited = _gpus(container, "requests"), _gpus(container, "limits")
+        assert requested == limited, (
+            f"{overlay} {_name(trainer)}: GPU requests {requested} != limits {limited}"
+        )
+        if requested:
+            assert requested == devices, (
+                f"{overlay} {_name(trainer)} holds {requested} GPUs, but gpu class {name} says "
+                f"devices_per_node {devices}: jobs would ask for GPUs the pod lacks, or leave some idle"
+            )
+        else:
+            assert devices == 1, f"{overlay} {name}: a CPU trainer runs one process"
+    if overlay == "prod":
+        # The prod overlay offers multi-GPU jobs (k8s/README.md, "Multi-GPU jobs") on one class at least.
+        assert any(c.devices_per_node > 1 for c in gpu_classes["prod"].values())
 
 
 def _settings_env_names() -> set[str]:
@@ -911,6 +1003,16 @@ def test_every_tunery_variable_is_a_setting(rendered: dict[str, list[dict[str, A
     assert not unknown, f"not Tunery settings (typo?): {unknown}"
 
 
+def _downward_value(source: dict[str, Any], pod_index: int = 0) -> str:
+    """A stand-in for an environment variable's valueFrom: a CPU count for a resourceFieldRef, the pod's
+    index for its pod-index label (a trainer group's rank), "x" for anything else (Secrets)."""
+    if "resourceFieldRef" in source:
+        return "4"
+    if source.get("fieldRef", {}).get("fieldPath") == f"metadata.labels['{POD_INDEX_LABEL}']":
+        return str(pod_index)
+    return "x"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_parse_and_catalog_loads(
     rendered: dict[str, list[dict[str, Any]]],
@@ -936,9 +1038,7 @@ def test_settings_parse_and_catalog_loads(
                     monkeypatch.delenv(name)
             env = dict(_settings_configmap(docs))
             for item in container.get("env", []):
-                env[item["name"]] = item.get(
-                    "value", "4" if "resourceFieldRef" in item.get("valueFrom", {}) else "x"
-                )
+                env[item["name"]] = item.get("value", _downward_value(item.get("valueFrom", {})))
             for name, value in env.items():
                 monkeypatch.setenv(name, value)
             settings = Settings()
@@ -995,38 +1095,86 @@ def test_secrets_are_references_except_in_dev(rendered: dict[str, list[dict[str,
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_queues(service: str, gpu_class: str) -> list[str]:
-    """The RQ queues Tunery's own worker code listens on (services/<service>/worker.py)."""
-    from services.evaluator import worker as evaluator_worker
-    from services.trainer import worker as trainer_worker
+@functools.cache
+def _served_queues(
+    command: tuple[str, ...], gpu_class: str = "cpu", nodes: int = 1, rank: int = 0
+) -> tuple[str, tuple[str, ...]]:
+    """The worker a container's command runs and the RQ queues it listens on, from Tunery's own CLI
+    (cli/main.py, so options are parsed as `tunery` parses them) and worker code, with the worker loop
+    replaced by a recorder. A trainer of rank > 0 in a group of `nodes` serves no queue: it follows its
+    rank 0 (services.trainer.launch.follow_group, also replaced), answered as ("follower", ())."""
+    from typer.testing import CliRunner
+
+    import cli.main
+    from services.trainer import launch
     from shared import worker
+
+    assert command[0] == "tunery", command
+    calls = []
+    setup, run_worker, follow_group = cli.main._setup, worker.run_worker, launch.follow_group
+    cli.main._setup = lambda settings, service: None  # no logging set-up, no metrics folder
+    worker.run_worker = lambda settings, name, queues, *args, **kwargs: calls.append((name, tuple(queues)))
+    launch.follow_group = lambda settings, *args, **kwargs: calls.append(("follower", ()))
+    env = {
+        "TUNERY_GPU_CLASS": gpu_class,
+        "TUNERY_TRAINER_NODES": str(nodes),
+        "TUNERY_TRAINER_NODE_RANK": str(rank),
+        "TUNERY_TRAINER_MAIN_ADDRESS": "rank-0.example" if nodes > 1 else None,
+    }
+    try:
+        result = CliRunner().invoke(cli.main.app, list(command[1:]), env=env)
+    finally:
+        cli.main._setup, worker.run_worker, launch.follow_group = setup, run_worker, follow_group
+    assert result.exit_code == 0 and result.exception is None, (
+        f"{command}: {result.output} {result.exception!r}"
+    )
+    ((name, queues),) = calls
+    return name, queues
+
+
+def _group_size(workload: dict[str, Any]) -> int:
+    """TUNERY_TRAINER_NODES as a workload's container sets it (1 unless it is a trainer group)."""
     from shared.settings import Settings
 
-    module = {"trainer": trainer_worker, "evaluator": evaluator_worker}[service]
-    calls = []
-    original = worker.run_worker
-    worker.run_worker = lambda settings, name, queues, *args: calls.append((name, queues))
-    try:
-        module.run_worker(Settings(gpu_class=gpu_class), None)
-    finally:
-        worker.run_worker = original
-    ((name, queues),) = calls
-    assert name == service
-    return list(queues)
+    value = _env_value(_pod_spec(workload)["containers"][0], "TUNERY_TRAINER_NODES")
+    return Settings.model_validate({} if value is None else {"trainer_nodes": value}).trainer_nodes
 
 
-def test_the_evaluator_serves_prepare_and_eval() -> None:
-    """What the evaluator's ScaledObject counts (and its minimum of one) rests on this."""
-    assert _worker_queues("evaluator", "cpu") == ["prepare", "eval"]
-    assert _worker_queues("trainer", "l4") == ["train:l4"]
+def _deployment_queues(deployment: dict[str, Any]) -> tuple[str, ...]:
+    """The queues a worker Deployment serves, or a trainer group's rank 0."""
+    container = _pod_spec(deployment)["containers"][0]
+    gpu_class = _env_value(container, "TUNERY_GPU_CLASS") or "cpu"
+    service, queues = _served_queues(tuple(container["command"]), gpu_class, _group_size(deployment))
+    assert service == container["command"][1], f"{_name(deployment)} runs {service}"
+    return queues
+
+
+def test_the_workers_serve_these_queues() -> None:
+    """What the ScaledObjects count (and the evaluators' minimum of one) rests on this."""
+    assert _served_queues(("tunery", "evaluator")) == ("evaluator", ("prepare", "eval"))
+    assert _served_queues(("tunery", "evaluator", "--queue", "prepare")) == ("evaluator", ("prepare",))
+    assert _served_queues(("tunery", "evaluator", "--queue", "eval")) == ("evaluator", ("eval",))
+    assert _served_queues(("tunery", "trainer"), "l4") == ("trainer", ("train:l4",))
+    # A trainer group of 2: rank 0 serves the class's queue for 2-node jobs, rank 1 follows it.
+    assert _served_queues(("tunery", "trainer"), "a100", 2, 0) == ("trainer", ("train:a100:nodes-2",))
+    assert _served_queues(("tunery", "trainer"), "a100", 2, 1) == ("follower", ())
+    assert _served_queues(("tunery", "inference")) == ("inference", ("inference",))
+    # The option takes one queue per --queue: a comma list is refused, not silently half-served.
+    from typer.testing import CliRunner
+
+    import cli.main
+
+    refused = CliRunner().invoke(cli.main.app, ["evaluator", "--queue", "prepare,eval"])
+    assert refused.exit_code == 2, refused.output
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_scaled_objects_follow_the_worker_queues(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
+    from shared.queue import INFERENCE_QUEUE, PREPARE_QUEUE, train_queue_name
+
     docs = rendered[overlay]
-    trainers = _trainers(docs)
     redis_service = _one(docs, "Service", "tunery-redis")
     redis_address = f"tunery-redis.{NAMESPACE}.svc.cluster.local:{redis_service['spec']['ports'][0]['port']}"
     targets = {}
@@ -1035,16 +1183,18 @@ def test_scaled_objects_follow_the_worker_queues(
         target = _one(docs, "Deployment", spec["scaleTargetRef"]["name"])
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert "replicas" not in target["spec"], f"{_name(target)}: KEDA owns the replica count"
-        container = _pod_spec(target)["containers"][0]
-        component = _component(target)
-        queues = _worker_queues(component, _env_value(container, "TUNERY_GPU_CLASS") or "cpu")
-        targets[_name(target)] = tuple(queues)
-        if component == "trainer":
-            # Scale to zero when nothing waits or runs.
-            assert spec["minReplicaCount"] == 0, _name(scaled)
-        else:
-            # Job creation and the estimate endpoint wait on `prepare`: one evaluator stays up.
+        assert _worker(target) in PREEMPTIBLE_WORKERS, f"{_name(scaled)} scales {_name(target)}"
+        # A Deployment's pods are independent workers: a group of nodes is a StatefulSet, never scaled.
+        assert _group_size(target) == 1, f"{_name(target)} sets TUNERY_TRAINER_NODES"
+        queues = _deployment_queues(target)
+        assert _name(target) not in targets, f"two ScaledObjects scale {_name(target)}"
+        targets[_name(target)] = queues
+        if PREPARE_QUEUE in queues:
+            # Job creation and the estimate endpoint wait on `prepare`: one replica stays up.
             assert spec["minReplicaCount"] == 1, _name(scaled)
+        else:
+            # Trainers, and an evaluator that serves `eval` alone: zero when nothing waits or runs.
+            assert spec["minReplicaCount"] == 0, _name(scaled)
         assert spec["maxReplicaCount"] >= max(2, spec["minReplicaCount"] + 1)
         # cooldownPeriod only delays the last 1 -> 0 step; a long one keeps a warm worker and its cache.
         assert spec["cooldownPeriod"] >= 300
@@ -1073,10 +1223,296 @@ def test_scaled_objects_follow_the_worker_queues(
         scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
         assert scale_down["stabilizationWindowSeconds"] >= 300
         assert all(policy["type"] == "Pods" and policy["value"] == 1 for policy in scale_down["policies"])
-    expected = {_name(d) for d in trainers.values()} | {"Deployment/tunery-evaluator"}
-    assert set(targets) == expected, "every worker Deployment needs exactly one ScaledObject"
-    all_queues = [queue for queues in targets.values() for queue in queues]
-    assert len(set(all_queues)) == len(all_queues), "two Deployments serve one queue"
+    preemptible = {_name(d) for d in _of_kind(docs, "Deployment") if _worker(d) in PREEMPTIBLE_WORKERS}
+    assert set(targets) == preemptible, (
+        "every trainer and evaluator Deployment needs exactly one ScaledObject"
+    )
+    # Trainer groups are scaled by hand, whole (0 or n pods): no ScaledObject or HPA may touch one, since
+    # they add or remove one replica at a time.
+    groups = _trainer_groups(docs)
+    scaled_names = {
+        d["spec"]["scaleTargetRef"]["name"]
+        for d in docs
+        if d["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")
+    }
+    assert not scaled_names & set(groups), f"{overlay}: an autoscaler scales a trainer group"
+    # Every queue Tunery's code puts work on is served by exactly one workload: each worker
+    # Deployment's queues, and each trainer group's rank 0's train:<class>:nodes-<n>.
+    served = [queue for queues in targets.values() for queue in queues]
+    served += [
+        q for d in _of_kind(docs, "Deployment") if _worker(d) == "inference" for q in _deployment_queues(d)
+    ]
+    served += [q for group in groups.values() for q in _deployment_queues(group)]
+    assert len(set(served)) == len(served), "two workloads serve one queue"
+    expected = {"prepare", "eval", INFERENCE_QUEUE} | {train_queue_name(c) for c in _trainers(docs)}
+    expected |= {
+        train_queue_name(
+            _env_value(_pod_spec(group)["containers"][0], "TUNERY_GPU_CLASS"), _group_size(group)
+        )
+        for group in groups.values()
+    }
+    assert set(served) == expected, f"{overlay}: queues served {sorted(served)}"
+    if overlay == "prod":
+        # Prod offers jobs of two a100 nodes (k8s/README.md, "Multi-node jobs").
+        assert "train:a100:nodes-2" in served
+
+
+def _group_settings(docs: list[dict[str, Any]], group: dict[str, Any], pod_index: int) -> Any:
+    """Tunery's Settings of a trainer group's pod `pod_index`: the shared ConfigMap and the container's
+    environment, its rank from the pod's index label."""
+    from shared.settings import Settings
+
+    env = dict(_settings_configmap(docs))
+    for item in _pod_spec(group)["containers"][0].get("env", []):
+        env[item["name"]] = item.get("value", _downward_value(item.get("valueFrom", {}), pod_index))
+    fields = {name.removeprefix("TUNERY_").lower(): value for name, value in env.items()}
+    return Settings.model_validate(
+        {key: value for key, value in fields.items() if key in Settings.model_fields}
+    )
+
+
+def _trainer_group_problems(docs: list[dict[str, Any]], name: str, classes: dict[str, Any]) -> list[str]:
+    """How a trainer group (k8s/README.md, "Multi-node jobs") breaks the rules its rendezvous rests on."""
+    from shared.queue import train_queue_name
+
+    group = _one(docs, "StatefulSet", name)
+    spec, pod = group["spec"], _pod_spec(group)
+    container = pod["containers"][0]
+    where = _name(group)
+    problems = []
+    nodes = _group_size(group)
+    if nodes < 2:
+        problems.append(f"{where}: TUNERY_TRAINER_NODES {nodes}: a group has several nodes")
+    # Every member up, or none: a group of fewer pods would take jobs whose rendezvous never completes.
+    if spec.get("replicas") != nodes:
+        problems.append(f"{where}: replicas {spec.get('replicas')} != TUNERY_TRAINER_NODES {nodes}")
+    if spec.get("podManagementPolicy") != "Parallel":
+        problems.append(f"{where}: podManagementPolicy is not Parallel (members start and stop together)")
+    # The rank is the pod's ordinal, from the label the StatefulSet controller sets (Kubernetes >= 1.28).
+    rank = _env_item(container, "TUNERY_TRAINER_NODE_RANK") or {}
+    if (
+        rank.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        != f"metadata.labels['{POD_INDEX_LABEL}']"
+    ):
+        problems.append(f"{where}: TUNERY_TRAINER_NODE_RANK is not the pod's {POD_INDEX_LABEL} label: {rank}")
+    # Rank 0's address: pod 0's stable name through the headless Service the StatefulSet names.
+    services = [s for s in _of_kind(docs, "Service") if s["metadata"]["name"] == spec.get("serviceName")]
+    members = [_group_labels(group, index) for index in range(max(nodes, 1))]
+    others = [w["spec"]["template"]["metadata"]["labels"] for w in _workloads(docs) if _name(w) != where]
+    if len(services) != 1:
+        problems.append(f"{where}: serviceName {spec.get('serviceName')!r} names no Service")
+        service = {"metadata": {"name": None}, "spec": {"selector": {}, "ports": []}}
+    else:
+        service = services[0]
+    if service["spec"].get("clusterIP") != "None":
+        problems.append(f"{where}: its Service is not headless (clusterIP: None): pods get no DNS names")
+    if service["spec"].get("publishNotReadyAddresses") is not True:
+        problems.append(f"{where}: its Service does not publish rank 0's name before rank 0 is ready")
+    selector = {"matchLabels": service["spec"].get("selector", {})}
+    if not all(_selector_matches(selector, labels) for labels in members) or any(
+        _selector_matches(selector, labels) for labels in others
+    ):
+        problems.append(f"{where}: its Service does not select exactly the group's pods")
+    namespace = group["metadata"].get("namespace")
+    address = f"{name}-0.{service['metadata']['name']}.{namespace}.svc.cluster.local"
+    try:
+        settings = [_group_settings(docs, group, index) for index in range(max(nodes, 1))]
+    except ValueError as exc:  # pydantic's ValidationError
+        return [*problems, f"{where}: Tunery's Settings reject a member's environment: {exc}"]
+    if settings[0].trainer_main_address != address:
+        problems.append(
+            f"{where}: TUNERY_TRAINER_MAIN_ADDRESS {settings[0].trainer_main_address!r}, not {address!r}"
+        )
+    for index, member in enumerate(settings):
+        if (member.trainer_node_rank, member.trainer_nodes) != (index, nodes):
+            problems.append(
+                f"{where}: pod {index} is rank {member.trainer_node_rank} of {member.trainer_nodes}"
+            )
+    # Rank 0 serves the class's queue for jobs of `nodes` nodes; the others follow it.
+    gpu_class = settings[0].gpu_class
+    command = tuple(container["command"])
+    queues = [_served_queues(command, gpu_class, nodes, index) for index in range(max(nodes, 1))]
+    expected = [("trainer", (train_queue_name(gpu_class, nodes),))] + [("follower", ())] * (len(queues) - 1)
+    if queues != expected:
+        problems.append(f"{where}: its pods serve {queues}, not {expected}")
+    # The rendezvous port: the setting, the container's port and the Service's.
+    rendezvous = settings[0].trainer_rendezvous_port
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    service_ports = {p.get("targetPort"): p.get("port") for p in service["spec"].get("ports", [])}
+    if ports.get("rendezvous") != rendezvous or service_ports.get("rendezvous") != rendezvous:
+        problems.append(f"{where}: rendezvous port {rendezvous} is not the container's and the Service's")
+    # Each member a whole node of its class, as the class's trainer Deployment (the same pod otherwise).
+    if gpu_class not in classes:
+        problems.append(f"{where}: gpu class {gpu_class!r} is not in the GPU classes file")
+    else:
+        devices = classes[gpu_class].devices_per_node
+        if not _gpus(container, "requests") == _gpus(container, "limits") == devices:
+            problems.append(f"{where}: GPUs {_gpus(container, 'requests')}/{_gpus(container)} != {devices}")
+    trainer = _trainers(docs).get(gpu_class)
+    if trainer is not None:
+        single = _pod_spec(trainer)
+        differs = sorted(
+            k for k in set(pod) | set(single) if k != "containers" and pod.get(k) != single.get(k)
+        )
+        same = ("env", "ports", "readinessProbe", "livenessProbe")
+        mine, theirs = container, single["containers"][0]
+        differs += sorted(
+            k for k in set(mine) | set(theirs) if k not in same and mine.get(k) != theirs.get(k)
+        )
+        env = [item for item in container.get("env", []) if item["name"] not in GROUP_SETTINGS]
+        if env != theirs.get("env", []):
+            differs.append("env (but for the group's settings)")
+        annotations = group["spec"]["template"]["metadata"].get("annotations")
+        if annotations != trainer["spec"]["template"]["metadata"].get("annotations"):
+            differs.append("pod annotations")
+        if differs:
+            problems.append(f"{where}: unlike {_name(trainer)}: {', '.join(differs)}")
+    # Scaled whole, by the operator: no autoscaler; voluntary evictions wait for the operator.
+    if any(
+        d["spec"].get("scaleTargetRef", {}).get("name") == name
+        for d in docs
+        if d["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")
+    ):
+        problems.append(f"{where}: an autoscaler scales it one replica at a time")
+    budgets = [
+        d
+        for d in _of_kind(docs, "PodDisruptionBudget")
+        if any(_selector_matches(d["spec"]["selector"], labels) for labels in members)
+    ]
+    if [b["spec"].get("maxUnavailable") for b in budgets] != [0] or "minAvailable" in budgets[0]["spec"]:
+        problems.append(f"{where}: not exactly one PodDisruptionBudget with maxUnavailable 0")
+    return problems
+
+
+def test_trainer_groups_are_consistent(
+    rendered: dict[str, list[dict[str, Any]]], gpu_classes: dict[str, dict[str, Any]]
+) -> None:
+    """Each trainer group: replicas = TUNERY_TRAINER_NODES, the rank from the pod-index label, rank 0's
+    address pod 0 of its headless Service, a node of its class per pod, the class's trainer pod otherwise,
+    no autoscaler, a budget, and members that reach each other (prod has one; dev has none)."""
+    assert not _trainer_groups(rendered["dev"])
+    groups = _trainer_groups(rendered["prod"])
+    assert "tunery-trainer-a100-x2" in groups
+    for name, group in groups.items():
+        assert not _trainer_group_problems(rendered["prod"], name, gpu_classes["prod"])
+        assert not _group_network_problems(rendered["prod"], group)
+    readme = (K8S / "README.md").read_text()
+    assert "Multi-node jobs: planned" not in readme
+    assert all(name in readme for name in groups) and POD_INDEX_LABEL in readme and "1.28" in readme
+
+
+def test_trainer_group_checks_catch_mistakes(
+    rendered: dict[str, list[dict[str, Any]]], gpu_classes: dict[str, dict[str, Any]]
+) -> None:
+    docs, classes = rendered["prod"], gpu_classes["prod"]
+    name = "tunery-trainer-a100-x2"
+    assert not _trainer_group_problems(docs, name, classes)
+
+    def broken(change: Any, kind: str = "StatefulSet") -> list[dict[str, Any]]:
+        out = copy.deepcopy(docs)
+        change(_one(out, kind, name))
+        return out
+
+    def env(variable: str, **item: Any) -> Any:
+        def change(group: dict[str, Any]) -> None:
+            variables = _pod_spec(group)["containers"][0]["env"]
+            variables[:] = [v for v in variables if v["name"] != variable] + [{"name": variable, **item}]
+
+        return change
+
+    cases = {
+        "replicas 3 != TUNERY_TRAINER_NODES 2": broken(lambda g: g["spec"].update(replicas=3)),
+        "not the pod's": broken(
+            env("TUNERY_TRAINER_NODE_RANK", valueFrom={"fieldRef": {"fieldPath": "metadata.name"}})
+        ),
+        "TUNERY_TRAINER_MAIN_ADDRESS": broken(
+            env("TUNERY_TRAINER_MAIN_ADDRESS", value=f"{name}-1.{name}.tunery.svc.cluster.local")
+        ),
+        "GPUs 4/4 != 8": broken(
+            lambda g: [
+                _pod_spec(g)["containers"][0]["resources"][bound].update({"nvidia.com/gpu": "4"})
+                for bound in ("requests", "limits")
+            ]
+        ),
+        "before rank 0 is ready": broken(lambda g: g["spec"].pop("publishNotReadyAddresses"), "Service"),
+        "unlike Deployment/tunery-trainer-a100: terminationGracePeriodSeconds": broken(
+            lambda g: _pod_spec(g).update(terminationGracePeriodSeconds=30)
+        ),
+        "rendezvous port 29501": broken(env("TUNERY_TRAINER_RENDEZVOUS_PORT", value="29501")),
+        "maxUnavailable 0": broken(lambda b: b["spec"].update(maxUnavailable=1), "PodDisruptionBudget"),
+    }
+    for expected, changed in cases.items():
+        problems = "\n".join(_trainer_group_problems(changed, name, classes))
+        assert expected in problems, f"{expected!r} not in:\n{problems}"
+
+    # The members must reach each other on every TCP port, and nothing else may.
+    def network_problems(change: Any) -> str:
+        changed = broken(change, "NetworkPolicy")
+        return "\n".join(_group_network_problems(changed, _one(changed, "StatefulSet", name)))
+
+    assert "not every TCP port" in network_problems(
+        lambda p: p["spec"]["ingress"][0].update(ports=[{"protocol": "TCP", "port": 29500}])
+    )
+    assert "admits pods of other workloads" in network_problems(
+        lambda p: p["spec"]["ingress"][0]["from"][0].update(
+            podSelector={"matchLabels": {"app.kubernetes.io/part-of": "tunery"}}
+        )
+    )
+    assert "selects some members only" in network_problems(
+        lambda p: p["spec"]["podSelector"]["matchLabels"].update({POD_INDEX_LABEL: "0"})
+    )
+    without = [d for d in docs if _name(d) != f"NetworkPolicy/{name}"]
+    problems = "\n".join(_group_network_problems(without, _one(without, "StatefulSet", name)))
+    assert "no NetworkPolicy admits" in problems
+
+
+def test_trainer_group_probes_check_rank_0_alone(
+    rendered: dict[str, list[dict[str, Any]]], http_port: int
+) -> None:
+    """One pod template for every rank, and only rank 0 serves metrics: the exec probes (run here as
+    the pod runs them) pass on rank 0 while its metrics answer and fail when they do not; on ranks > 0
+    they pass."""
+    closed = _free_port()
+    for name, group in _trainer_groups(rendered["prod"]).items():
+        container = _pod_spec(group)["containers"][0]
+        for probe in ("readinessProbe", "livenessProbe"):
+            command = container[probe]["exec"]["command"]
+            assert command[0] == "python"
+            for rank, port, code in (("0", http_port, 0), ("0", closed, 1), ("1", closed, 0)):
+                env = {
+                    **os.environ,
+                    "TUNERY_TRAINER_NODE_RANK": rank,
+                    "TUNERY_TRAINER_METRICS_PORT": str(port),
+                }
+                result = _run([sys.executable, *command[1:]], env=env, timeout=30)
+                assert result.returncode == code, f"{name} {probe} rank {rank} port {port}: {result.stderr}"
+
+
+def test_prod_prepares_data_on_cpu_and_evaluates_on_a_gpu_from_zero(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """No GPU idles for `prepare`: it has a CPU Deployment; the GPU evaluator serves `eval` alone."""
+    docs = rendered["prod"]
+    by_queue = {
+        queue: deployment
+        for deployment in _of_kind(docs, "Deployment")
+        if _worker(deployment) == "evaluator"
+        for queue in _deployment_queues(deployment)
+    }
+    prepare, evaluate = by_queue["prepare"], by_queue["eval"]
+    assert _name(prepare) == "Deployment/tunery-evaluator-prepare"
+    assert _name(evaluate) == "Deployment/tunery-evaluator"
+    assert _deployment_queues(prepare) == ("prepare",) and _deployment_queues(evaluate) == ("eval",)
+    prepare_pod = _pod_spec(prepare)
+    assert _gpus(prepare_pod["containers"][0], "requests") == _gpus(prepare_pod["containers"][0]) == 0
+    assert "nodeSelector" not in prepare_pod and "tolerations" not in prepare_pod, "a CPU node"
+    assert _gpus(_pod_spec(evaluate)["containers"][0]) == 1
+    scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc["spec"] for doc in _of_kind(docs, "ScaledObject")}
+    assert scaled["tunery-evaluator"]["minReplicaCount"] == 0
+    assert scaled["tunery-evaluator-prepare"]["minReplicaCount"] == 1
+    # Dev keeps one CPU evaluator for both.
+    (dev_evaluator,) = [d for d in _of_kind(rendered["dev"], "Deployment") if _worker(d) == "evaluator"]
+    assert _deployment_queues(dev_evaluator) == ("prepare", "eval")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1087,35 +1523,160 @@ def test_the_api_queues_jobs_where_a_trainer_listens(
     assert _env_value(api, "TUNERY_GPU_CLASS") in _trainers(rendered[overlay])
 
 
+def _stop_grace_seconds(container: dict[str, Any]) -> float:
+    """TUNERY_STOP_GRACE_SECONDS as the container sets it itself (not left to a default or the shared
+    ConfigMap, so that it sits next to the pod's grace period), parsed by Tunery's Settings."""
+    from shared.settings import Settings
+
+    value = _env_value(container, "TUNERY_STOP_GRACE_SECONDS")
+    assert value is not None, f"container {container['name']} does not set TUNERY_STOP_GRACE_SECONDS"
+    return Settings.model_validate({"stop_grace_seconds": value}).stop_grace_seconds
+
+
+def test_every_trainer_outlasts_its_stop_grace(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """On SIGTERM a trainer saves a checkpoint and exits; the worker kills a work horse still busy after
+    TUNERY_STOP_GRACE_SECONDS, then needs time to requeue the job before the kubelet's SIGKILL. So every
+    trainer (and evaluator: same worker) pod, in the base and every overlay, has a
+    terminationGracePeriodSeconds at least STOP_GRACE_MARGIN_SECONDS above its stop grace."""
+    result = _run(_kustomize_command(K8S / "base"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    all_docs = {"base": [doc for doc in yaml.safe_load_all(result.stdout) if doc], **rendered}
+    for overlay, docs in all_docs.items():
+        assert _trainers(docs), f"{overlay}: no trainer"
+        # Deployments, and the trainer groups' StatefulSets.
+        for deployment in _workloads(docs):
+            if _worker(deployment) not in PREEMPTIBLE_WORKERS:
+                continue
+            where = f"{overlay} {_name(deployment)}"
+            pod = _pod_spec(deployment)
+            container = pod["containers"][0]
+            stop_grace = _stop_grace_seconds(container)
+            grace = pod["terminationGracePeriodSeconds"]
+            assert grace >= stop_grace + STOP_GRACE_MARGIN_SECONDS, (
+                f"{where}: terminationGracePeriodSeconds {grace} leaves under {STOP_GRACE_MARGIN_SECONDS} s "
+                f"after TUNERY_STOP_GRACE_SECONDS {stop_grace:g}"
+            )
+            if _worker(deployment) == "trainer" and _gpus(container):
+                # A large model's step plus its checkpoint upload: minutes, not seconds.
+                assert stop_grace >= 300, where
+            # Node autoscalers must not evict a pod that may be running a job to shrink the cluster.
+            annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false", where
+            assert annotations["karpenter.sh/do-not-disrupt"] == "true", where
+
+
+def test_stop_grace_checks_catch_mistakes() -> None:
+    container = {"name": "trainer", "env": [{"name": "TUNERY_STOP_GRACE_SECONDS", "value": "300"}]}
+    assert _stop_grace_seconds(container) == 300
+    with pytest.raises(AssertionError, match="does not set"):
+        _stop_grace_seconds({"name": "trainer", "env": []})
+    with pytest.raises(ValueError):  # pydantic: must be > 0
+        _stop_grace_seconds({"name": "trainer", "env": [{"name": "TUNERY_STOP_GRACE_SECONDS", "value": "0"}]})
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workers_get_a_grace_period_for_requeue(
-    rendered: dict[str, list[dict[str, Any]]], overlay: str
+def test_trainers_checkpoint_periodically(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """A pod lost without SIGTERM (node failure, OOM kill, a short spot notice) resumes from the last
+    periodic checkpoint: the interval and the number kept are set, explained, and parse."""
+    from shared.settings import Settings
+
+    settings = _settings_configmap(rendered[overlay])
+    names = ("TUNERY_CHECKPOINT_EVERY_SECONDS", "TUNERY_CHECKPOINT_KEEP")
+    parsed = Settings.model_validate({name.removeprefix("TUNERY_").lower(): settings[name] for name in names})
+    assert 0 < parsed.checkpoint_every_seconds <= 3600
+    assert parsed.checkpoint_keep >= 1
+    for trainer in _trainers(rendered[overlay]).values():
+        for name in names:
+            assert _env_value(_pod_spec(trainer)["containers"][0], name) is None, "set once, in settings.env"
+    lines = (K8S / "base" / "settings.env").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith(names[0] + "="))
+    assert lines[first - 1].startswith("#"), "settings.env must say what the checkpoint settings are for"
+
+
+def test_prod_gpu_workers_run_on_their_gpu_pools(
+    rendered: dict[str, list[dict[str, Any]]], gpu_classes: dict[str, dict[str, Any]]
 ) -> None:
-    for deployment in _of_kind(rendered[overlay], "Deployment"):
-        if _component(deployment) not in ("trainer", "evaluator"):
-            continue
+    classes = gpu_classes["prod"]
+    smallest = min(classes, key=lambda name: classes[name].memory_gb)
+    # Trainers and trainer groups: all the GPUs of a node of their class, per pod.
+    gpu_workers = {
+        name: (deployment, name, classes[name].devices_per_node)
+        for name, deployment in _trainers(rendered["prod"]).items()
+    }
+    for name, group in _trainer_groups(rendered["prod"]).items():
+        gpu_class = _env_value(_pod_spec(group)["containers"][0], "TUNERY_GPU_CLASS")
+        gpu_workers[name] = (group, gpu_class, classes[gpu_class].devices_per_node)
+    # The evaluator (eval alone) and the inference worker: one GPU of the smallest class.
+    for name in ("tunery-evaluator", "tunery-inference"):
+        gpu_workers[name] = (_one(rendered["prod"], "Deployment", name), smallest, 1)
+    for deployment, gpu_class, devices in gpu_workers.values():
         pod = _pod_spec(deployment)
-        gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
-        assert pod["terminationGracePeriodSeconds"] >= (300 if gpus else 120), _name(deployment)
-        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
-
-
-def test_prod_trainers_run_on_their_gpu_pools(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    gpu_workers = dict(_trainers(rendered["prod"]))
-    gpu_workers["eval (l4)"] = _one(rendered["prod"], "Deployment", "tunery-evaluator")
-    for gpu_class, deployment in gpu_workers.items():
-        pod = _pod_spec(deployment)
-        resources = pod["containers"][0]["resources"]
-        assert str(resources["limits"]["nvidia.com/gpu"]) == "1", _name(deployment)
-        assert str(resources["requests"].get("nvidia.com/gpu", "1")) == "1"
+        container = pod["containers"][0]
+        assert _gpus(container, "limits") == _gpus(container, "requests") == devices, _name(deployment)
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-        pool = pod["nodeSelector"]["tunery/gpu-class"]
-        assert pool == (gpu_class if gpu_class in ("a100", "l4") else "l4")
-        assert "cuda" in pod["containers"][0]["image"]
+        assert pod["nodeSelector"]["tunery/gpu-class"] == gpu_class, _name(deployment)
+        assert "cuda" in container["image"]
+    # Every prod pod with a GPU is one of those.
+    with_gpus = {_name(w) for w in _workloads(rendered["prod"]) if any(_gpus(c) for c in _containers(w))}
+    assert with_gpus == {_name(d) for d, _, _ in gpu_workers.values()}
     for workload in _workloads(rendered["dev"]):
         for container in _containers(workload):
             assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_inference_worker_is_always_up(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """The API answers 503 at once while no inference worker is registered: a fixed replica count,
+    nothing that scales it to zero, rollouts that start the new pod first, and drains one at a time."""
+    from shared.settings import Settings
+
+    docs = rendered[overlay]
+    (deployment,) = [d for d in _of_kind(docs, "Deployment") if _worker(d) == "inference"]
+    assert _deployment_queues(deployment) == ("inference",)
+    assert deployment["spec"]["replicas"] >= 1
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    scalers = [d["spec"]["scaleTargetRef"]["name"] for d in _of_kind(docs, "ScaledObject")]
+    scalers += [d["spec"]["scaleTargetRef"]["name"] for d in _of_kind(docs, "HorizontalPodAutoscaler")]
+    assert deployment["metadata"]["name"] not in scalers, "nothing may scale the inference worker to zero"
+    (pdb,) = [
+        d
+        for d in _of_kind(docs, "PodDisruptionBudget")
+        if _selector_matches(d["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": pdb["spec"]["selector"]}
+    # SIGTERM lets the request being answered finish; the API waits for it at most this long.
+    pod = _pod_spec(deployment)
+    name = "TUNERY_INFERENCE_TIMEOUT_SECONDS"
+    value = _env_value(pod["containers"][0], name) or _settings_configmap(docs).get(name)
+    timeout = Settings.model_validate({} if value is None else {"inference_timeout_seconds": value})
+    assert pod["terminationGracePeriodSeconds"] >= timeout.inference_timeout_seconds + 30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_metrics_ports_are_their_settings(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """Each worker serves /metrics on TUNERY_<WORKER>_METRICS_PORT; its container port `metrics` (which
+    the PodMonitor, the probes and the NetworkPolicy use) must be that port. A trainer group's pods also
+    name the rendezvous port (TUNERY_TRAINER_RENDEZVOUS_PORT) their rank 0 listens on."""
+    from shared.settings import Settings
+
+    settings = _settings_configmap(rendered[overlay])
+    workers = [d for d in _workloads(rendered[overlay]) if _worker(d)]
+    assert {_worker(d) for d in workers} == set(WORKERS)
+    groups = _trainer_groups(rendered[overlay])
+    for deployment in workers:
+        container = _pod_spec(deployment)["containers"][0]
+        variable = f"TUNERY_{_worker(deployment).upper()}_METRICS_PORT"
+        port = _env_value(container, variable) or settings[variable]
+        expected = {"metrics": int(port)}
+        if deployment["metadata"]["name"] in groups:
+            value = _env_value(container, "TUNERY_TRAINER_RENDEZVOUS_PORT")
+            rendezvous = Settings.model_validate({} if value is None else {"trainer_rendezvous_port": value})
+            expected["rendezvous"] = rendezvous.trainer_rendezvous_port
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == expected, f"{overlay} {_name(deployment)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1220,30 +1781,79 @@ def test_redis_conf_is_accepted_by_a_real_redis_server(tmp_path: Path) -> None:
         process.wait(timeout=10)
 
 
+def _group_network_problems(docs: list[dict[str, Any]], group: dict[str, Any]) -> list[str]:
+    """What keeps a trainer group's members from reaching each other on every TCP port (torchrun's
+    rendezvous, then NCCL on arbitrary ports, both ways), or admits other pods to those ports."""
+    where = _name(group)
+    members = [_group_labels(group, index) for index in range(_group_size(group))]
+    others = [w["spec"]["template"]["metadata"]["labels"] for w in _workloads(docs) if _name(w) != where]
+    problems = []
+    member_rules = []
+    for policy in _of_kind(docs, "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]
+        if not selector or not any(_selector_matches(selector, labels) for labels in members):
+            continue
+        if not all(_selector_matches(selector, labels) for labels in members):
+            problems.append(f"{where}: {_name(policy)} selects some members only")
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from", [])
+            if not any(
+                _selector_matches(peer.get("podSelector", {"matchLabels": {"": "none"}}), labels)
+                for peer in peers
+                for labels in members
+            ):
+                continue  # not from the members (Prometheus for the metrics port)
+            member_rules.append(rule)
+            if rule.get("ports") != [{"protocol": "TCP"}]:
+                problems.append(f"{where}: {_name(policy)} admits {rule.get('ports')}, not every TCP port")
+            for peer in peers:
+                if set(peer) != {"podSelector"}:
+                    problems.append(f"{where}: {_name(policy)} admits {peer} (beyond the namespace's pods)")
+                elif not all(_selector_matches(peer["podSelector"], labels) for labels in members):
+                    problems.append(f"{where}: {_name(policy)} admits some members only")
+                elif any(_selector_matches(peer["podSelector"], labels) for labels in others):
+                    problems.append(f"{where}: {_name(policy)} admits pods of other workloads")
+    if not member_rules:
+        problems.append(f"{where}: no NetworkPolicy admits the members to each other")
+    return problems
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     docs = rendered[overlay]
     policies = {doc["metadata"]["name"]: doc["spec"] for doc in _of_kind(docs, "NetworkPolicy")}
     assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
 
-    def admitted_ports(component: str) -> set[int]:
-        labels = next(
-            w["spec"]["template"]["metadata"]["labels"]
-            for w in _workloads(docs)
-            if _component(w) == component
-        )
+    def admitted_ports(workload: dict[str, Any]) -> set[int | str]:
+        """The ports some policy admits to the workload's pods ("every TCP port" for a rule without one)."""
+        labels = workload["spec"]["template"]["metadata"]["labels"]
         return {
-            port["port"]
+            port.get("port", f"every {port['protocol']} port")
             for spec in policies.values()
             if spec["podSelector"] and _selector_matches(spec["podSelector"], labels)
             for rule in spec.get("ingress", [])
-            for port in rule.get("ports", [])
+            for port in rule.get("ports", [{"protocol": "any"}])
         }
 
-    assert admitted_ports("api") == {8000}
-    assert admitted_ports("redis") == {6379}
-    assert admitted_ports("trainer") == {9101, 9102}
-    assert admitted_ports("evaluator") == {9101, 9102}
+    by_component = {_component(w): w for w in _workloads(docs)}
+    assert admitted_ports(by_component["api"]) == {8000}
+    assert admitted_ports(by_component["redis"]) == {6379}
+    # Workers: their metrics ports only (trainer 9101, evaluator 9102, inference 9103), for Prometheus;
+    # a trainer group's pods also every TCP port, from the group's own pods alone (checked below).
+    workers = [w for w in _workloads(docs) if _worker(w)]
+    groups = _trainer_groups(docs)
+    metrics_ports = {
+        p["containerPort"]
+        for w in workers
+        for p in _pod_spec(w)["containers"][0]["ports"]
+        if p["name"] == "metrics"
+    }
+    assert metrics_ports == {9101, 9102, 9103}
+    for workload in workers:
+        expected = metrics_ports | ({"every TCP port"} if workload["metadata"]["name"] in groups else set())
+        assert admitted_ports(workload) == expected, f"{overlay} {_name(workload)}"
+    for group in groups.values():
+        assert not _group_network_problems(docs, group), _group_network_problems(docs, group)
     (redis_rule,) = policies["tunery-redis"]["ingress"]
     peers = redis_rule["from"]
     assert {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "tunery"}}} in peers
@@ -1274,12 +1884,33 @@ def test_monitors_select_real_metrics_ports(rendered: dict[str, list[dict[str, A
         for w in _workloads(docs)
         if _selector_matches(pod_monitor["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
     ]
-    assert {_component(w) for w in scraped} == {"trainer", "evaluator"}
+    # Every worker Deployment, and nothing else (the API has its ServiceMonitor; trainer groups below).
+    groups = _trainer_groups(docs)
+    assert {_name(w) for w in scraped} == {
+        _name(w) for w in _workloads(docs) if _worker(w) and w["metadata"]["name"] not in groups
+    }
+    assert {_worker(w) for w in scraped} == set(WORKERS)
     for workload in scraped:
         ports = {p["name"]: p["containerPort"] for p in _pod_spec(workload)["containers"][0]["ports"]}
         assert "metrics" in ports
         probe = _pod_spec(workload)["containers"][0]["readinessProbe"]["httpGet"]
         assert probe == {"path": "/metrics", "port": "metrics"}
+    # A trainer group: its rank 0 alone (ranks > 0 serve no metrics), by a PodMonitor of its own that
+    # scrapes like the workers' one.
+    for name, group in groups.items():
+        pods = [_group_labels(group, index) for index in range(_group_size(group))]
+        others = [w["spec"]["template"]["metadata"]["labels"] for w in _workloads(docs) if w is not group]
+        monitors = [
+            m
+            for m in _of_kind(docs, "PodMonitor")
+            if any(_selector_matches(m["spec"]["selector"], labels) for labels in pods)
+        ]
+        assert len(monitors) == 1, f"{overlay} {name}: scraped by {[_name(m) for m in monitors]}"
+        selector = monitors[0]["spec"]["selector"]
+        assert [_selector_matches(selector, labels) for labels in pods] == [True] + [False] * (len(pods) - 1)
+        assert not any(_selector_matches(selector, labels) for labels in others), f"{overlay} {name}"
+        assert monitors[0]["spec"]["podMetricsEndpoints"] == pod_monitor["spec"]["podMetricsEndpoints"]
+        assert {p["name"] for p in _pod_spec(group)["containers"][0]["ports"]} >= {"metrics"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1844,14 +2475,16 @@ def test_scrape_labels_do_not_shadow_tunery_labels(
     for endpoint in service_monitor["spec"]["endpoints"]:
         if {"namespace", "service", "pod", "container", "endpoint"} & metric_labels:
             assert endpoint.get("honorLabels") is True, "the API's `service` label would be renamed"
-    pod_monitor = _one(docs, "PodMonitor", "tunery-workers")
-    added = {"namespace", "pod", "container", "endpoint"}
-    added |= {
-        re.sub(r"[^a-zA-Z0-9_]", "_", label) for label in pod_monitor["spec"].get("podTargetLabels", [])
-    }
-    for endpoint in pod_monitor["spec"]["podMetricsEndpoints"]:
-        if not endpoint.get("honorLabels"):
-            assert not added & metric_labels, f"PodMonitor target labels {added & metric_labels}"
+    for pod_monitor in _of_kind(docs, "PodMonitor"):  # the workers', and each trainer group's
+        added = {"namespace", "pod", "container", "endpoint"}
+        added |= {
+            re.sub(r"[^a-zA-Z0-9_]", "_", label) for label in pod_monitor["spec"].get("podTargetLabels", [])
+        }
+        for endpoint in pod_monitor["spec"]["podMetricsEndpoints"]:
+            if not endpoint.get("honorLabels"):
+                assert not added & metric_labels, (
+                    f"{_name(pod_monitor)} target labels {added & metric_labels}"
+                )
     compose_prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     for job in compose_prometheus["scrape_configs"]:
         for group in job["static_configs"]:
@@ -2006,6 +2639,7 @@ def test_compose_services() -> None:
         "api",
         "trainer",
         "evaluator",
+        "inference",
         "prometheus",
         "grafana",
     }
@@ -2025,7 +2659,7 @@ def test_compose_services() -> None:
     assert services["minio-create-bucket"]["restart"] == "no"
     bucket = services["api"]["environment"]["TUNERY_S3_BUCKET"]
     assert f"local/{bucket}" in services["minio-create-bucket"]["command"][0]
-    for name in ("api", "trainer", "evaluator"):
+    for name in ("api", *WORKERS):
         service = services[name]
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
         assert service["command"] == ["tunery", name]
@@ -2035,6 +2669,16 @@ def test_compose_services() -> None:
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["depends_on"]["minio-create-bucket"]["condition"] == "service_completed_successfully"
     assert services["trainer"]["environment"]["TUNERY_GPU_CLASS"] == "cpu"
+    for name in PREEMPTIBLE_WORKERS:
+        # docker compose stop: SIGTERM, then SIGKILL after stop_grace_period.
+        environment = services[name]["environment"]
+        env = [{"name": key, "value": value} for key, value in environment.items()]
+        stop_grace = _stop_grace_seconds({"name": name, "env": env})
+        period = int(re.fullmatch(r"(\d+)s", services[name]["stop_grace_period"]).group(1))
+        assert period >= stop_grace + STOP_GRACE_MARGIN_SECONDS, name
+    for name in WORKERS:
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile.worker", name
+        assert services[name]["image"] == services["trainer"]["image"], name
     assert services["trainer"]["build"]["args"]["TORCH_SPEC"].startswith("torch==")
     assert services["api"]["build"]["dockerfile"] == "docker/Dockerfile.api"
     assert services["api"]["environment"]["TUNERY_API_HOST"] == "0.0.0.0"
@@ -2051,10 +2695,11 @@ def test_prometheus_scrapes_every_compose_service() -> None:
     targets = {
         t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]
     }
-    assert {"api:8000", "trainer:9101", "evaluator:9102"} <= targets
+    assert {"api:8000", "trainer:9101", "evaluator:9102", "inference:9103"} <= targets
     environment = _compose()["services"]
     assert environment["trainer"]["environment"]["TUNERY_TRAINER_METRICS_PORT"] == "9101"
     assert environment["evaluator"]["environment"]["TUNERY_EVALUATOR_METRICS_PORT"] == "9102"
+    assert environment["inference"]["environment"]["TUNERY_INFERENCE_METRICS_PORT"] == "9103"
     datasources = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
 
@@ -2085,6 +2730,7 @@ def test_image_healthcheck_script(http_port: int) -> None:
         ("api", "TUNERY_API_PORT"),
         ("trainer", "TUNERY_TRAINER_METRICS_PORT"),
         ("evaluator", "TUNERY_EVALUATOR_METRICS_PORT"),
+        ("inference", "TUNERY_INFERENCE_METRICS_PORT"),
     ):
         healthy = _run(
             [sys.executable, script, service], env={**os.environ, variable: str(http_port)}, timeout=30

@@ -69,8 +69,11 @@ class Checkpoints:
 
     def save_trainable_only(self, prepared_model: torch.nn.Module) -> None:
         """Write and read only the weights that train (a LoRA adapter, a head): the base is frozen."""
-        trainable = {name for name, p in prepared_model.named_parameters() if p.requires_grad}
-        if len(trainable) == sum(1 for _ in prepared_model.parameters()):
+        # Named as in the unwrapped model: a DDP wrapper adds "module." to its own names, not to the state
+        # dict accelerate hands the hook.
+        model = self.accelerator.unwrap_model(prepared_model)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if len(trainable) == sum(1 for _ in model.parameters()):
             return  # full fine-tuning: every weight is state
         self.trainable = trainable
         self.accelerator.register_save_state_pre_hook(self._keep_trainable)
@@ -111,17 +114,26 @@ class Checkpoints:
     def _keep_trainable(self, models: list, weights: list, output_dir: str) -> None:
         assert self.trainable is not None
         for i, state_dict in enumerate(weights):
-            weights[i] = {name: tensor for name, tensor in state_dict.items() if name in self.trainable}
+            kept = {_unwrapped(name): tensor for name, tensor in state_dict.items()}
+            weights[i] = {name: tensor for name, tensor in kept.items() if name in self.trainable}
 
     def _load_trainable(self, models: list, input_dir: str) -> None:
         assert self.trainable is not None
         for i, model in enumerate(models):
             name = MODEL_WEIGHTS if i == 0 else MODEL_WEIGHTS.replace(".", f"_{i}.")
-            saved = load_file(str(Path(input_dir) / name), device=str(self.accelerator.device))
+            device = self.accelerator.device  # safetensors knows "cpu", not gloo's "cpu:0"
+            saved = load_file(
+                str(Path(input_dir) / name), device="cpu" if device.type == "cpu" else str(device)
+            )
             if set(saved) != self.trainable:
                 raise ValueError(
                     f"checkpoint in {input_dir} holds {len(saved)} trainable tensors, the model has "
                     f"{len(self.trainable)}: it was saved for another model or adapter configuration"
                 )
-            model.load_state_dict(saved, strict=False)
+            loaded = self.accelerator.unwrap_model(model).load_state_dict(saved, strict=False)
+            assert not loaded.unexpected_keys, loaded.unexpected_keys
         models.clear()  # loaded here: accelerate must not load them again (strictly, as a full model)
+
+
+def _unwrapped(name: str) -> str:
+    return name.removeprefix("module.")

@@ -59,6 +59,7 @@ def tunery(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage)
         live.start("api")
         live.start("trainer")
         live.start("evaluator")
+        live.start("inference")
         yield live
     finally:
         live.stop()
@@ -169,6 +170,21 @@ def test_minilm_fine_tuned_through_the_api_classifies_held_out_sst2_sentences(tu
     # The evaluator scores the published model as the trainer's last validation did.
     assert tuned == pytest.approx(float(rows[-1]["valid_accuracy"]))
     assert set(report["by_group"]["groups"]) == {"long", "short"}
+
+    # Tried before exporting: the inference worker serves the job's classifier.
+    with tunery.client() as client:
+        answer = client.post(
+            "/v1/classifications",
+            json={
+                "model": job["fine_tuned_model"],
+                "input": ["a gorgeous , witty , seductive movie .", "dull ."],
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    assert [(item["index"], item["label"] in report["labels"]) for item in answer.json()["data"]] == [
+        (0, True), (1, True),
+    ]  # fmt: skip
+    assert all(0.5 <= item["score"] <= 1.0 for item in answer.json()["data"])  # the likelier of two labels
 
 
 def test_a_dpo_job_on_preference_pairs_trains_a_tiny_model_and_is_evaluated_against_its_base(

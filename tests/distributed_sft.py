@@ -1,8 +1,8 @@
 """Run by tests/test_launch.py under `accelerate launch`: the SFT recipe on a tiny model, losses to JSON.
 
-Arguments: model_dir output_dir losses_path batch_size [checkpoints_dir suspend_at resume_from]: with a
-checkpoints folder, the run saves its checkpoints there, is suspended after step `suspend_at` (0: never)
-and resumes from `resume_from` ("-": from the start).
+Arguments: model_dir output_dir losses_path batch_size [checkpoints_dir stop resume_from]: with a
+checkpoints folder, the run saves its checkpoints there, is stopped as `stop` says ("<step>:<action>",
+e.g. "4:suspend" or "4:discard"; "0": never) and resumes from `resume_from` ("-": from the start).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ if __name__ == "__main__":
     config = make_config(Path(model_dir), Path(output_dir), n_epochs=2, batch_size=int(batch_size))
     hooks = RecordingHooks()
     if len(sys.argv) > 5:
-        checkpoints, suspend_at, resume_from = sys.argv[5:8]
+        checkpoints, stop, resume_from = sys.argv[5:8]
+        stop_after, _, action = stop.partition(":")
         config = replace(
             config,
             checkpoints=FolderSink(Path(checkpoints)),
             resume_from=None if resume_from == "-" else Path(resume_from),
         )
-        hooks = RecordingHooks(stop_after=int(suspend_at) or None, action="suspend")
+        hooks = RecordingHooks(stop_after=int(stop_after) or None, action=action)
     result = train_sft(config, hooks)
     if PartialState().is_main_process:
         losses = {m.step: m.train_loss for m in hooks.steps}

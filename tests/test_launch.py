@@ -95,14 +95,14 @@ def test_two_gloo_processes_train_the_same_losses_as_one_for_the_same_global_bat
     assert {int(step): loss for step, loss in two["losses"].items()} == pytest.approx(expected, rel=1e-4)
 
 
-def test_two_gloo_processes_suspended_and_resumed_train_the_losses_of_one_uninterrupted_process(
+def test_two_gloo_processes_stop_together_and_resume_with_the_losses_of_one_uninterrupted_process(
     tmp_path: Path,
 ) -> None:
     model_dir = build_tiny_chat_model(tmp_path / "model", arch="llama")
     one = RecordingHooks()
     train_sft(make_config(model_dir, tmp_path / "one", n_epochs=2, batch_size=4), one)
 
-    def launch(name: str, suspend_at: int, resume_from: str) -> dict:
+    def launch(name: str, stop: str, resume_from: str) -> dict:
         config = tmp_path / f"{name}.yaml"
         config.write_text(
             yaml.safe_dump(accelerate_config(job(), on_gpu=False, main_process_port=_free_port()))
@@ -111,21 +111,24 @@ def test_two_gloo_processes_suspended_and_resumed_train_the_losses_of_one_uninte
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             str(REPO / "tests" / "distributed_sft.py"), str(model_dir), str(tmp_path / name), str(losses), "2",
-            str(tmp_path / "checkpoints"), str(suspend_at), resume_from,
+            str(tmp_path / "checkpoints"), stop, resume_from,
         ]  # fmt: skip
         env = launch_env(job(), on_gpu=False, cpu_threads=os.cpu_count() or 2) | {"PYTHONPATH": str(REPO)}
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(losses.read_text())
 
-    first = launch("first", 4, "-")
+    cancelled = launch("cancelled", "3:discard", "-")
+    assert cancelled["stopped"] == "discard" and sorted(cancelled["losses"], key=int)[-1] == "3"
+    assert not (tmp_path / "cancelled" / "adapter").exists() and not (tmp_path / "checkpoints").exists()
+    first = launch("first", "4:suspend", "-")
     assert first["stopped"] == "suspend" and sorted(first["losses"], key=int)[-1] == "4"
     saved = tmp_path / "checkpoints" / "step-00000004"
     assert sorted(p.name for p in saved.glob("random_states_*.pkl")) == [
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
-    second = launch("second", 0, str(saved))
+    second = launch("second", "0", str(saved))
     expected = {m.step: m.train_loss for m in one.steps}
     resumed = {int(step): loss for step, loss in second["losses"].items()}
     assert sorted(resumed) == list(range(5, 11))

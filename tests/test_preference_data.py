@@ -185,7 +185,7 @@ def test_evaluation_batches_carry_each_pairs_group(tokenizer: PreTrainedTokenize
 
 
 def test_the_demo_dataset_reads_as_preference_pairs() -> None:
-    path = Path(__file__).parents[2] / "shared" / "datasets" / "llamafactory_demo" / "dpo_en_demo.json"
+    path = Path(__file__).parent / "fixtures" / "datasets" / "dpo_en_demo_300.json"  # the whole demo file
     with open(path, "rb") as f:
         examples = list(read_examples(f, filename=path.name))
 

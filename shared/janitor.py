@@ -62,7 +62,11 @@ def _silent_seconds(redis: Redis, task_id: str, now: datetime) -> float | None:
     try:
         task = Job.fetch(task_id, connection=redis, serializer=JSONSerializer)
     except NoSuchJobError:
-        return float("inf")  # the record says a worker has it, but RQ knows nothing of it
+        # The record says a worker has it, but RQ knows nothing of it: for a moment (a job enters its state
+        # just before its task is queued) or for good. Silent since the janitor first saw it missing.
+        key = f"tunery:janitor:missing:{task_id}"
+        redis.set(key, now.timestamp(), nx=True, ex=7 * 24 * 3600)
+        return now.timestamp() - float(redis.get(key) or now.timestamp())
     status = task.get_status(refresh=False)
     if status in ("queued", "deferred", "scheduled"):
         return None

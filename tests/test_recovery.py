@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import redis
 
+from shared import janitor
 from shared.evaluation_store import EvaluationStore
 from shared.job_states import JobState
 from shared.job_store import JobStore
@@ -57,3 +59,18 @@ def test_a_killed_standalone_evaluation_fails_instead_of_running_forever(
     recover_killed_task(settings, client, STANDALONE_EVAL_TASK, ["eval-1"], "signal 9")
     evaluation = store.get("eval-1")
     assert evaluation.status == "failed" and evaluation.error.code == "evaluator_died"
+
+
+def test_a_job_whose_task_is_not_queued_yet_is_left_alone_until_it_stays_missing(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The trainer moves a job to evaluating just before it queues the evaluation: no false alarm then."""
+    settings, client, jobs = _setup(redis_url, tmp_path)
+    settings = settings.model_copy(update={"worker_lost_after_seconds": 0.5, "janitor_interval_seconds": 0.1})
+    record = job_record(state=JobState.EVALUATING)
+    jobs.create(record, "created")
+    assert janitor.sweep(settings, client, jobs) == []
+    time.sleep(0.6)
+    client.delete(janitor.LOCK_KEY)
+    assert janitor.sweep(settings, client, jobs) == [record.id]
+    assert jobs.require(record.id).error.code == "evaluator_died"

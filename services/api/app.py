@@ -24,6 +24,7 @@ from services.api import (
     routes_uploads,
     routes_usage,
 )
+from services.api.console import install_console
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
 from shared import janitor, metrics
@@ -74,6 +75,9 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
         version="0.1.0",
         summary="Self-hosted LLM fine-tuning with an OpenAI-compatible API.",
         lifespan=lifespan,
+        # /docs is served by install_console from the package (FastAPI's loads from a CDN); no ReDoc.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.context = context
     install_error_handlers(app)
@@ -127,6 +131,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_usage.router)
     app.include_router(routes_inference.router)
     app.include_router(routes_evaluations.router)
+    install_console(app)  # /docs, / and the web console (/console)
 
     return app
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -67,10 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        location = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
-        param = ".".join(location) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        message, param = validation_message(exc.errors(), exc.body)
         return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -94,3 +95,62 @@ def install_error_handlers(app: FastAPI) -> None:
     async def storage_unavailable(_: Request, exc: StorageError) -> JSONResponse:
         body = error_body(503, f"object storage is unavailable: {exc}", "storage_unavailable", None)
         return JSONResponse(body, status_code=503, headers={"retry-after": "5"})
+
+
+# The segments pydantic adds to an error's location for the member of a union it tried (`constrained-float`,
+# `literal['auto']`, `function-after[...]`, ...): not part of the field's name.
+_UNION_MEMBER = re.compile(
+    r"^(constrained-)?(int|float|str|bool|bytes|list|dict|set|tuple|none|literal|function-\w+|"
+    r"tagged-union|union|json-or-python|lax-or-strict|nullable|chain|default|is-instance|enum)(\[.*\])?$"
+)
+# pydantic prefixes the messages of errors raised in validators ("Value error, must be ...").
+_VALIDATOR_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def validation_message(errors: Sequence[Any], body: Any) -> tuple[str, str | None]:
+    """The first problem of a request, as OpenAI words it: a message naming the param, and the param
+    (dotted, `[i]` for list items), or a body that is not JSON at all with where it breaks."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return _json_problem(first, body), None
+    param = _param(first.get("loc", ()))
+    # A union such as `float | "auto"` reports one error per member: the value's problem, and the
+    # literals it could have been instead.
+    same = [e for e in errors if _param(e.get("loc", ())) == param]
+    literals = [e for e in same if e.get("type") == "literal_error" and "expected" in e.get("ctx", {})]
+    main = next((e for e in same if e not in literals), first)
+    message = _clean(str(main.get("msg")))
+    alternatives = [e["ctx"]["expected"] for e in literals if e is not main]
+    if alternatives:
+        message += ", or " + " or ".join(alternatives)
+    return (f"{param}: {message}" if param else f"request body: {message}"), param
+
+
+def _param(location: Sequence[Any]) -> str | None:
+    path = ""
+    for part in (
+        location[1:] if location and location[0] in ("body", "query", "path", "form", "header") else location
+    ):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_MEMBER.match(str(part)):
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def _clean(message: str) -> str:
+    for prefix in _VALIDATOR_PREFIXES:
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _json_problem(error: dict[str, Any], body: Any) -> str:
+    """`the request body is not valid JSON: Expecting value (line 3, column 5)`."""
+    reason = error.get("ctx", {}).get("error", "JSON decode error")
+    location = error.get("loc", ())
+    position = location[-1] if location and isinstance(location[-1], int) else None
+    if position is None or not isinstance(body, str):
+        return f"the request body is not valid JSON: {reason}"
+    line = body.count("\n", 0, position) + 1
+    column = position - body.rfind("\n", 0, position)
+    return f"the request body is not valid JSON: {reason} (line {line}, column {column})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from functools import partial
 from typing import Annotated
@@ -26,6 +27,7 @@ from services.api.schemas import (
     list_object,
 )
 from shared import storage_keys
+from shared.cancel import cancel
 from shared.ids import new_job_id
 from shared.job_states import JobState, is_terminal
 from shared.queue import enqueue_preparation, run_estimate
@@ -299,8 +301,9 @@ def cancel_job(
         raise APIError(
             400, f"job {job_id} has already {record.state.value}", code="job_not_cancellable", param="job_id"
         )
-    # A running trainer sees the state at its next optimizer step and stops without publishing.
-    return job_object(ctx.jobs.transition(job_id, JobState.CANCELLED, "Job cancelled by the user"))
+    # A running trainer or evaluator sees the state within seconds and stops without publishing; a task
+    # still waiting in a queue is withdrawn from it.
+    return job_object(cancel(ctx.jobs, ctx.redis, job_id, "Job cancelled by the user"))
 
 
 @router.post(
@@ -377,8 +380,14 @@ async def list_events(
     tenant: str = Depends(caller_tenant),
 ):
     await run_in_threadpool(_require_job, ctx, tenant, job_id)
+    header = request.headers.get("last-event-id") if stream else None
+    cursor, param = (header, "Last-Event-ID") if header else (after, "after")
+    if cursor is not None and not _is_event_id(cursor):
+        raise APIError(
+            400, f"{param}: {cursor[:100]!r} is not an event id (ftevent-…, the `id` of an event of this job)",
+            code="invalid_event_id", param=param,
+        )  # fmt: skip
     if stream:
-        cursor = request.headers.get("last-event-id") or after
         return StreamingResponse(
             _event_stream(request, ctx, job_id, cursor),
             media_type="text/event-stream",
@@ -389,6 +398,13 @@ async def list_events(
 
 
 STREAM_POLL_MS = 1000
+EVENT_ID = re.compile(r"ftevent-([0-9]{1,20})-([0-9]{1,20})")
+
+
+def _is_event_id(value: str) -> bool:
+    """An id as the job store makes them: `ftevent-` and a Redis stream id, both halves 64-bit."""
+    match = EVENT_ID.fullmatch(value)
+    return match is not None and all(int(half) < 2**64 for half in match.groups())
 
 
 async def _event_stream(request: Request, ctx: Context, job_id: str, cursor: str | None):

@@ -6,7 +6,7 @@ additional keys, which the SDK keeps.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,23 +28,25 @@ class _HyperparametersIn(BaseModel):
     )
     # Tunery extras (the SDK passes unknown nested keys through unchanged).
     max_seq_length: int | Auto | None = Field(default=None, description="Tunery: 16-131072 tokens, or auto")
-    warmup_ratio: float | Auto | None = Field(
-        default=None, ge=0, le=0.5, description="Tunery: share of steps"
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
+        default=None, description="Tunery: share of steps, 0-0.5, or auto"
     )
-    weight_decay: float | Auto | None = Field(
-        default=None, ge=0, le=1, description="Tunery: AdamW weight decay"
+    weight_decay: Annotated[float, Field(ge=0, le=1)] | Auto | None = Field(
+        default=None, description="Tunery: AdamW weight decay, 0-1, or auto"
     )
     scheduler: Literal["linear", "cosine", "constant", "auto"] | None = Field(
         default=None, description="Tunery: learning-rate schedule after the warmup"
     )
-    max_grad_norm: float | Auto | None = Field(
-        default=None, gt=0, description="Tunery: gradient clipping norm"
+    max_grad_norm: Annotated[float, Field(gt=0)] | Auto | None = Field(
+        default=None, description="Tunery: gradient clipping norm, > 0, or auto"
     )
-    early_stopping_patience: int | Auto | None = Field(
-        default=None, ge=1, description="Tunery: epochs without a better validation loss before stopping"
+    early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
+        default=None,
+        description="Tunery: epochs without a better validation loss before stopping (>= 1), or auto",
     )
-    early_stopping_min_delta: float | Auto | None = Field(
-        default=None, ge=0, description="Tunery: the decrease of the validation loss that counts as better"
+    early_stopping_min_delta: Annotated[float, Field(ge=0)] | Auto | None = Field(
+        default=None,
+        description="Tunery: the decrease of the validation loss that counts as better (>= 0), or auto",
     )
 
     @field_validator("max_seq_length")
@@ -88,23 +90,21 @@ class HyperparametersIn(_HyperparametersIn):
     train_on_inputs: bool | None = Field(
         default=None, description="Tunery: also train on prompt tokens, not only on assistant replies"
     )
-    label_smoothing: float | Auto | None = Field(
+    label_smoothing: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
         default=None,
-        ge=0,
-        le=0.5,
-        description="Tunery: share of each target's probability spread over the vocabulary",
+        description="Tunery: share of each target's probability spread over the vocabulary, 0-0.5, or auto",
     )
 
 
 class DpoHyperparametersIn(_HyperparametersIn):
     """Direct preference optimisation (OpenAI's DPO hyperparameters, and Tunery's extras)."""
 
-    beta: float | Auto | None = Field(
-        default=None, gt=0, le=10,
+    beta: Annotated[float, Field(gt=0, le=10)] | Auto | None = Field(
+        default=None,
         description="how far the tuned model may move from the base: larger keeps it closer (auto: 0.1)",
     )  # fmt: skip
-    label_smoothing: float | Auto | None = Field(
-        default=None, ge=0, lt=0.5,
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | Auto | None = Field(
+        default=None,
         description="Tunery: conservative DPO, the share of pairs assumed to be labelled the wrong way round",
     )  # fmt: skip
 
@@ -116,8 +116,8 @@ class ClassificationHyperparametersIn(_HyperparametersIn):
         default=None,
         description="balanced: each class's loss weighed by its rarity; none: every example alike",
     )
-    label_smoothing: float | Auto | None = Field(
-        default=None, ge=0, le=0.5, description="share of each target's probability spread over the classes"
+    label_smoothing: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
+        default=None, description="share of each target's probability spread over the classes, or auto"
     )
     method: Literal["auto", "full", "lora"] | None = Field(
         default=None,

@@ -1,0 +1,140 @@
+"""The API keeps its contract under hostile input: OpenAI's error object with a 400 naming the problem and
+the param, never a 500, a traceback or an empty answer; names and uploads that cannot hurt anyone."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api_fixtures import chat_lines, prepared
+
+AUTO_SETTINGS = (
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "label_smoothing",
+)
+
+
+def upload(api, body: bytes = b"", name: str = "train.jsonl") -> dict:
+    response = api.post(
+        "/v1/files", files={"file": (name, body or chat_lines(20))}, data={"purpose": "fine-tune"}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def job_body(training_file: str, **hyperparameters) -> dict:
+    return {
+        "model": "tunery/tiny-chat",
+        "training_file": training_file,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    }
+
+
+def assert_openai_error(response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    return error
+
+
+# -- 1. "auto" for every Tunery hyperparameter ---------------------------------------------------------
+
+
+def test_auto_for_every_tunery_hyperparameter_is_resolved_with_a_reason(api, api_settings):
+    body = job_body(upload(api)["id"], **dict.fromkeys(AUTO_SETTINGS, "auto"))
+    response = api.post("/v1/fine_tuning/jobs", json=body)
+    assert response.status_code == 200, response.text
+    job = prepared(api, api_settings, response.json()["id"])
+    assert job["status"] == "queued", job["error"]
+    resolved = job["resolved_hyperparameters"]
+    assert (resolved["warmup_ratio"], resolved["weight_decay"], resolved["max_grad_norm"]) == (0.03, 0.0, 1.0)
+    assert (resolved["early_stopping_min_delta"], resolved["label_smoothing"]) == (0.0, 0.0)
+    assert resolved["early_stopping_patience"] == 2  # on the held-out split of the file
+    for name in AUTO_SETTINGS:
+        assert job["hyperparameter_reasons"][name].startswith("auto:"), name
+
+
+@pytest.mark.parametrize("name", AUTO_SETTINGS)
+def test_estimate_accepts_auto_and_goes_on_to_check_the_request(api, name):
+    """The body passes validation; the request's next check (a model outside the catalog) answers."""
+    body = job_body(upload(api)["id"], **{name: "auto"}) | {"model": "no/such-model"}
+    response = api.post("/v1/fine_tuning/jobs/estimate", json=body)
+    assert assert_openai_error(response, 400, "model")["code"] == "model_not_found"
+
+
+def test_out_of_range_setting_that_also_takes_auto_names_the_field_and_both_choices(api):
+    response = api.post("/v1/fine_tuning/jobs", json=job_body(upload(api)["id"], warmup_ratio=0.9))
+    error = assert_openai_error(response, 400, "method.supervised.hyperparameters.warmup_ratio")
+    assert error["message"] == (
+        "method.supervised.hyperparameters.warmup_ratio: Input should be less than or equal to 0.5, or 'auto'"
+    )
+
+
+# -- 2. the event stream's cursor ---------------------------------------------------------------------------
+
+
+def cancelled_job(api) -> str:
+    job_id = api.post("/v1/fine_tuning/jobs", json=job_body(upload(api)["id"])).json()["id"]
+    api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    return job_id
+
+
+def test_event_stream_after_a_non_event_id_is_a_400_naming_after(api):
+    job_id = cancelled_job(api)
+    response = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true", "after": "nope"})
+    error = assert_openai_error(response, 400, "after")
+    assert error["code"] == "invalid_event_id"
+    assert "'nope' is not an event id" in error["message"]
+
+
+def test_event_stream_with_a_malformed_last_event_id_is_a_400_naming_the_header(api):
+    job_id = cancelled_job(api)
+    url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    response = api.get(url, params={"stream": "true"}, headers={"Last-Event-ID": "ftevent-1-x"})
+    assert_openai_error(response, 400, "Last-Event-ID")
+
+
+def test_event_listing_after_a_stream_id_beyond_64_bits_is_a_400(api):
+    job_id = cancelled_job(api)
+    response = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"after": f"ftevent-{2**64}-0"})
+    assert_openai_error(response, 400, "after")
+
+
+def test_event_stream_from_a_real_last_event_id_sends_the_later_events_and_ends(api):
+    job_id = cancelled_job(api)
+    url = f"/v1/fine_tuning/jobs/{job_id}/events"
+    oldest = api.get(url).json()["data"][-1]
+    response = api.get(url, params={"stream": "true"}, headers={"Last-Event-ID": oldest["id"]})
+    assert response.status_code == 200
+    assert oldest["id"] not in response.text
+    assert "Job cancelled by the user" in response.text
+    assert response.text.rstrip().endswith('data: {"status": "cancelled"}')
+
+
+# -- 6 and 7: bodies that are not JSON, messages without pydantic's prefixes -------------------------------
+
+
+def test_truncated_json_body_says_it_is_not_json_with_line_and_column(api):
+    response = api.post(
+        "/v1/fine_tuning/jobs",
+        content=b'{"model": "tunery/tiny-chat",\n "training_file": ',
+        headers={"content-type": "application/json"},
+    )
+    error = assert_openai_error(response, 400, None)
+    assert error["message"] == "the request body is not valid JSON: Expecting value (line 2, column 19)"
+
+
+def test_validator_messages_carry_no_pydantic_prefix(api):
+    body = job_body(upload(api)["id"]) | {"metadata": {"k" * 65: "v"}}
+    error = assert_openai_error(api.post("/v1/fine_tuning/jobs", json=body), 400, "metadata")
+    assert error["message"] == "metadata: keys are at most 64 characters and values at most 512"
+
+
+def test_list_items_are_named_with_their_index(api):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
+    error = assert_openai_error(api.post("/v1/chat/completions", json=body), 400, "messages[1].role")
+    assert error["message"].startswith("messages[1].role: Input should be 'system'")

@@ -117,6 +117,23 @@ def run_inference(redis: Redis, task_name: str, spec: dict, timeout_seconds: flo
     return _wait_for_result(task, timeout_seconds, "inference failed on the worker; see its log")
 
 
+def withdraw_job_tasks(redis: Redis, job_id: str, attempt: int) -> list[str]:
+    """Take a job's tasks still waiting in their queues out of them (its preparation, and its training
+    and evaluation of every attempt up to `attempt`); returns their ids.
+
+    A task a worker has already taken is left alone: it sees the job's state itself. Removing the id
+    from the queue's list comes first, so a task is either withdrawn or taken, never both.
+    """
+    ids = [f"{job_id}-prepare"]
+    ids += [f"{job_id}-{kind}-{n}" for n in range(attempt + 1) for kind in ("train", "eval")]
+    withdrawn = []
+    for task in Job.fetch_many(ids, connection=redis, serializer=JSONSerializer):
+        if task is not None and queue(redis, task.origin).remove(task.id):
+            task.delete(remove_from_queue=False)
+            withdrawn.append(task.id)
+    return withdrawn
+
+
 def listening_workers(redis: Redis, name: str) -> int:
     """How many workers are registered on a queue (a worker killed outright stays listed until its TTL)."""
     return Worker.count(connection=redis, queue=queue(redis, name))

@@ -18,6 +18,7 @@ import torch
 from redis import Redis
 from transformers import AutoTokenizer
 
+from services.evaluator.cancellation import CancelWatch, watching
 from shared.catalog import load_catalog, materialize
 from shared.classification_data import (
     DEFAULT_GROUP_FIELD,
@@ -49,9 +50,11 @@ def evaluate(
     record: JobRecord,
     *,
     group_field: str | None = DEFAULT_GROUP_FIELD,
+    watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
     """Score the untuned model (fresh head) and the job's classifier on its held-out rows; the report
-    (`build_report`). `group_field`: the row field whose values are reported as groups (None: no groups)."""
+    (`build_report`). `group_field`: the row field whose values are reported as groups (None: no groups).
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on."""
     entry = load_catalog(settings).get(record.model)
     if entry is None:
         raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
@@ -84,7 +87,8 @@ def evaluate(
 
         def score(model: torch.nn.Module) -> dict[str, Any]:
             batches = iter_classification_batches(rows, EVAL_BATCH_SIZE, pad_id)
-            return evaluate_classifier(model.to(device), batches, labels)
+            with watching(watch, model):
+                return evaluate_classifier(model.to(device), batches, labels)
 
         torch.manual_seed(record.seed)  # the head the recipe started from
         base = score(load_sequence_classifier(base_dir, labels, **options))

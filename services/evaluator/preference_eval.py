@@ -24,6 +24,7 @@ from peft import PeftModel
 from redis import Redis
 from transformers import AutoTokenizer
 
+from services.evaluator.cancellation import CancelWatch, watching
 from shared.catalog import load_catalog, materialize
 from shared.failures import JobFailure
 from shared.group_metrics import largest_gap
@@ -49,9 +50,11 @@ def evaluate(
     record: JobRecord,
     *,
     group_field: str | None = DEFAULT_GROUP_FIELD,
+    watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
     """Score the base model and the job's adapter on its held-out pairs; the report (`build_report`).
-    `group_field`: the row field whose values are reported as groups (None: no groups)."""
+    `group_field`: the row field whose values are reported as groups (None: no groups).
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on."""
     entry = load_catalog(settings).get(record.model)
     if entry is None:
         raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
@@ -77,11 +80,12 @@ def evaluate(
         def batches() -> Any:
             return iter_preference_batches(pairs, EVAL_BATCH_SIZE, pad_id)
 
-        base = evaluate_preferences(model, batches(), hp.beta, reference=None)
-        # The adapter goes into `model` in place; with it disabled, the same weights are the reference.
-        tuned = evaluate_preferences(
-            PeftModel.from_pretrained(model, workdir / "adapter"), batches(), hp.beta
-        )
+        with watching(watch, model):
+            base = evaluate_preferences(model, batches(), hp.beta, reference=None)
+            # The adapter goes into `model` in place; with it disabled, the same weights are the reference.
+            tuned = evaluate_preferences(
+                PeftModel.from_pretrained(model, workdir / "adapter"), batches(), hp.beta
+            )
     return build_report(source, base, tuned, beta=hp.beta, group_field=group_field)
 
 

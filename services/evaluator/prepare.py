@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared import hyperparams, metrics
 from shared.calibration import calibrated_flops
+from shared.cancel import withdraw_if_cancelled
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import (
     ChatTemplateError,
@@ -36,7 +37,7 @@ from shared.estimate import DataStats, Workload, build_estimate, token_summary
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
-from shared.job_states import JobState
+from shared.job_states import IllegalTransition, JobState
 from shared.model_facts import read_model_facts
 from shared.model_loading import generation_eos_ids
 from shared.preference_data import PreferencePair, tokenize_preferences
@@ -301,16 +302,21 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
 
     for note in estimate["notes"]:
         jobs.add_event(job_id, note, level="warn")
-    jobs.transition(
-        job_id, JobState.QUEUED,
-        f"Validated files: {estimate['train_examples']} training examples, {estimate['trained_tokens']} tokens "
-        f"to train, {estimate['optimizer_steps']} steps; about {chosen['duration_seconds']:.0f} s and "
-        f"${chosen['cost_usd']:.4f} on {record.gpu_class}. Job queued.",
-        mutate=resolved, data={"estimate": estimate},
-    )  # fmt: skip
+    try:
+        jobs.transition(
+            job_id, JobState.QUEUED,
+            f"Validated files: {estimate['train_examples']} training examples, {estimate['trained_tokens']} tokens "
+            f"to train, {estimate['optimizer_steps']} steps; about {chosen['duration_seconds']:.0f} s and "
+            f"${chosen['cost_usd']:.4f} on {record.gpu_class}. Job queued.",
+            mutate=resolved, data={"estimate": estimate},
+        )  # fmt: skip
+    except IllegalTransition:  # cancelled while its data was being prepared: it never reaches a trainer
+        return f"skipped ({jobs.require(job_id).state.value})"
     enqueue_training(
         redis, job_id, record.attempt, record.gpu_class, settings.train_timeout_seconds, record.num_nodes
     )
+    if withdraw_if_cancelled(jobs, redis, job_id):  # cancelled between the two
+        return "skipped (cancelled)"
     metrics.TASKS_FINISHED.labels("prepare", "queued").inc()
     return "queued"
 

@@ -4,7 +4,8 @@ It reports loss, perplexity and token accuracy for both on every row, and what e
 the first prompts (greedy, scored against the reference replies; shared.generation_metrics), each
 also per group of rows when the rows carry a group field, with the gap between the best and the worst
 group. It stores the report and the replies beside the artifacts, names the fine-tuned model and moves
-the job to `succeeded`.
+the job to `succeeded`. A job cancelled meanwhile stops its evaluation within a second
+(services.evaluator.cancellation) and gets nothing published.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 from redis import Redis
 
 from services.evaluator import classification_eval, preference_eval
+from services.evaluator.cancellation import CancelWatch, EvaluationCancelled, watching
 from shared import metrics, pii, storage_keys
+from shared.cancel import withdraw_if_cancelled
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
 from shared.classification_data import DEFAULT_GROUP_FIELD
@@ -81,20 +84,34 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         state = record.state.value if record else "missing"
         log.info("skipping evaluation of %s attempt %s: job is %s", job_id, attempt, state)
         return f"skipped ({state})"
+    watch = CancelWatch(jobs, job_id, attempt)
     try:
-        report = evaluate_job(settings, redis, storage, record)
+        report = evaluate_job(settings, redis, storage, record, watch=watch)
         _succeed(jobs, storage, record, report, settings, redis)
         metrics.TASKS_FINISHED.labels("evaluator", "succeeded").inc()
         return "succeeded"
+    except EvaluationCancelled as exc:
+        log.info("%s", exc)
+        return "cancelled"
     except EvaluationPreempted:
-        # Evaluation holds no state worth saving: run it again on the next worker.
+        # Evaluation holds no state worth saving: run it again on the next worker, unless the job is over.
+        state = watch.moved_on()
+        if state is not None:
+            log.info("evaluation of %s stopped by SIGTERM; not re-queued: the job is %s", job_id, state)
+            return state
         jobs.add_event(job_id, "Evaluator is shutting down; evaluation re-queued", level="warn")
         enqueue_evaluation(redis, job_id, attempt, settings.eval_timeout_seconds)
+        withdraw_if_cancelled(jobs, redis, job_id)
         return "preempted"
     except StaleAttempt as exc:
         log.warning("%s", exc)
         return "stale attempt"
     except Exception as exc:
+        state = watch.moved_on()
+        if state is not None:
+            # Cancelled after the last check (publishing then fails): not an evaluation failure.
+            log.info("evaluation of %s ended in %r; the job is %s", job_id, exc, state)
+            return state
         error, expected = classify(exc)
         try:
             jobs.transition(
@@ -118,15 +135,21 @@ def evaluate_job(
     group_field: str | None = DEFAULT_GROUP_FIELD,
     generation_rows: int = GENERATION_ROWS,
     generations_key: str | None = None,
+    watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
-    """The evaluation of the job's task: its report, base and fine-tuned side by side, with a verdict."""
+    """The evaluation of the job's task: its report, base and fine-tuned side by side, with a verdict.
+    `watch`: stops it (EvaluationCancelled) once the job has moved on."""
     if record.method_type == "classification":
-        return classification_eval.evaluate(settings, redis, storage, record, group_field=group_field)
+        return classification_eval.evaluate(
+            settings, redis, storage, record, group_field=group_field, watch=watch
+        )
     if record.method_type == "dpo":
-        return preference_eval.evaluate(settings, redis, storage, record, group_field=group_field)
+        return preference_eval.evaluate(
+            settings, redis, storage, record, group_field=group_field, watch=watch
+        )
     report = evaluate(
         settings, redis, storage, record, group_field=group_field, generation_rows=generation_rows,
-        generations_key=generations_key,
+        generations_key=generations_key, watch=watch,
     )  # fmt: skip
     return {"task": "supervised", **report}
 
@@ -204,6 +227,7 @@ def evaluate(
     generation_rows: int = GENERATION_ROWS,
     group_field: str | None = DEFAULT_GROUP_FIELD,
     generations_key: str | None = None,
+    watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
     """Score the base model and the fine-tuned adapter on the job's validation rows; returns the report
     (`build_report`) and stores the replies both models generated (by default as the job's generations
@@ -211,6 +235,7 @@ def evaluate(
 
     `generation_rows`: how many prompts (the first suitable rows) both models answer; 0 skips generation.
     `group_field`: the row field whose values are reported as groups (None: no groups).
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on.
     """
     entry = _catalog_entry(settings, record.model)
     with tempfile.TemporaryDirectory(prefix=f"tunery-eval-{record.id}-") as tmp:
@@ -222,7 +247,7 @@ def evaluate(
         rows = _validation_rows(redis, storage, record, workdir, group_field)
         base, tuned, cases = _score(
             settings, entry, tokenizer_dir, adapter_dir, rows, record.hyperparameters.max_seq_length,
-            generation_rows,
+            generation_rows, watch,
         )  # fmt: skip
     assert tuned is not None
     if cases:
@@ -280,6 +305,7 @@ def _score(
     rows: ValidationRows,
     max_length: int,
     generation_rows: int,
+    watch: CancelWatch | None = None,
 ) -> tuple[ModelScores, ModelScores | None, list[GenerationCase]]:
     """The base model's scores, then (with an adapter) the fine-tuned model's, on the same rows."""
     from peft import PeftModel
@@ -303,9 +329,10 @@ def _score(
         )  # fmt: skip
         return ModelScores(tokens, by_group, replies)
 
-    base = score(model)
-    # The adapter is injected into `model` in place: the base is scored first, without a second copy.
-    tuned = score(PeftModel.from_pretrained(model, adapter_dir)) if adapter_dir is not None else None
+    with watching(watch, model):
+        base = score(model)
+        # The adapter is injected into `model` in place: the base is scored first, without a second copy.
+        tuned = score(PeftModel.from_pretrained(model, adapter_dir)) if adapter_dir is not None else None
     return base, tuned, cases
 
 

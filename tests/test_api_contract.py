@@ -138,3 +138,54 @@ def test_list_items_are_named_with_their_index(api):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
     error = assert_openai_error(api.post("/v1/chat/completions", json=body), 400, "messages[1].role")
     assert error["message"].startswith("messages[1].role: Input should be 'system'")
+
+
+# -- 8. file names ---------------------------------------------------------------------------------------
+
+
+def upload_named(api, filename: str) -> dict:
+    """A multipart upload with the file name's bytes as they are (httpx would percent-encode controls)."""
+    boundary = "tunery-boundary"
+    body = b"".join(
+        [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'.encode(),
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'.encode(),
+            b"Content-Type: application/octet-stream\r\n\r\n",
+            chat_lines(20),
+            f"\r\n--{boundary}--\r\n".encode(),
+        ]
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    response = api.post("/v1/files", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\windows\\system.ini", "system.ini"),
+        ("a\x00b\x7fc\td.jsonl", "abcd.jsonl"),  # NUL, DEL, tab (a CR or LF breaks multipart itself)
+        ("\x1b[31mred\x07.jsonl", "[31mred.jsonl"),  # terminal escapes and a bell
+        ("evil\u202egnp.jsonl", "evilgnp.jsonl"),  # a right-to-left override that disguises the extension
+        ("../..", "upload.jsonl"),
+    ],
+)
+def test_uploaded_file_keeps_only_a_safe_base_name(api, sent, stored):
+    file = upload_named(api, sent)
+    assert file["filename"] == stored
+    assert api.get(f"/v1/files/{file['id']}").json()["filename"] == stored
+
+
+def test_overlong_file_name_is_cut_to_255_characters_keeping_its_extension(api):
+    file = upload(api, name="x" * 1000 + ".jsonl")
+    assert file["filename"] == "x" * 249 + ".jsonl"
+    assert file["format"] == "chat"
+
+
+def test_upload_api_stores_the_safe_base_name(api):
+    body = {"filename": "../../etc/cron.d/job\n.jsonl", "purpose": "fine-tune", "bytes": 10, "mime_type": "x"}
+    response = api.post("/v1/uploads", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["filename"] == "job.jsonl"

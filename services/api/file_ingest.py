@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+from pathlib import PurePath
 from typing import BinaryIO
 
 from services.api.context import Context
@@ -12,6 +14,22 @@ from shared.records import FileRecord, now
 from shared.splits import suggested_split
 
 UPLOAD_PURPOSES = ("fine-tune",)
+MAX_FILENAME_CHARS = 255
+DEFAULT_FILENAME = "upload.jsonl"
+
+
+def safe_filename(name: str | None) -> str:
+    """The name a file is stored and shown under: its base name only (no directories to traverse), without
+    control or invisible format characters (no forged lines in logs or headers), at most 255 characters
+    with the extension kept (it can choose the format)."""
+    base = PurePath((name or "").replace("\\", "/")).name
+    cleaned = "".join(c for c in base if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")).strip()
+    if cleaned in ("", ".", ".."):
+        return DEFAULT_FILENAME
+    if len(cleaned) > MAX_FILENAME_CHARS:
+        suffix = PurePath(cleaned).suffix[:16]
+        cleaned = cleaned[: MAX_FILENAME_CHARS - len(suffix)] + suffix
+    return cleaned
 
 
 def ingest(

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.file_ingest import UPLOAD_PURPOSES, ingest
+from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
 from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
 from shared.data_formats import FORMATS
 from shared.queue import TOKEN_REPORT_TASK, run_estimate
@@ -40,7 +40,7 @@ async def create_file(
         )
     if format is not None and format not in FORMATS:
         raise APIError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
-    name = file.filename or "upload.jsonl"
+    name = safe_filename(file.filename)
     record = await run_in_threadpool(ingest, ctx, tenant, file.file, name, purpose, format)
     return file_object(record)
 

@@ -18,7 +18,7 @@ from redis import WatchError
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.file_ingest import UPLOAD_PURPOSES, ingest
+from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
 from services.api.schemas import Upload, UploadPart, file_object
 from shared.ids import new_id
 from shared.records import now
@@ -50,7 +50,10 @@ class UploadRecord(BaseModel):
 
 
 class UploadCreate(BaseModel):
-    filename: str = Field(min_length=1, max_length=255)
+    filename: str = Field(
+        min_length=1,
+        description="Stored as its base name, without control characters, at most 255 characters",
+    )
     purpose: str
     bytes: int = Field(ge=1)
     mime_type: str
@@ -124,7 +127,7 @@ def create_upload(
     record = UploadRecord(
         id=new_id("upload"),
         tenant=tenant,
-        filename=body.filename,
+        filename=safe_filename(body.filename),
         purpose=body.purpose,
         bytes=body.bytes,
         mime_type=body.mime_type,

@@ -73,6 +73,8 @@ def api(
         host=settings.api_host,
         port=settings.api_port,
         workers=workers,
+        # Event streams end by themselves on a stop; a request still open after this is cut.
+        timeout_graceful_shutdown=5,
     )
 
 

@@ -175,6 +175,10 @@ class JobRecord(BaseModel):
     result_files: list[str] = Field(default_factory=list)
     # Incremented each time the job is handed to a trainer; a stale attempt may not publish.
     attempt: int = 0
+    # Deaths of the job's own training or evaluation process (TUNERY_MAX_ATTEMPTS), and retries after
+    # faults of the platform (TUNERY_MAX_INFRASTRUCTURE_RETRIES): shared.recovery.
+    failed_attempts: int = 0
+    infrastructure_retries: int = 0
     progress: Progress = Field(default_factory=Progress)
     artifacts: dict[str, str] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None

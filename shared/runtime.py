@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from shared.job_store import JobStore
+from shared.redis_connection import connect_redis
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -21,6 +22,6 @@ class Runtime:
 
 def connect(settings: Settings | None = None) -> Runtime:
     settings = settings or get_settings()
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = connect_redis(settings.effective_redis_url, settings.redis_outage_seconds)
     storage = storage_from_settings(settings)
     return Runtime(settings, redis, storage, JobStore(redis, storage, settings.max_events_per_job))

@@ -87,8 +87,15 @@ class Settings(BaseSettings):
     worker_heartbeat_seconds: int = Field(default=10, ge=1)
     worker_lost_after_seconds: float = Field(default=120.0, gt=0)
     janitor_interval_seconds: float = Field(default=30.0, gt=0)
-    # Attempts a job gets when its training process dies (killed, out of host memory, node lost).
+    # Attempts a job gets when its own training process dies (killed by the OOM killer, a crash in native
+    # code). Faults of the platform (a worker or node lost, a Redis restart, a stop) do not count against
+    # them; they get max_infrastructure_retries, so that a job that keeps taking its node down still ends.
     max_attempts: int = Field(default=3, ge=1)
+    max_infrastructure_retries: int = Field(default=20, ge=0)
+    # Workers and their tasks retry Redis commands for this long while Redis is unreachable (a restart),
+    # then give up; the API waits api_redis_retry_seconds before it answers 503.
+    redis_outage_seconds: float = Field(default=120.0, ge=0)
+    api_redis_retry_seconds: float = Field(default=2.0, ge=0)
     # Publishing to a Hugging Face Hub (jobs with `hub_repo`): a write token, and another endpoint than
     # huggingface.co if wanted (a mirror, a private hub).
     hf_token: str | None = None

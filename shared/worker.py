@@ -5,6 +5,11 @@ before a fork); tasks import it. On SIGTERM RQ would wait for the task to finish
 be SIGKILLed by Kubernetes, so this worker passes the signal on to the work horse, whose task
 stops at its next step, saves a checkpoint and hands its job back to the queue. A horse still busy
 after TUNERY_STOP_GRACE_SECONDS is killed: its job then carries on from its previous checkpoint.
+
+A work horse never outlives its worker: it closes the inherited /metrics socket at once (a restarted
+worker must be able to bind its port again) and watches its parent; when the worker is gone
+(SIGKILL, a crash) the horse stops as on SIGTERM and is gone for good after the stop grace. Redis
+commands ride out a Redis restart (shared.redis_connection) instead of crashing the worker.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
-from redis import Redis
 from rq import Worker
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
@@ -26,6 +32,7 @@ from rq.worker import BaseWorker
 from shared import metrics
 from shared.queue import queue
 from shared.recovery import recover_killed_task
+from shared.redis_connection import connect_redis
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,18 @@ OUTCOMES = {
 
 class PreemptibleWorker(Worker):
     settings: Settings
+    metrics_server: WSGIServer | None = None
+    # The horse this worker itself killed at the end of a stop grace: a fault of the platform, not the job's.
+    killed_on_stop: int | None = None
+
+    def main_work_horse(self, job, queue):  # type: ignore[no-untyped-def]
+        if self.metrics_server is not None:
+            self.metrics_server.socket.close()
+        watchdog = threading.Thread(
+            target=_stop_when_orphaned, args=(os.getppid(), self.settings.stop_grace_seconds), daemon=True
+        )
+        watchdog.start()
+        super().main_work_horse(job, queue)
 
     def handle_work_horse_killed(self, job, retpid, ret_val, rusage):  # type: ignore[no-untyped-def]
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
@@ -54,7 +73,15 @@ class PreemptibleWorker(Worker):
             if os.WIFSIGNALED(ret_val)
             else f"exit status {os.WEXITSTATUS(ret_val)}"
         )
-        recover_killed_task(self.settings, self.connection, job.func_name, list(job.args), reason)
+        infrastructure = retpid is not None and retpid == self.killed_on_stop
+        recover_killed_task(
+            self.settings,
+            self.connection,
+            job.func_name,
+            list(job.args),
+            reason,
+            infrastructure=infrastructure,
+        )
 
     def request_stop(self, signum, frame):  # type: ignore[no-untyped-def]
         if self.horse_pid:
@@ -74,8 +101,20 @@ class PreemptibleWorker(Worker):
                 pid,
                 self.settings.stop_grace_seconds,
             )
+            self.killed_on_stop = pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _stop_when_orphaned(worker_pid: int, grace_seconds: float) -> None:
+    """In a work horse: once its worker is gone, stop the task as a shutdown would (SIGTERM: a trainer saves
+    a checkpoint and hands its job back), and end the horse for good after the stop grace."""
+    while os.getppid() == worker_pid:
+        time.sleep(1.0)
+    log.warning("worker %s is gone: stopping its work horse %s", worker_pid, os.getpid())
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_seconds)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_worker(
@@ -88,8 +127,10 @@ def run_worker(
 ) -> None:
     """Serve `queue_names` until stopped. With `worker_class` RQ's SimpleWorker, tasks run in this process
     instead of a forked work horse, which is what keeps the inference worker's models loaded between them."""
-    start_http_server(metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir))
-    redis = Redis.from_url(settings.effective_redis_url, health_check_interval=30)
+    metrics_server, _ = start_http_server(
+        metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir)
+    )
+    redis = connect_redis(settings.effective_redis_url, settings.redis_outage_seconds)
     worker = worker_class(
         [queue(redis, name) for name in queue_names],
         connection=redis,
@@ -98,6 +139,7 @@ def run_worker(
         job_monitoring_interval=settings.worker_heartbeat_seconds,
     )
     worker.settings = settings
+    worker.metrics_server = metrics_server
     for label, outcome in OUTCOMES.get(service, ()):
         # Created at zero, so a first failure shows as an increase rather than a new series.
         metrics.TASKS_FINISHED.labels(label, outcome)

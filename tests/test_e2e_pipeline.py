@@ -224,7 +224,9 @@ def test_a_killed_training_process_is_retried_as_a_new_attempt_and_finishes(live
     with live.client() as client:
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
     assert any(
-        "The training process died (signal 9); retrying as attempt 2 of 3" in e["message"] for e in events
+        "The training process died (signal 9); retrying as attempt 2; 1 of the job's 3 allowed failures used"
+        in e["message"]
+        for e in events
     )
 
 

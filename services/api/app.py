@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from types import FrameType
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis import Redis
 from redis.exceptions import RedisError
 
 from services.api import (
@@ -33,6 +37,7 @@ from shared.catalog import load_catalog
 from shared.file_store import FileStore
 from shared.gpu_classes import load_gpu_classes
 from shared.job_store import JobStore
+from shared.redis_connection import connect_redis
 from shared.settings import Settings, get_settings, metrics_directory
 from shared.storage import StorageError, storage_from_settings
 
@@ -43,7 +48,7 @@ MULTIPART_OVERHEAD = 64 * 1024
 
 
 def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> FastAPI:
-    redis = Redis.from_url(settings.effective_redis_url, health_check_interval=30)
+    redis = connect_redis(settings.effective_redis_url, settings.api_redis_retry_seconds)
     storage = storage_from_settings(settings)
     context = Context(
         settings=settings,
@@ -66,6 +71,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
         except RedisError:
             log.warning("Redis is unreachable; the bootstrap API key is registered once it answers")
         janitor = asyncio.create_task(_janitor_loop(context))
+        _note_stop_signals(context.stopping)
         yield
         janitor.cancel()
         redis.close()
@@ -136,12 +142,39 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     return app
 
 
+def _note_stop_signals(stopping: threading.Event) -> None:
+    """Set `stopping` on SIGINT or SIGTERM before uvicorn's own handler starts its graceful shutdown, which
+    waits for open connections: event streams see it and end. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+
+        def handler(number: int, frame: FrameType | None, previous: Callable = previous) -> None:
+            stopping.set()
+            previous(number, frame)
+
+        signal.signal(signum, handler)
+
+
 async def _janitor_loop(context: Context) -> None:
-    """Every API process offers to sweep; a Redis lock lets one do it each interval."""
+    """Every API process offers to sweep; a Redis lock lets one do it each interval. After a sweep that
+    could not reach Redis, silences are counted from when it answered again."""
+    reachable_since = 0.0
     while True:
         await asyncio.sleep(context.settings.janitor_interval_seconds)
         try:
-            await run_in_threadpool(janitor.sweep, context.settings, context.redis, context.jobs)
+            await run_in_threadpool(
+                partial(janitor.sweep, reachable_since=reachable_since),
+                context.settings,
+                context.redis,
+                context.jobs,
+            )
+        except RedisError as exc:
+            reachable_since = time.time() + context.settings.janitor_interval_seconds
+            log.warning("janitor: Redis is unreachable (%s); sweeping again once it answers", exc)
         except Exception:  # a sweep must never take the API down; the next one retries
             log.exception("janitor sweep failed")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from redis import Redis
@@ -28,6 +29,9 @@ class Context:
     gpu_classes: dict[str, GpuClass]
     keys: KeyStore
     bootstrap_registered: bool = False
+    # Set when the process is told to stop: open event streams end with a final event instead of holding
+    # the shutdown until their clients hang up.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def ensure_bootstrap_key(self) -> None:
         """Register TUNERY_BOOTSTRAP_API_KEY once Redis answers (the API may start before Redis)."""

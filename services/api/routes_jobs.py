@@ -417,6 +417,9 @@ async def _event_stream(request: Request, ctx: Context, job_id: str, cursor: str
             yield f"id: {cursor}\ndata: {json.dumps(event)}\n\n"
         if events:
             continue
+        if ctx.stopping.is_set():
+            yield f"event: end\ndata: {json.dumps({'status': 'server_stopping'})}\n\n"
+            return
         record = await run_in_threadpool(ctx.jobs.get, job_id)
         if record is None or is_terminal(record.state) or await request.is_disconnected():
             status = record.state.value if record else "deleted"

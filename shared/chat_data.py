@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -24,6 +24,14 @@ from shared.data_formats import Example, read_examples
 IGNORE_INDEX = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
 Messages = list[dict[str, Any]]
+T = TypeVar("T")
+
+# The rule for examples truncation leaves with nothing to learn: they are skipped with a warning, and a
+# dataset fails only when fewer than this share of its examples is left. Past that point the sequence
+# length is wrong for the data, and training on the short remainder would quietly learn another task.
+MIN_KEPT_FRACTION = 0.5
+SOURCES_NAMED = 5  # in messages; the estimate's and the report's `sources` list up to SOURCES_LISTED
+SOURCES_LISTED = 20
 
 
 class DataError(ValueError):
@@ -121,8 +129,28 @@ def tokenize_dataset(
     eos_token_ids: Collection[int] | None = None,
     dataset: str = "training",
     train_on_inputs: bool = False,
+    sources: Sequence[str] | None = None,
 ) -> tuple[list[TokenizedExample], list[str]]:
-    """`tokenize_chat` every conversation, then `check_trainable`; errors name the example."""
+    """`tokenize_all`, then `keep_trainable`: the examples to train on and warnings about the others."""
+    examples = tokenize_all(
+        tokenizer, conversations, max_length, eos_token_ids=eos_token_ids, dataset=dataset,
+        train_on_inputs=train_on_inputs, sources=sources,
+    )  # fmt: skip
+    return keep_trainable(examples, conversations, dataset=dataset, sources=sources)
+
+
+def tokenize_all(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Messages],
+    max_length: int,
+    *,
+    eos_token_ids: Collection[int] | None = None,
+    dataset: str = "training",
+    train_on_inputs: bool = False,
+    sources: Sequence[str] | None = None,
+) -> list[TokenizedExample]:
+    """`tokenize_chat` every conversation, one example each (none checked or left out); errors name the
+    example. `sources[i]` says where conversation i is in its file (default `line i + 1`)."""
     examples = []
     for i, messages in enumerate(conversations):
         try:
@@ -131,37 +159,145 @@ def tokenize_dataset(
             )
             examples.append(example)
         except DataError as exc:
-            raise DataError(f"{dataset} example {i} (line {i + 1}): {exc}") from exc
-    return examples, check_trainable(examples, conversations, dataset=dataset)
+            raise DataError(f"{dataset} example {i} ({_where(sources, i)}): {exc}") from exc
+    return examples
+
+
+def keep_trainable(
+    examples: Sequence[TokenizedExample],
+    conversations: Sequence[Messages],
+    *,
+    dataset: str = "training",
+    sources: Sequence[str] | None = None,
+) -> tuple[list[TokenizedExample], list[str]]:
+    """`check_trainable`: the examples left to train on, and warnings about those skipped or truncated."""
+    skipped = check_trainable(examples, conversations, dataset=dataset, sources=sources)
+    kept = skipped.keep(examples)
+    warnings = [skipped.warning()] if skipped.count else []
+    truncated = [i for i, example in enumerate(examples) if example.truncated and i not in skipped.indices]
+    if truncated:
+        first = truncated[0]
+        warnings.append(
+            f"{len(truncated)} of {len(kept)} {dataset} examples are longer than the maximum sequence "
+            f"length ({len(examples[first].input_ids)} tokens) and were truncated, e.g. example {first} "
+            f"({_where(sources, first)}); their tails are not trained"
+        )
+    return kept, warnings
 
 
 def check_trainable(
-    examples: Sequence[TokenizedExample], conversations: Sequence[Messages], *, dataset: str = "training"
-) -> list[str]:
-    """Fail when any example has no trainable token left; return warnings about truncated examples.
+    examples: Sequence[TokenizedExample],
+    conversations: Sequence[Messages],
+    *,
+    dataset: str = "training",
+    sources: Sequence[str] | None = None,
+) -> Skipped:
+    """The examples truncation left without a trainable token (`cut_away`), checked against the rule of
+    `Skipped.check`; fail on an example without trainable tokens for any other reason.
 
-    An example without trainable tokens contributes nothing but would hide a data or masking mistake, so it
-    is an error naming the example. `conversations[i]` is the source of `examples[i]`; messages call it
-    line i + 1, its line in a JSONL file without blank lines.
+    Such an example (no assistant reply, every reply of weight 0) would hide a data or masking mistake, so
+    it is an error naming the example. `conversations[i]` is the source of `examples[i]`, found in its file
+    at `sources[i]` (default `line i + 1`, its line in a JSONL file without blank lines).
     """
+    skipped = cut_away(examples, conversations, dataset=dataset, sources=sources)
+    skipped.check()
+    return skipped
+
+
+def cut_away(
+    examples: Sequence[TokenizedExample],
+    conversations: Sequence[Messages],
+    *,
+    dataset: str = "training",
+    sources: Sequence[str] | None = None,
+) -> Skipped:
+    """`check_trainable` without the threshold: what truncation cut away, for reports that only count it."""
     empty = [i for i, example in enumerate(examples) if example.n_trainable == 0]
-    if empty:
+    cut = [i for i in empty if _lost_to_truncation(conversations[i], examples[i])]
+    broken = [i for i in empty if i not in cut]
+    if broken:
         details = [
-            f"{dataset} example {i} (line {i + 1}) has no trainable tokens after masking: "
-            f"{_why_untrainable(conversations[i], examples[i])}"
-            for i in empty[:5]
+            f"{dataset} example {i} ({_where(sources, i)}) has no trainable tokens after masking: "
+            f"{_why_untrainable(conversations[i])}"
+            for i in broken[:SOURCES_NAMED]
         ]
-        more = f"; and {len(empty) - 5} more" if len(empty) > 5 else ""
+        more = f"; and {len(broken) - SOURCES_NAMED} more" if len(broken) > SOURCES_NAMED else ""
         raise DataError("; ".join(details) + more)
-    truncated = [i for i, example in enumerate(examples) if example.truncated]
-    if not truncated:
-        return []
-    first = truncated[0]
-    return [
-        f"{len(truncated)} of {len(examples)} {dataset} examples are longer than the maximum sequence "
-        f"length ({len(examples[first].input_ids)} tokens) and were truncated, e.g. example {first} "
-        f"(line {first + 1}); their tails are not trained"
-    ]
+    return Skipped(
+        dataset=dataset,
+        total=len(examples),
+        indices=tuple(cut),
+        sources=tuple(_where(sources, i) for i in cut),
+        max_length=max((len(examples[i].input_ids) for i in cut), default=0),
+    )
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """The examples of one dataset that truncation to the maximum sequence length left with nothing to
+    learn, which training and validation leave out rather than fail on (see MIN_KEPT_FRACTION)."""
+
+    dataset: str  # "training", "validation": the name messages give the dataset
+    total: int  # examples in the dataset
+    indices: tuple[int, ...] = ()  # positions of the skipped examples in the dataset
+    sources: tuple[str, ...] = ()  # where each is in its file: "line 7", "item 7", "row 7"
+    max_length: int = 0  # the maximum sequence length that cut them
+    what: str = "examples"
+    why: str = "truncation cuts off every trained token of their assistant replies"
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.count
+
+    def keep(self, items: Sequence[T]) -> list[T]:
+        """`items` (one per example of the dataset) without the skipped examples' items."""
+        skipped = set(self.indices)
+        return [item for i, item in enumerate(items) if i not in skipped]
+
+    def named(self) -> str:
+        """The first skipped examples' places in the file, e.g. "line 3, line 9 and 4 more"."""
+        shown = ", ".join(self.sources[:SOURCES_NAMED])
+        more = self.count - SOURCES_NAMED
+        return shown + (f" and {more} more" if more > 0 else "")
+
+    def warning(self) -> str:
+        return (
+            f"Skipped {self.count} of {self.total} {self.dataset} {self.what} ({self.named()}): at the "
+            f"maximum sequence length ({self.max_length} tokens), {self.why}; they are not trained on"
+        )
+
+    def check(self) -> None:
+        """Fail when fewer than MIN_KEPT_FRACTION of the dataset's examples are left (none of none is fine:
+        an empty dataset is refused where it is read)."""
+        if self.count and self.kept < MIN_KEPT_FRACTION * self.total:
+            raise DataError(
+                f"{self.count} of {self.total} {self.dataset} {self.what} have nothing left to train on at "
+                f"the maximum sequence length ({self.max_length} tokens): {self.why} ({self.named()}). "
+                f"Only {self.kept} would be left, and at least {MIN_KEPT_FRACTION:.0%} must be; raise "
+                "max_seq_length or shorten these examples"
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """For the estimate and the file report: {count, of, sources (the first SOURCES_LISTED)}."""
+        return {"count": self.count, "of": self.total, "sources": list(self.sources[:SOURCES_LISTED])}
+
+
+def skipped_note(skipped: Sequence[Skipped]) -> str | None:
+    """One warning for the examples skipped from every dataset of a job (None when none were)."""
+    some = [s for s in skipped if s.count]
+    if not some:
+        return None
+    parts = "; ".join(f"{s.count} of {s.total} {s.dataset} {s.what} ({s.named()})" for s in some)
+    count, what = sum(s.count for s in some), some[0].what
+    return (
+        f"Skipped {count} {what if count > 1 else what.removesuffix('s')} with nothing left to train on at the maximum "
+        f"sequence length ({some[0].max_length} tokens): {parts}. {some[0].why.capitalize()}; at least "
+        f"{MIN_KEPT_FRACTION:.0%} of each dataset must be left"
+    )
 
 
 def check_eos(tokenizer: PreTrainedTokenizerBase, eos_token_ids: Collection[int] | None = None) -> list[str]:
@@ -266,18 +402,23 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_gener
         raise ChatTemplateError(f"{_name(tokenizer)}: the chat template failed: {exc}") from exc
 
 
-def _why_untrainable(messages: Messages, example: TokenizedExample) -> str:
+def _lost_to_truncation(messages: Messages, example: TokenizedExample) -> bool:
+    """Truncation, not the data, left the example without trainable tokens: it has a trained reply."""
+    return example.truncated and any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages)
+
+
+def _why_untrainable(messages: Messages) -> str:
     assistants = [m for m in messages if m["role"] == "assistant"]
     if not assistants:
         return "it has no assistant message"
     if all(m.get("weight", 1) == 0 for m in assistants):
         return "every assistant message has weight 0"
-    if example.truncated:
-        return (
-            f"truncation to {len(example.input_ids)} tokens (the maximum sequence length) cut off every "
-            "trained assistant message"
-        )
     return "the chat template rendered no assistant tokens"
+
+
+def _where(sources: Sequence[str] | None, i: int) -> str:
+    """Where example i is in its file: its source, or line i + 1 (a JSONL file without blank lines)."""
+    return sources[i] if sources is not None else f"line {i + 1}"
 
 
 def _name(tokenizer: PreTrainedTokenizerBase) -> str:

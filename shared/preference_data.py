@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shared.chat_data import IGNORE_INDEX, DataError, Messages, TokenizedExample, collate, tokenize_chat
+from shared.chat_data import (
+    IGNORE_INDEX,
+    DataError,
+    Messages,
+    Skipped,
+    TokenizedExample,
+    collate,
+    tokenize_chat,
+)
 from shared.data_formats import Example, read_examples
 
 DEFAULT_GROUP_FIELD = "group"  # Example.fields key whose values `evaluate_preferences` reports by_group
@@ -37,6 +45,7 @@ class PreferencePair:
     prompt_length: int  # tokens of the (possibly cut) prompt at the start of both sides
     group: str | None  # the example's grouping value (fields[group_field]) as a string, if it has one
     truncated: bool  # the prompt or a reply was cut to fit max_length
+    cut_away: bool = False  # cutting left both sides the same tokens (uncut, they differ): nothing to learn
 
     @property
     def n_tokens(self) -> int:
@@ -84,9 +93,11 @@ def tokenize_pair(
     keep = min(prompt_length, max(max_length - longest_reply, max_length // 2))
     cut = prompt_length - keep  # prompt tokens dropped from its start
     truncated = cut > 0 or keep + longest_reply > max_length
+    differ = chosen.input_ids != rejected.input_ids
     chosen, rejected = (_cut(side, cut, max_length) for side in (chosen, rejected))
+    cut_away = differ and chosen.input_ids == rejected.input_ids
     group = example.fields.get(group_field) if group_field else None
-    return PreferencePair(chosen, rejected, keep, None if group is None else str(group), truncated)
+    return PreferencePair(chosen, rejected, keep, None if group is None else str(group), truncated, cut_away)
 
 
 def tokenize_preferences(
@@ -98,8 +109,37 @@ def tokenize_preferences(
     dataset: str = "training",
     group_field: str | None = DEFAULT_GROUP_FIELD,
 ) -> tuple[list[PreferencePair], list[str]]:
-    """`tokenize_pair` every example; errors name the example. Returns warnings about pairs that were cut
-    and pairs whose two sides are the same (they teach nothing and hide a data mistake)."""
+    """`tokenize_pairs`: the pairs to train on (or score), and warnings about the others."""
+    tokenized = tokenize_pairs(
+        tokenizer, examples, max_length, eos_token_ids=eos_token_ids, dataset=dataset, group_field=group_field
+    )
+    skipped = [tokenized.skipped.warning()] if tokenized.skipped.count else []
+    return tokenized.pairs, skipped + tokenized.warnings
+
+
+@dataclass
+class TokenizedPairs:
+    pairs: list[PreferencePair]  # the pairs left to train on, in the order of the examples
+    skipped: Skipped  # the pairs cutting left with nothing to learn, left out
+    warnings: list[str]  # about the pairs left: cut, or the same on both sides
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    *,
+    eos_token_ids: Collection[int] | None = None,
+    dataset: str = "training",
+    group_field: str | None = DEFAULT_GROUP_FIELD,
+) -> TokenizedPairs:
+    """`tokenize_pair` every example; errors name the example.
+
+    Pairs whose replies differ only beyond what `max_length` keeps are cut to the same tokens on both
+    sides: they teach nothing and are skipped by the rule of `chat_data.Skipped.check` (the dataset fails
+    when fewer than half its pairs are left). Warnings name the pairs skipped, the pairs cut, and pairs whose
+    two sides are the same even uncut (a data mistake): `warnings` (`tokenize_preferences` adds the skip).
+    """
     pairs = []
     for i, example in enumerate(examples):
         try:
@@ -110,24 +150,31 @@ def tokenize_preferences(
             )
         except DataError as exc:
             raise DataError(f"{dataset} example {i} ({_source(example, i)}): {exc}") from exc
+    cut = [i for i, pair in enumerate(pairs) if pair.cut_away]
+    skipped = Skipped(
+        dataset=dataset, total=len(pairs), indices=tuple(cut), sources=tuple(_source(examples[i], i) for i in cut),
+        max_length=max_length, what="preference pairs",
+        why="cutting leaves their chosen and rejected sides the same tokens, the replies differing only past the cut",
+    )  # fmt: skip
+    skipped.check()
     warnings = []
-    truncated = [i for i, pair in enumerate(pairs) if pair.truncated]
+    kept = skipped.keep(list(range(len(pairs))))
+    truncated = [i for i in kept if pairs[i].truncated]
     if truncated:
         first = truncated[0]
         warnings.append(
-            f"{len(truncated)} of {len(pairs)} {dataset} preference pairs are longer than the maximum "
+            f"{len(truncated)} of {len(kept)} {dataset} preference pairs are longer than the maximum "
             f"sequence length ({max_length} tokens) and were cut, e.g. example {first} "
             f"({_source(examples[first], first)}): prompts keep their end and replies their beginning"
         )
-    same = [i for i, pair in enumerate(pairs) if pair.chosen.input_ids == pair.rejected.input_ids]
+    same = [i for i in kept if pairs[i].chosen.input_ids == pairs[i].rejected.input_ids]
     if same:
         first = same[0]
         warnings.append(
-            f"{len(same)} of {len(pairs)} {dataset} preference pairs have the same chosen and rejected "
-            f"tokens{' after cutting to the maximum sequence length' if pairs[first].truncated else ''}, "
+            f"{len(same)} of {len(kept)} {dataset} preference pairs have the same chosen and rejected tokens, "
             f"e.g. example {first} ({_source(examples[first], first)}); they teach nothing"
         )
-    return pairs, warnings
+    return TokenizedPairs(skipped.keep(pairs), skipped, warnings)
 
 
 def collate_pairs(pairs: Sequence[PreferencePair], pad_token_id: int) -> dict[str, torch.Tensor]:

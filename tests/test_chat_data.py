@@ -13,16 +13,25 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from shared.builtin_models import CHAT_TEMPLATE, build_tiny_chat_model, build_tokenizer
 from shared.chat_data import (
     IGNORE_INDEX,
+    MIN_KEPT_FRACTION,
     ChatTemplateError,
     DataError,
+    Skipped,
     TokenizedExample,
     check_eos,
     check_trainable,
     collate,
+    keep_trainable,
+    read_chat_examples,
     read_conversations,
+    skipped_note,
     tokenize_chat,
     tokenize_dataset,
 )
+
+# Items 301-400 of LLaMA-Factory's alpaca demo set (tests/fixtures/datasets/SOURCE.md); item 72 has a
+# prompt of 600 bytes and more, so at 512 byte-level tokens nothing of its reply is left.
+ALPACA_100 = Path(__file__).parent / "fixtures" / "datasets" / "alpaca_en_demo_301_400.json"
 
 
 @pytest.fixture(scope="module")
@@ -127,23 +136,90 @@ def test_example_with_only_a_weight_zero_reply_is_named_in_the_error(
     )
 
 
-def test_example_whose_reply_is_truncated_away_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_real_alpaca_rows_skip_the_one_example_whose_reply_is_cut_away(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    rows = read_chat_examples(ALPACA_100, ALPACA_100.name)
+    conversations = [row.messages or [] for row in rows]
+
+    examples, warnings = tokenize_dataset(tokenizer, conversations, 512, sources=[row.source for row in rows])
+
+    assert len(examples) == 99 and all(example.n_trainable > 0 for example in examples)
+    assert warnings[0] == (
+        "Skipped 1 of 100 training examples (item 72): at the maximum sequence length (512 tokens), "
+        "truncation cuts off every trained token of their assistant replies; they are not trained on"
+    )
+    assert warnings[1].startswith("45 of 99 training examples are longer than the maximum sequence length")
+
+
+def test_examples_cut_away_are_skipped_while_at_least_half_are_left(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    long, short = qa("A long question " * 10, "Answer"), qa("Hi", "Hello")
+    examples = [tokenize_chat(tokenizer, messages, max_length=32) for messages in [short, long, short, long]]
+    sources = ["line 1", "line 3", "line 4", "line 7"]  # a blank line or two between them
+
+    skipped = check_trainable(examples, [short, long, short, long], sources=sources)
+
+    assert (skipped.count, skipped.total, skipped.indices, skipped.sources) == (
+        2,
+        4,
+        (1, 3),
+        ("line 3", "line 7"),
+    )
+    assert skipped.keep(["a", "b", "c", "d"]) == ["a", "c"]
+    assert skipped.summary() == {"count": 2, "of": 4, "sources": ["line 3", "line 7"]}
+    assert MIN_KEPT_FRACTION == 0.5
+
+
+def test_a_dataset_fails_when_fewer_than_half_its_examples_are_left(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    long, short = qa("A long question " * 10, "Answer"), qa("Hi", "Hello")
+    conversations = [short] + [long] * 7
+    examples = [tokenize_chat(tokenizer, messages, max_length=32) for messages in conversations]
+
+    with pytest.raises(DataError) as error:
+        check_trainable(examples, conversations, dataset="validation")
+
+    assert str(error.value) == (
+        "7 of 8 validation examples have nothing left to train on at the maximum sequence length (32 tokens): "
+        "truncation cuts off every trained token of their assistant replies (line 2, line 3, line 4, line 5, "
+        "line 6 and 2 more). Only 1 would be left, and at least 50% must be; raise max_seq_length or shorten "
+        "these examples"
+    )
+
+
+def test_a_dataset_of_one_example_cut_away_fails(tokenizer: PreTrainedTokenizerBase) -> None:
     conversations = [qa("A long question " * 10, "Answer")]
     examples = [tokenize_chat(tokenizer, conversations[0], max_length=32)]
 
-    with pytest.raises(DataError, match=r"example 0 \(line 1\) .* truncation to 32 tokens"):
-        check_trainable(examples, conversations, dataset="validation")
+    with pytest.raises(DataError, match=r"^1 of 1 training examples .* \(line 1\)\. Only 0 would be left"):
+        check_trainable(examples, conversations)
+
+
+def test_one_note_counts_and_names_what_both_datasets_skip() -> None:
+    training = Skipped("training", 90, (4, 8), ("item 5", "item 9"), 512)
+    held_out = Skipped("held-out", 10, (0,), ("item 72",), 512)
+
+    assert skipped_note([training, held_out]) == (
+        "Skipped 3 examples with nothing left to train on at the maximum sequence length (512 tokens): "
+        "2 of 90 training examples (item 5, item 9); 1 of 10 held-out examples (item 72). Truncation cuts off "
+        "every trained token of their assistant replies; at least 50% of each dataset must be left"
+    )
+    assert skipped_note([Skipped("training", 90), Skipped("held-out", 10)]) is None
 
 
 def test_truncation_is_flagged_and_reported_as_a_warning(tokenizer: PreTrainedTokenizerBase) -> None:
     conversations = [qa("Hi", "A reply that is much too long " * 4), qa("Hi", "Short")]
     examples = [tokenize_chat(tokenizer, messages, max_length=48) for messages in conversations]
 
-    warnings = check_trainable(examples, conversations)
+    kept, warnings = keep_trainable(examples, conversations)
 
     assert [example.truncated for example in examples] == [True, False]
     assert len(examples[0].input_ids) == len(examples[0].labels) == 48
     assert examples[0].labels[-1] != IGNORE_INDEX
+    assert kept == examples
     assert len(warnings) == 1
     assert "1 of 2 training examples" in warnings[0]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -10,12 +11,13 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import IGNORE_INDEX
+from shared.chat_data import IGNORE_INDEX, DataError
 from shared.data_formats import Example, read_examples
 from shared.preference_data import (
     collate_pairs,
     iter_preference_batches,
     tokenize_pair,
+    tokenize_pairs,
     tokenize_preferences,
 )
 
@@ -134,22 +136,54 @@ def test_a_short_prompt_is_kept_whole_and_the_replies_get_the_rest(
     assert tokenized.truncated and not tokenized.rejected.truncated
 
 
-def test_cut_and_identical_pairs_are_reported_as_warnings_naming_an_example(
+def at(source: str, example: Example) -> Example:
+    return dataclasses.replace(example, source=source)
+
+
+def test_pairs_cut_to_the_same_tokens_are_skipped_and_named(tokenizer: PreTrainedTokenizerBase) -> None:
+    examples = [
+        at("line 1", pair("Hi", "Hello there.", "Go away." * 10)),
+        at("line 2", pair("Hi", "Same words " * 10 + "then kind.", "Same words " * 10 + "then rude.")),
+        at("line 3", pair("Yo", "Yes.", "No.")),
+    ]
+
+    tokenized = tokenize_pairs(tokenizer, examples, 64, dataset="validation")
+    pairs, warnings = tokenize_preferences(tokenizer, examples, 64, dataset="validation")
+
+    assert tokenized.pairs == pairs and [p.chosen.input_ids for p in pairs] == [
+        tokenize_pair(tokenizer, examples[i], 64).chosen.input_ids for i in (0, 2)
+    ]
+    assert tokenized.skipped.summary() == {"count": 1, "of": 3, "sources": ["line 2"]}
+    assert warnings == [
+        "Skipped 1 of 3 validation preference pairs (line 2): at the maximum sequence length (64 tokens), "
+        "cutting leaves their chosen and rejected sides the same tokens, the replies differing only past the "
+        "cut; they are not trained on",
+        "1 of 2 validation preference pairs are longer than the maximum sequence length (64 tokens) and were "
+        "cut, e.g. example 0 (line 1): prompts keep their end and replies their beginning",
+    ]
+
+
+def test_pairs_the_same_even_uncut_are_kept_with_a_warning(tokenizer: PreTrainedTokenizerBase) -> None:
+    pairs, warnings = tokenize_preferences(
+        tokenizer, [pair("Hi", "Same.", "Same."), pair("Yo", "A", "B")], 64
+    )
+
+    assert len(pairs) == 2 and not pairs[0].cut_away
+    assert warnings == [
+        "1 of 2 training preference pairs have the same chosen and rejected tokens, e.g. example 0 (line 1); "
+        "they teach nothing"
+    ]
+
+
+def test_preference_data_fails_when_fewer_than_half_its_pairs_are_left(
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    examples = [
-        pair("Hi", "Hello there.", "Go away."),
-        pair("Hi", "Same words " * 10 + "then kind.", "Same words " * 10 + "then rude."),
-    ]
+    alike = pair("Hi", "Same words " * 10 + "then kind.", "Same words " * 10 + "then rude.")
+    examples = [pair("Yo", "Yes.", "No.")] + [at(f"item {i}", alike) for i in range(2, 5)]
 
-    _, warnings = tokenize_preferences(tokenizer, examples, 64, dataset="validation")
-
-    assert warnings == [
-        "1 of 2 validation preference pairs are longer than the maximum sequence length (64 tokens) and were "
-        "cut, e.g. example 1 (line 1): prompts keep their end and replies their beginning",
-        "1 of 2 validation preference pairs have the same chosen and rejected tokens after cutting to the "
-        "maximum sequence length, e.g. example 1 (line 1); they teach nothing",
-    ]
+    with pytest.raises(DataError, match=r"^3 of 4 training preference pairs have nothing left to train on .*"
+                       r"\(item 2, item 3, item 4\)\. Only 1 would be left"):  # fmt: skip
+        tokenize_preferences(tokenizer, examples, 64)
 
 
 def test_a_batch_holds_the_chosen_sides_then_the_rejected_sides_right_padded(

@@ -336,6 +336,7 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(sft, "tokenize_dataset", no_tokenizing)
+    monkeypatch.setattr(sft, "tokenize_all", no_tokenizing)
     second = train_sft(config, RecordingHooks())
 
     assert second.metrics_rows == first.metrics_rows

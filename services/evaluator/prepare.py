@@ -26,10 +26,13 @@ from shared.catalog import load_catalog, materialize
 from shared.chat_data import (
     ChatTemplateError,
     DataError,
+    Skipped,
     TokenizedExample,
     check_eos,
     check_trainable,
-    read_conversations,
+    cut_away,
+    read_chat_examples,
+    skipped_note,
     tokenize_chat,
 )
 from shared.classification_data import is_encoder, label_vocabulary, tokenize_classification
@@ -40,7 +43,7 @@ from shared.gpu_classes import load_gpu_classes
 from shared.job_states import IllegalTransition, JobState
 from shared.model_facts import read_model_facts
 from shared.model_loading import generation_eos_ids
-from shared.preference_data import PreferencePair, tokenize_preferences
+from shared.preference_data import PreferencePair, tokenize_pairs, tokenize_preferences
 from shared.queue import enqueue_training
 from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
 from shared.runtime import connect
@@ -104,7 +107,10 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
                 )
             path = Path(tmp) / file_id
             storage.download_file(record.storage_key, path)
-            return read_rows(path, record.filename, spec.method_type, redact=spec.data_policy == "redact")
+            redact = spec.data_policy == "redact"
+            if spec.method_type == "supervised":  # Examples: where each is in the file names skipped ones
+                return read_chat_examples(path, record.filename, redact=redact)
+            return read_rows(path, record.filename, spec.method_type, redact=redact)
 
         try:
             rows = rows_of(spec.training_file, "training_file")
@@ -123,21 +129,32 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
     facts = read_model_facts(model_dir)
     context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
 
-    def resolve(stats: DataStats, encoder: bool = False) -> Hyperparameters:
-        return hyperparams.resolve(
-            spec.requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
+    def resolve(
+        stats: DataStats, encoder: bool = False, length_of: Hyperparameters | None = None
+    ) -> Hyperparameters:
+        """`length_of`: keep its sequence length and the reason for it (resolving again without the
+        examples that length leaves nothing to train on must not choose another length)."""
+        requested = spec.requested
+        if length_of is not None:
+            requested = {**requested, "max_seq_length": length_of.max_seq_length}
+        hp = hyperparams.resolve(
+            requested, stats, facts=facts, context=context, base_learning_rate=entry.learning_rate,
             lora=spec.lora, gpu_class=classes[spec.gpu_class], seed=spec.seed, processes=spec.processes,
             method_type=spec.method_type, encoder=encoder,
         )  # fmt: skip
+        if length_of is not None:
+            hp.reasons["max_seq_length"] = length_of.reasons["max_seq_length"]
+        return hp
 
     task_rows = TaskRows(train_rows, valid_rows, source)
+    skipped: list[Skipped] = []
     try:
         if spec.method_type == "classification":
             hp, stats = _plan_classification(tokenizer, model_dir, task_rows, resolve, trust)
         elif spec.method_type == "dpo":
-            hp, stats = _plan_dpo(tokenizer, model_dir, task_rows, resolve, trust, notes)
+            hp, stats, skipped = _plan_dpo(tokenizer, model_dir, task_rows, resolve, trust, notes)
         else:
-            hp, stats = _plan_supervised(tokenizer, model_dir, task_rows, resolve, trust)
+            hp, stats, skipped = _plan_supervised(tokenizer, model_dir, task_rows, resolve, trust)
     except ChatTemplateError as exc:
         raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
     except DataError as exc:
@@ -152,13 +169,29 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
         calibration=calibrated_flops(redis),
         workload=Workload.of(spec.method_type, hp.method),
     )
+    if skipped:
+        estimate["skipped_examples"] = _skipped_summary(skipped, hp.max_seq_length, notes)
+        estimate["train_tokens"]["skipped_examples"] = skipped[0].count
     estimate["notes"] = notes
     return hp, estimate
 
 
+def _skipped_summary(skipped: list[Skipped], max_seq_length: int, notes: list[str]) -> dict[str, Any]:
+    """The estimate's account of the examples left out (one note for all, added to `notes`):
+    {max_seq_length, training and validation: {count, of, sources}, warning (the note, or None)}."""
+    training, validation = skipped
+    warning = skipped_note(skipped)
+    if warning:
+        notes.append(warning)
+    return {
+        "max_seq_length": max_seq_length, "training": training.summary(), "validation": validation.summary(),
+        "warning": warning,
+    }  # fmt: skip
+
+
 @dataclass
 class TaskRows:
-    train: list[Any]  # Messages (supervised) or Examples (classification, dpo)
+    train: list[Any]  # Examples: chat (supervised), classification or preference (dpo)
     valid: list[Any]
     source: str  # validation_file or held_out_split
 
@@ -167,30 +200,73 @@ class TaskRows:
         """The request field a problem of the validation rows is reported against."""
         return "validation_file" if self.source == "validation_file" else "training_file"
 
+    @property
+    def valid_name(self) -> str:
+        """What messages call the validation rows: held-out rows are named by their training-file places."""
+        return "validation" if self.source == "validation_file" else "held-out"
+
 
 Resolver = Callable[..., Hyperparameters]
 
 
 def _plan_supervised(
-    tokenizer: PreTrainedTokenizerBase, model_dir: Path, rows: TaskRows, resolve: Resolver, trust: bool
-) -> tuple[Hyperparameters, DataStats]:
-    """Chat conversations rendered with the model's template: every example must keep a token to learn."""
+    tokenizer: PreTrainedTokenizerBase,
+    model_dir: Path,
+    rows: TaskRows,
+    resolve: Resolver,
+    trust: bool,
+) -> tuple[Hyperparameters, DataStats, list[Skipped]]:
+    """Chat conversations rendered with the model's template. Examples the chosen sequence length leaves
+    without a token to learn are skipped (a dataset fails when too few are left, `Skipped.check`); the
+    estimate counts the examples left, as training does."""
     eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
     check_eos(tokenizer, eos_ids)
-    train = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in rows.train]
-    valid = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in rows.valid]
-    stats = DataStats(
-        train_lengths=[len(e.input_ids) for e in train],
-        valid_lengths=[len(e.input_ids) for e in valid],
-        validation_source=rows.source,
-    )
-    hp = resolve(stats)
+    train_chats, valid_chats = ([e.messages or [] for e in part] for part in (rows.train, rows.valid))
+
+    def tokenize(chats: list, train_on_inputs: bool = False) -> list[TokenizedExample]:
+        return [
+            tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids, train_on_inputs=train_on_inputs)
+            for m in chats
+        ]
+
+    train, valid = tokenize(train_chats), tokenize(valid_chats)
+    train_lengths, valid_lengths = [len(e.input_ids) for e in train], [len(e.input_ids) for e in valid]
+    hp = resolve(DataStats(train_lengths, valid_lengths, rows.source))
     length = hp.max_seq_length
-    check_trainable(
-        [TokenizedExample(e.input_ids[:length], e.labels[:length], len(e.input_ids) > length) for e in train],
-        rows.train,
+
+    if hp.train_on_inputs:  # the prompts train too (validation stays on the replies, as in training)
+        train = tokenize(train_chats, train_on_inputs=True)
+    train_skipped = check_trainable(
+        _cut(train, length), train_chats, dataset="training", sources=[e.source for e in rows.train]
     )
-    return hp, stats
+    try:
+        valid_skipped = check_trainable(
+            _cut(valid, length), valid_chats, dataset=rows.valid_name, sources=[e.source for e in rows.valid]
+        )
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), rows.valid_param) from exc
+    skipped = [train_skipped, valid_skipped]
+    if not train_skipped.count and not valid_skipped.count:
+        return hp, DataStats(train_lengths, valid_lengths, rows.source), skipped
+    # The "auto" rules that count examples (epochs, batch size) count those that train.
+    stats = DataStats(train_skipped.keep(train_lengths), valid_skipped.keep(valid_lengths), rows.source)
+    return _without_skipped(resolve(stats, length_of=hp), skipped), stats, skipped
+
+
+def _cut(examples: list[TokenizedExample], length: int) -> list[TokenizedExample]:
+    """Whole-conversation examples as `tokenize_chat` cuts them to `length` tokens."""
+    return [
+        TokenizedExample(e.input_ids[:length], e.labels[:length], len(e.input_ids) > length) for e in examples
+    ]
+
+
+def _without_skipped(hp: Hyperparameters, skipped: list[Skipped]) -> Hyperparameters:
+    """`hp` with its sequence length's reason saying what that length leaves out."""
+    count = sum(s.count for s in skipped)
+    hp.reasons["max_seq_length"] += (
+        f"; it leaves {count} {skipped[0].what} nothing to train on, which are skipped"
+    )
+    return hp
 
 
 def _plan_classification(
@@ -222,7 +298,7 @@ def _plan_dpo(
     resolve: Resolver,
     trust: bool,
     notes: list[str],
-) -> tuple[Hyperparameters, DataStats]:
+) -> tuple[Hyperparameters, DataStats, list[Skipped]]:
     """Both sides of every pair rendered with the model's template. The sequence length (per side) is chosen
     from the longer side of each pair; the estimate counts both sides as training will cut them."""
     eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=trust)
@@ -232,18 +308,30 @@ def _plan_dpo(
     def longer_sides(pairs: list[PreferencePair]) -> list[int]:
         return [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
 
-    train, _ = tokenize(rows.train, UNBOUNDED)
+    uncut, _ = tokenize(rows.train, UNBOUNDED)
     try:
-        valid, _ = tokenize(rows.valid, UNBOUNDED, dataset="validation")
+        uncut_valid, _ = tokenize(rows.valid, UNBOUNDED, dataset=rows.valid_name)
     except DataError as exc:
         raise JobFailure("invalid_training_data", str(exc), rows.valid_param) from exc
-    hp = resolve(DataStats(longer_sides(train), longer_sides(valid), rows.source))
-    # Cut as training cuts them: the estimate's token counts are exact.
-    train, warnings = tokenize(rows.train, hp.max_seq_length)
-    valid, _ = tokenize(rows.valid, hp.max_seq_length, dataset="validation")
-    notes += warnings
-    stats = DataStats([p.n_tokens for p in train], [p.n_tokens for p in valid], rows.source)
-    return hp, stats
+    hp = resolve(DataStats(longer_sides(uncut), longer_sides(uncut_valid), rows.source))
+    # Cut as training cuts them: the estimate's token counts are exact, and the same pairs are skipped.
+    cut = partial(tokenize_pairs, tokenizer, max_length=hp.max_seq_length, eos_token_ids=eos_ids)
+    train = cut(rows.train)
+    try:
+        valid = cut(rows.valid, dataset=rows.valid_name)
+    except DataError as exc:
+        raise JobFailure("invalid_training_data", str(exc), rows.valid_param) from exc
+    notes += train.warnings + valid.warnings
+    skipped = [train.skipped, valid.skipped]
+    stats = DataStats([p.n_tokens for p in train.pairs], [p.n_tokens for p in valid.pairs], rows.source)
+    if train.skipped.count or valid.skipped.count:
+        kept = DataStats(
+            train.skipped.keep(longer_sides(uncut)),
+            valid.skipped.keep(longer_sides(uncut_valid)),
+            rows.source,
+        )
+        hp = _without_skipped(resolve(kept, length_of=hp), skipped)
+    return hp, stats, skipped
 
 
 def personal_data_summary(record: FileRecord) -> str:
@@ -300,8 +388,11 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
         job.hyperparameters = hp
         job.estimate = estimate
 
+    skipped = estimate.get("skipped_examples") or {}
     for note in estimate["notes"]:
-        jobs.add_event(job_id, note, level="warn")
+        # The examples left out: counted and named in the message, and in its data for programs.
+        data = skipped if note == skipped.get("warning") else None
+        jobs.add_event(job_id, note, level="warn", data=data)
     try:
         jobs.transition(
             job_id, JobState.QUEUED,
@@ -336,7 +427,8 @@ def estimate_request(spec: dict[str, Any], settings: Settings | None = None) -> 
 
 def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     """RQ entry point for GET /v1/files/{id}/report?model=…: token counts of every row of a chat file
-    with that model's tokenizer and template, and what a sequence length would truncate."""
+    with that model's tokenizer and template, what a sequence length would truncate, and the rows it would
+    leave nothing to train on (which a job skips, or fails on when too few rows are left: `notes` says)."""
     from transformers import AutoTokenizer
 
     settings = settings or get_settings()
@@ -352,11 +444,25 @@ def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict
         path = Path(tmp) / file.id
         storage_from_settings(settings).download_file(file.storage_key, path)
         try:
-            rows = read_conversations(path, file.filename)
-            lengths = [
-                len(tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids).input_ids) for m in rows
-            ]
+            rows = read_chat_examples(path, file.filename)
+            chats = [e.messages or [] for e in rows]
+            examples = [tokenize_chat(tokenizer, m, UNBOUNDED, eos_token_ids=eos_ids) for m in chats]
         except (DataError, ChatTemplateError) as exc:
             return {"error": {"code": "invalid_training_data", "message": str(exc), "param": "file"}}
     length = spec.get("max_seq_length") or entry.max_seq_length
-    return {"model": entry.id, "max_seq_length": length, "tokens": token_summary(lengths, length)}
+    tokens = token_summary([len(e.input_ids) for e in examples], length)
+    report: dict[str, Any] = {"model": entry.id, "max_seq_length": length, "tokens": tokens, "notes": []}
+    # As a job training on every row would see them (its held-out split aside).
+    skipped: Skipped | None = None
+    try:
+        skipped = cut_away(_cut(examples, length), chats, sources=[e.source for e in rows])
+        skipped.check()
+    except DataError as exc:
+        report["notes"].append(f"A job on this file would fail with invalid_training_data: {exc}")
+    else:
+        if skipped.count:
+            report["notes"].append(skipped.warning())
+    if skipped is not None:
+        tokens["skipped_examples"] = skipped.count
+        report["skipped_examples"] = skipped.summary()
+    return report

@@ -43,9 +43,10 @@ from shared.chat_data import (
     Messages,
     TokenizedExample,
     check_eos,
-    check_trainable,
     collate,
     iter_batches,
+    keep_trainable,
+    tokenize_all,
     tokenize_dataset,
 )
 from shared.estimate import count_optimizer_steps
@@ -94,6 +95,10 @@ class SFTConfig:
     token_cache_prefix: str = TOKEN_CACHE_PREFIX  # where in token_cache, e.g. under the tenant's prefix
     checkpoints: CheckpointSink | None = None  # where full-state checkpoints go (None: none are saved)
     resume_from: Path | None = None  # a checkpoint directory written by an earlier attempt of this run
+    # Where each example is in its file ("line 7", "item 7"), for the skipped ones' warning and errors
+    # (None: line i + 1).
+    train_sources: list[str] | None = None
+    valid_sources: list[str] | None = None
 
 
 @dataclass
@@ -124,11 +129,18 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
     warnings = check_eos(tokenizer, eos_ids)
     # Validation is always on the replies alone, as the evaluator measures it: one meaning of valid_loss.
+    # Examples truncation leaves nothing to learn are skipped (`chat_data.Skipped`), as the estimate said.
     train, train_warnings = _tokenize(
-        config, tokenizer, eos_ids, config.train_examples, "training", config.train_on_inputs
+        config,
+        tokenizer,
+        eos_ids,
+        config.train_examples,
+        config.train_sources,
+        "training",
+        config.train_on_inputs,
     )
     valid, valid_warnings = _tokenize(
-        config, tokenizer, eos_ids, config.valid_examples or [], "validation", False
+        config, tokenizer, eos_ids, config.valid_examples or [], config.valid_sources, "validation", False
     )
     warnings += train_warnings + valid_warnings
     for warning in warnings:
@@ -329,14 +341,16 @@ def _tokenize(
     tokenizer: PreTrainedTokenizerBase,
     eos_ids: set[int],
     conversations: list[Messages],
+    sources: list[str] | None,
     dataset: str,
     train_on_inputs: bool,
 ) -> tuple[list[TokenizedExample], list[str]]:
-    """`tokenize_dataset`, through the token cache when there is one; the checks run either way."""
+    """`tokenize_dataset`, through the token cache when there is one (it holds every example, skipped
+    ones too); the checks run either way."""
     if config.token_cache is None or not conversations:
         return tokenize_dataset(
             tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
-            train_on_inputs=train_on_inputs,
+            train_on_inputs=train_on_inputs, sources=sources,
         )  # fmt: skip
     key = token_cache.cache_key(
         token_cache.data_sha256(conversations), tokenizer, config.max_seq_length, train_on_inputs,
@@ -345,13 +359,13 @@ def _tokenize(
     examples = token_cache.load(config.token_cache, key, prefix=config.token_cache_prefix)
     if examples is not None and len(examples) == len(conversations):
         log.info("%s data: %d tokenized examples from the cache (%s)", dataset, len(examples), key)
-        return examples, check_trainable(examples, conversations, dataset=dataset)
-    examples, warnings = tokenize_dataset(
-        tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
-        train_on_inputs=train_on_inputs,
-    )  # fmt: skip
-    token_cache.save(config.token_cache, key, examples, prefix=config.token_cache_prefix)
-    return examples, warnings
+    else:
+        examples = tokenize_all(
+            tokenizer, conversations, config.max_seq_length, eos_token_ids=eos_ids, dataset=dataset,
+            train_on_inputs=train_on_inputs, sources=sources,
+        )  # fmt: skip
+        token_cache.save(config.token_cache, key, examples, prefix=config.token_cache_prefix)
+    return keep_trainable(examples, conversations, dataset=dataset, sources=sources)
 
 
 class _PackedEpochs(Dataset):

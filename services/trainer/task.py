@@ -144,10 +144,12 @@ class TrainingRun:
             model_dir = self._fetch_model()
             train_rows, valid_rows, valid_source = self._fetch_data()
             total_steps = self._total_steps(len(train_rows))
+            n_train = len(train_rows) - self._skipped("training")
+            n_valid = len(valid_rows) - self._skipped("validation")
             self._event(
-                f"Training started: {len(train_rows)} examples, validating on {len(valid_rows)} ({valid_source}); "
+                f"Training started: {n_train} examples, validating on {n_valid} ({valid_source}); "
                 f"{total_steps} steps",
-                data={"train_examples": len(train_rows), "valid_examples": len(valid_rows),
+                data={"train_examples": n_train, "valid_examples": n_valid,
                       "validation_source": valid_source, "total_steps": total_steps},
             )  # fmt: skip
             resume_from = self._resume_point()
@@ -256,8 +258,6 @@ class TrainingRun:
             key = storage_keys.validation_split_key(self.record.tenant, self.job_id)
             self.storage.put_bytes(key, split_jsonl(valid))
             source = "held_out_split"
-        if self.record.method_type == "supervised":  # the SFT recipe trains on the conversations
-            train, valid = [e.messages or [] for e in train], [e.messages or [] for e in valid]
         return train, valid, source
 
     def _sweep(self, model_dir: Path, train_rows: list, valid_rows: list, hooks: ProgressHooks) -> bool:
@@ -304,13 +304,22 @@ class TrainingRun:
         return True
 
     def _total_steps(self, n_train: int) -> int:
-        """The job's optimizer steps: packed rows come from the estimate, which knows the token lengths."""
+        """The job's optimizer steps: packed rows come from the estimate, which knows the token lengths,
+        and so do the examples the recipe skips (truncation leaves them nothing to train on)."""
         hp = self.record.hyperparameters
-        if hp.packing and (self.record.estimate or {}).get("optimizer_steps"):
-            return self.record.estimate["optimizer_steps"]
+        estimate = self.record.estimate or {}
+        if hp.packing and estimate.get("optimizer_steps"):
+            return estimate["optimizer_steps"]
         return count_optimizer_steps(
-            n_train, hp.micro_batch_size, hp.gradient_accumulation_steps, hp.n_epochs, hp.processes
-        )
+            n_train - self._skipped("training"), hp.micro_batch_size, hp.gradient_accumulation_steps,
+            hp.n_epochs, hp.processes,
+        )  # fmt: skip
+
+    def _skipped(self, dataset: str) -> int:
+        """Examples of `dataset` (training, validation) the recipe skips, as data preparation counted them:
+        the sequence length leaves them nothing to train on (the warning event named them)."""
+        skipped = (self.record.estimate or {}).get("skipped_examples") or {}
+        return skipped.get(dataset, {}).get("count", 0)
 
     def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> RecipeConfig:
         """The config of the job's recipe: what all three share, then each method's own settings."""
@@ -345,8 +354,13 @@ class TrainingRun:
             return ClassificationConfig(**common, method=hp.method, class_weights=hp.class_weights)
         if self.record.method_type == "dpo":
             return DPOConfig(**common, beta=hp.beta)
+        # The SFT recipe trains on the conversations; their places in the file name the examples it skips.
+        common["train_examples"] = [e.messages or [] for e in train_rows]
+        common["valid_examples"] = [e.messages or [] for e in valid_rows]
         return SFTConfig(
             **common,
+            train_sources=[e.source for e in train_rows],
+            valid_sources=[e.source for e in valid_rows],
             packing=hp.packing,
             train_on_inputs=hp.train_on_inputs,
             # Per tenant: cached token ids are the data itself, and go when the tenant's data goes.

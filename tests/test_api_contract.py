@@ -3,9 +3,14 @@ the param, never a 500, a traceback or an empty answer; names and uploads that c
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
+import httpx
 import pytest
 
-from tests.api_fixtures import chat_lines, prepared
+from tests.api_fixtures import ADMIN_KEY, chat_lines, prepared
+from tests.helpers import free_port
 
 AUTO_SETTINGS = (
     "warmup_ratio",
@@ -189,3 +194,100 @@ def test_upload_api_stores_the_safe_base_name(api):
     response = api.post("/v1/uploads", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["filename"] == "job.jsonl"
+
+
+# -- 3. completing an upload happens once -------------------------------------------------------------
+
+
+@pytest.fixture
+def served(api_settings, s3_server, bucket_storage) -> Iterator[str]:
+    """The app served by uvicorn on a free port (real sockets, concurrent requests) on the test Redis and a
+    bucket of the moto S3 server; its base URL."""
+    import uvicorn
+
+    from services.api.app import create_app
+
+    settings = api_settings.model_copy(
+        update={
+            "s3_bucket": bucket_storage.bucket,
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "s3_access_key_id": s3_server.access_key_id,
+            "s3_secret_access_key": s3_server.secret_access_key,
+        }
+    )
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped while starting"
+            thread.join(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def client(base_url: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+
+
+def upload_in_parts(http: httpx.Client, data: bytes, n_parts: int) -> tuple[str, list[str]]:
+    body = {"filename": "big.jsonl", "purpose": "fine-tune", "bytes": len(data), "mime_type": "text/jsonl"}
+    upload_id = http.post("/v1/uploads", json=body).json()["id"]
+    size = -(-len(data) // n_parts)
+    part_ids = [
+        http.post(f"/v1/uploads/{upload_id}/parts", files={"data": data[i : i + size]}).json()["id"]
+        for i in range(0, len(data), size)
+    ]
+    return upload_id, part_ids
+
+
+def test_concurrent_completions_of_one_upload_make_exactly_one_file(served, bucket_storage):
+    with client(served) as http:
+        upload_id, part_ids = upload_in_parts(http, chat_lines(5000), 4)
+    start = threading.Barrier(4)
+    answers: list[httpx.Response] = []
+
+    def complete() -> None:
+        with client(served) as http:
+            start.wait()
+            answers.append(http.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": part_ids}))
+
+    threads = [threading.Thread(target=complete) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(r.status_code for r in answers) == [200, 400, 400, 400], [r.text for r in answers]
+    done = next(r.json() for r in answers if r.status_code == 200)
+    assert (done["status"], done["file"]["status"], done["file"]["n_examples"]) == (
+        "completed",
+        "processed",
+        5000,
+    )
+    for refused in (r for r in answers if r.status_code == 400):
+        error = assert_openai_error(refused, 400, "upload_id")
+        assert error["code"] in ("upload_in_progress", "upload_not_pending")
+        assert error["message"] in (
+            f"upload {upload_id} is being completed by another request; retrieve it once that has finished",
+            f"upload {upload_id} is already completed",
+        )
+    with client(served) as http:
+        assert [f["id"] for f in http.get("/v1/files").json()["data"]] == [done["file"]["id"]]
+    assert [key for key in bucket_storage.list_keys("") if "/uploads/" in key] == []  # the parts are gone
+
+
+def test_completing_a_completed_upload_is_a_400_that_says_so(served):
+    with client(served) as http:
+        upload_id, part_ids = upload_in_parts(http, chat_lines(20), 2)
+        assert http.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": part_ids}).status_code == 200
+        again = http.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": part_ids})
+        cancel = http.post(f"/v1/uploads/{upload_id}/cancel")
+    assert (
+        assert_openai_error(again, 400, "upload_id")["message"] == f"upload {upload_id} is already completed"
+    )
+    assert assert_openai_error(cancel, 400, "upload_id")["code"] == "upload_not_pending"

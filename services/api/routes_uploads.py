@@ -8,6 +8,8 @@ upload into a single file. The openai SDK's `client.uploads.upload_file_chunked`
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, UploadFile
@@ -26,6 +28,9 @@ from shared.records import now
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
 UPLOAD_TTL_SECONDS = 3600
+# How long a completion may hold its claim: far beyond the validation's time budget, short enough that an
+# upload whose completing process died can be completed again (or cancelled) well before it expires.
+COMPLETION_CLAIM_SECONDS = 15 * 60
 
 
 class UploadPartRecord(BaseModel):
@@ -69,6 +74,12 @@ def _key(upload_id: str) -> str:
     return f"tunery:upload:{upload_id}"
 
 
+def _claim_key(upload_id: str) -> str:
+    """Held (SET NX) by the one request completing or cancelling an upload, so that its parts become exactly
+    one file, and are not deleted while they are read; its value names what that request does."""
+    return f"tunery:upload:{upload_id}:claim"
+
+
 def _save(ctx: Context, record: UploadRecord) -> None:
     # Kept a day past expiry so late clients get a clear "expired" rather than "not found".
     ctx.redis.set(_key(record.id), record.model_dump_json(), ex=UPLOAD_TTL_SECONDS + 24 * 3600)
@@ -88,8 +99,44 @@ def _require(ctx: Context, tenant: str, upload_id: str) -> UploadRecord:
 def _require_pending(ctx: Context, tenant: str, upload_id: str) -> UploadRecord:
     record = _require(ctx, tenant, upload_id)
     if record.status != "pending":
-        raise APIError(400, f"upload {upload_id} is {record.status}", code="upload_not_pending")
+        raise APIError(
+            400,
+            f"upload {upload_id} is already {record.status}",
+            code="upload_not_pending",
+            param="upload_id",
+        )
+    claim = ctx.redis.get(_claim_key(upload_id))
+    if claim is not None:
+        raise _claimed_by_another(upload_id, claim.decode())
     return record
+
+
+def _claimed_by_another(upload_id: str, action: str) -> APIError:
+    return APIError(
+        400,
+        f"upload {upload_id} is being {action} by another request; retrieve it once that has finished",
+        code="upload_in_progress",
+        param="upload_id",
+    )
+
+
+@contextmanager
+def _claim(ctx: Context, tenant: str, upload_id: str, action: str) -> Iterator[UploadRecord]:
+    """The pending upload, held by this request alone until the block ends: others get a 400 that says why."""
+    _require_pending(ctx, tenant, upload_id)
+    if not ctx.redis.set(_claim_key(upload_id), action, nx=True, ex=COMPLETION_CLAIM_SECONDS):
+        raise _claimed_by_another(upload_id, (ctx.redis.get(_claim_key(upload_id)) or b"completed").decode())
+    try:
+        # Read again under the claim: another request may have finished with it since the check above.
+        record = _require(ctx, tenant, upload_id)
+        if record.status != "pending":
+            raise APIError(
+                400, f"upload {upload_id} is already {record.status}", code="upload_not_pending",
+                param="upload_id",
+            )  # fmt: skip
+        yield record
+    finally:
+        ctx.redis.delete(_claim_key(upload_id))
 
 
 def _part_key(record: UploadRecord, part_id: str) -> str:
@@ -158,8 +205,17 @@ async def add_part(
     with ctx.redis.pipeline() as pipe:
         while True:
             try:
-                pipe.watch(_key(upload_id))
+                pipe.watch(_key(upload_id), _claim_key(upload_id))
                 current = UploadRecord.model_validate_json(pipe.get(_key(upload_id)))
+                claim = pipe.get(_claim_key(upload_id))
+                state = f"being {claim.decode()}" if claim is not None else current.status
+                if state != "pending":
+                    # Completed or cancelled while this part was stored: nothing will ever read it.
+                    ctx.storage.delete(stored.key)
+                    raise APIError(
+                        400, f"upload {upload_id} was {state} before this part was stored",
+                        code="upload_not_pending", param="upload_id",
+                    )  # fmt: skip
                 current.parts.append(part)
                 pipe.multi()
                 pipe.set(_key(upload_id), current.model_dump_json(), keepttl=True)
@@ -208,8 +264,8 @@ async def complete_upload(
     ctx: Context = Depends(get_context),
     tenant: str = Depends(caller_tenant),
 ) -> dict:
-    record = _require_pending(ctx, tenant, upload_id)
-    completed = await run_in_threadpool(_complete, ctx, record, body.part_ids)
+    with _claim(ctx, tenant, upload_id, "completed") as record:
+        completed = await run_in_threadpool(_complete, ctx, record, body.part_ids)
     return upload_object(ctx, completed)
 
 
@@ -217,9 +273,9 @@ async def complete_upload(
 def cancel_upload(
     upload_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
-    record = _require_pending(ctx, tenant, upload_id)
-    for part in record.parts:
-        ctx.storage.delete(part.storage_key)
-    record.status = "cancelled"
-    _save(ctx, record)
+    with _claim(ctx, tenant, upload_id, "cancelled") as record:
+        for part in record.parts:
+            ctx.storage.delete(part.storage_key)
+        record.status = "cancelled"
+        _save(ctx, record)
     return upload_object(ctx, record)

@@ -21,7 +21,8 @@ from shared.records import Hyperparameters
 
 @dataclass(frozen=True)
 class DataStats:
-    """Token lengths (whole conversations, before truncation) of the training and validation rows."""
+    """Token lengths (whole conversations, before truncation) of the training and validation rows that
+    train: examples the sequence length leaves nothing to learn are skipped (shared.chat_data.Skipped)."""
 
     train_lengths: list[int]
     valid_lengths: list[int]

@@ -7,7 +7,10 @@ prompt's tokens are therefore identical on both sides, which `PreferencePair` ch
 
 Too long a pair is cut so that both sides still differ where they should: the replies keep their
 beginning (where a preference mostly shows), the prompt keeps its end (the latest turn and the template's
-generation prompt, which the reply follows), and at least half of `max_length` stays for the replies.
+generation prompt, which the reply follows), and at least half of `max_length` stays for the replies. So a
+reply is never cut away whole, but replies that differ only past the cut become the same tokens on both
+sides: such a pair teaches nothing and is skipped (`tokenize_pairs`), as chat data skips the examples
+truncation leaves nothing to learn (`chat_data.Skipped`).
 
 Batches put the chosen sides in the first half of the rows and the rejected sides in the second, so one
 forward pass scores both (`collate_pairs`).

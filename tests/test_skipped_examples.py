@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.api_fixtures import prepared
 
 # Items 301-400 of LLaMA-Factory's alpaca demo set: item 72's prompt alone is longer than 512 tokens.
@@ -39,20 +41,24 @@ def long_prompt_lines(n_long: int, n_short: int) -> bytes:
     return "".join(long + short).encode()
 
 
-def test_alpaca_rows_queue_with_one_warning_naming_the_example_skipped(api, api_settings) -> None:
+@pytest.mark.parametrize(
+    ("seed", "where", "dataset"), [(3, "training", "training"), (2, "validation", "held-out")]
+)
+def test_alpaca_rows_queue_with_one_warning_naming_the_example_skipped(
+    api, api_settings, seed: int, where: str, dataset: str
+) -> None:
+    """Seed 3 keeps item 72 among the training rows, seed 2 holds it out."""
     file = upload(api, ALPACA_100.read_bytes(), ALPACA_100.name)
     assert file["status"] == "processed"
 
-    job = prepared(api, api_settings, create(api, file["id"], seed=3)["id"])
+    job = prepared(api, api_settings, create(api, file["id"], seed=seed)["id"])
 
     assert job["status"] == "queued", job["error"]
     estimate = job["estimate"]
     skipped = estimate["skipped_examples"]
     assert skipped["max_seq_length"] == job["resolved_hyperparameters"]["max_seq_length"] == 512
-    both = [skipped["training"], skipped["validation"]]
-    assert sorted(s["of"] for s in both) == [10, 90]
-    assert sum(s["count"] for s in both) == 1
-    assert [source for s in both for source in s["sources"]] == ["item 72"]
+    assert (skipped["training"]["of"], skipped["validation"]["of"]) == (90, 10)
+    assert skipped[where] == {"count": 1, "of": 10 if where == "validation" else 90, "sources": ["item 72"]}
     # The estimate counts what trains: the example skipped is in neither figure.
     assert estimate["train_examples"] + estimate["valid_examples"] == 99
     assert estimate["train_tokens"]["skipped_examples"] == skipped["training"]["count"]
@@ -66,7 +72,7 @@ def test_alpaca_rows_queue_with_one_warning_naming_the_example_skipped(api, api_
     assert warnings[0]["message"].startswith(
         "Skipped 1 example with nothing left to train on at the maximum "
     )
-    assert "(item 72)" in warnings[0]["message"]
+    assert f"{dataset} examples (item 72)" in warnings[0]["message"]
 
 
 def test_a_training_file_cut_nearly_everywhere_fails_naming_its_lines(api, api_settings) -> None:

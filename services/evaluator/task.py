@@ -84,6 +84,8 @@ def run_evaluation(job_id: str, attempt: int) -> str:
         state = record.state.value if record else "missing"
         log.info("skipping evaluation of %s attempt %s: job is %s", job_id, attempt, state)
         return f"skipped ({state})"
+    # When it began, for the user (it may have waited for an evaluator since the job entered `evaluating`).
+    jobs.add_event(job_id, "Evaluation started: the base and the fine-tuned model on the same held-out rows")
     watch = CancelWatch(jobs, job_id, attempt)
     try:
         report = evaluate_job(settings, redis, storage, record, watch=watch)

@@ -105,3 +105,45 @@ def test_a_validation_file_cut_nearly_everywhere_fails_against_that_file(api, ap
         "9 of 10 validation examples have nothing left to train on at the maximum sequence length (512 tokens)"
     )
     assert "(line 1, line 2, line 3, line 4, line 5 and 4 more)" in error["message"]
+
+
+def preference_lines(n_alike: int, n_distinct: int) -> bytes:
+    """OpenAI DPO rows: `n_alike` whose replies differ only after 100 tokens, then distinct ones."""
+
+    def row(question: str, chosen: str, rejected: str) -> str:
+        return json.dumps({
+            "input": {"messages": [{"role": "user", "content": question}]},
+            "preferred_output": [{"role": "assistant", "content": chosen}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}],
+        }) + "\n"  # fmt: skip
+
+    same = "Same words " * 10
+    alike = [row(f"Question {i}?", same + "then kind.", same + "then rude.") for i in range(n_alike)]
+    distinct = [row(f"What is {i} + {i}?", str(2 * i), "purple") for i in range(n_distinct)]
+    return "".join(alike + distinct).encode()
+
+
+@pytest.mark.parametrize(("n_alike", "fails"), [(3, False), (15, True)])
+def test_dpo_pairs_cut_to_the_same_tokens_are_skipped_or_fail_the_job(
+    api, api_settings, n_alike: int, fails: bool
+) -> None:
+    file = upload(api, preference_lines(n_alike, 20 - n_alike), "pairs.jsonl")
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"max_seq_length": 64, "n_epochs": 1}}}
+
+    job = prepared(api, api_settings, create(api, file["id"], method=method, seed=3)["id"])
+
+    if fails:
+        assert job["status"] == "failed"
+        assert (job["error"]["code"], job["error"]["param"]) == ("invalid_training_data", "training_file")
+        assert (
+            "training preference pairs have nothing left to train on at the maximum sequence length (64 "
+            in (job["error"]["message"])
+        )
+        return
+    assert job["status"] == "queued", job["error"]
+    skipped = job["estimate"]["skipped_examples"]
+    both = [skipped["training"], skipped["validation"]]
+    assert sum(s["count"] for s in both) == 3
+    assert sorted(source for s in both for source in s["sources"]) == ["line 1", "line 2", "line 3"]
+    assert job["estimate"]["train_examples"] == 18 - skipped["training"]["count"]
+    assert skipped["warning"].startswith("Skipped 3 preference pairs with nothing left to train on")

@@ -209,19 +209,23 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every two seconds")] = False,
     api_url: ApiUrl = None,
 ) -> None:
-    """Recent jobs with their progress, loss, throughput, ETA and cost."""
+    """Recent jobs with their progress, loss, throughput, ETA and cost (tab-separated when piped)."""
     from rich.live import Live
 
-    from cli.monitor import console, status_table
+    from cli.monitor import console, one_line_errors, status_rows, status_table, status_tsv
 
-    with _client(_settings(), api_url) as client:
+    with _client(_settings(), api_url) as client, one_line_errors(str(client.base_url)):
         if not watch:
-            console.print(status_table(client, limit))
+            rows = status_rows(client, limit)
+            if console.is_terminal:
+                console.print(status_table(rows))
+            else:
+                typer.echo(status_tsv(rows), nl=False)
             return
-        with Live(status_table(client, limit), console=console, refresh_per_second=1) as live:
+        with Live(status_table(status_rows(client, limit)), console=console, refresh_per_second=1) as live:
             while True:
                 time.sleep(2)
-                live.update(status_table(client, limit))
+                live.update(status_table(status_rows(client, limit)))
 
 
 @app.command()
@@ -232,13 +236,13 @@ def logs(
     ] = False,
     api_url: ApiUrl = None,
 ) -> None:
-    """A job's events, oldest first; with -f, live until the job finishes."""
+    """A job's events, oldest first; with -f, live until the job finishes (exit status 0 if it succeeded)."""
     from cli import monitor
 
-    with _client(_settings(), api_url) as client:
+    with _client(_settings(), api_url) as client, monitor.one_line_errors(str(client.base_url)):
         if not follow:
             monitor.print_events(client, job_id)
             return
         final = monitor.follow(client, job_id)
-        monitor.console.print(f"job {job_id}: {final}")
-        raise typer.Exit(0 if final == "succeeded" else 1)
+    monitor.console.print(f"job {job_id}: {final}")
+    raise typer.Exit(0 if final == "succeeded" else 1)

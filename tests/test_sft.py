@@ -176,6 +176,32 @@ def test_untrainable_example_fails_before_any_step(model_dirs: dict[str, Path], 
     assert hooks.steps == []
 
 
+def test_examples_truncation_leaves_nothing_to_learn_are_skipped_and_named(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    cut = [
+        {"role": "user", "content": "Tell me " * 20},
+        {"role": "assistant", "content": "No."},
+    ]  # > 64 tokens
+    config = make_config(
+        model_dirs["llama"], tmp_path, train_examples=[*EXAMPLES[:8], cut], valid_examples=[cut, *EXAMPLES[20:]],
+        train_sources=[f"item {i}" for i in range(1, 10)], valid_sources=[f"item {i}" for i in range(10, 16)],
+        n_epochs=1,
+    )  # fmt: skip
+    hooks = RecordingHooks()
+
+    result = train_sft(config, hooks)
+
+    assert result.warnings[:2] == [
+        "Skipped 1 of 9 training examples (item 9): at the maximum sequence length (64 tokens), truncation "
+        "cuts off every trained token of their assistant replies; they are not trained on",
+        "Skipped 1 of 6 validation examples (item 10): at the maximum sequence length (64 tokens), truncation "
+        "cuts off every trained token of their assistant replies; they are not trained on",
+    ]
+    # The 8 examples left: 2 steps of 4.
+    assert result.total_steps == len(hooks.steps) == 2
+
+
 def test_saved_adapter_loads_and_changes_the_logits(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     train_sft(make_config(model_dirs["llama"], tmp_path, n_epochs=2), RecordingHooks())
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")

@@ -14,6 +14,7 @@ import pytest
 from redis import Redis
 
 from services.evaluator import classification_eval, preference_eval
+from services.evaluator.cancellation import CancelWatch, EvaluationCancelled
 from services.trainer.classification import ClassificationConfig, train_classification
 from services.trainer.dpo import DPOConfig, train_dpo
 from shared import storage_keys
@@ -23,6 +24,7 @@ from shared.data_formats import Example
 from shared.file_store import FileStore
 from shared.ids import new_file_id, new_job_id
 from shared.job_states import JobState
+from shared.job_store import JobStore
 from shared.records import DEFAULT_TENANT, FileRecord, Hyperparameters, JobRecord, LoraSettings, now
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_settings
@@ -271,3 +273,34 @@ def test_the_dpo_verdict_follows_the_held_out_loss_against_log_2() -> None:
         ]
 
     assert (verdict(0.6), verdict(LOG_2 + 1e-4), verdict(0.8)) == ("improved", "unchanged", "regressed")
+
+
+# -- cancel ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["classifier-lora", "classifier-full", "dpo"])
+def test_an_evaluation_runs_while_its_job_evaluates_and_stops_at_its_first_forward_pass_once_cancelled(
+    settings: Settings,
+    redis: Redis,
+    storage: Storage,
+    classifiers: dict[str, Path],
+    dpo_adapter: Path,
+    weights: str,
+) -> None:
+    if weights == "dpo":
+        record = evaluating_job(storage, dpo_adapter, "dpo", beta=0.1)
+        store_split(storage, record, PAIRS[1::2])
+        evaluate = preference_eval.evaluate
+    else:
+        method = weights.removeprefix("classifier-")
+        record = evaluating_job(storage, classifiers[method], "classification", method=method)
+        store_split(storage, record, sentiment(40, seed=3))
+        evaluate = classification_eval.evaluate
+    jobs = JobStore(redis, storage)
+    jobs.create(record, "created")
+
+    report = evaluate(settings, redis, storage, record, watch=CancelWatch(jobs, record.id, record.attempt))
+    assert report["n_examples"] > 0
+    jobs.transition(record.id, JobState.CANCELLED, "cancelled by the user")
+    with pytest.raises(EvaluationCancelled, match=f"job {record.id} is cancelled"):
+        evaluate(settings, redis, storage, record, watch=CancelWatch(jobs, record.id, record.attempt))

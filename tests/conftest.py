@@ -24,6 +24,15 @@ from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_f
 from tests.live import LiveTunery, live_env
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="save a screenshot of every console page the browser tests visit into DIR (default: none)",
+    )
+
+
 def _wait_or_fail(predicate: Callable[[], object], what: str, process: subprocess.Popen, log: Path) -> None:
     """Wait for a server; on failure show its log, which says why far better than a timeout."""
     try:

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
+from tests.live import LiveTunery
+
+FIXTURES = Path(__file__).parent / "fixtures"
 EXTERNAL_URL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 
 
@@ -37,3 +48,220 @@ def test_the_root_and_console_paths_lead_to_the_console_page(api):
     assert bare.status_code in (301, 307) and bare.headers["location"].endswith("/console/")
     page = api.get("/console/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+# -- in a real browser --------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROKEN_FILE = FIXTURES / "broken" / "wrong_role.jsonl"  # line 11: messages[2].role "assitant"
+GOOD_FILE = IDENTITY_CHAT
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail(
+            "Debian's chromium is missing: `apt-get install -y chromium` (scripts/bootstrap does)",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: containers (and root) have no user namespaces for Chromium's sandbox.
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@dataclass
+class Journey:
+    """A browser tab on the live service that records what would make the journey fail."""
+
+    page: Page
+    base_url: str
+    shots: Path | None
+    errors: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
+
+    def screenshot(self, name: str) -> None:
+        if self.shots is not None:
+            width = self.page.viewport_size["width"]
+            self.page.screenshot(path=self.shots / f"{name}-{width}.png", full_page=True)
+
+    def open(self, hash_path: str) -> None:
+        self.page.goto(f"{self.base_url}/console/#/{hash_path}")
+
+
+@pytest.fixture
+def journey(live: LiveTunery, browser, request: pytest.FixtureRequest) -> Journey:
+    shots = request.config.getoption("--screenshots")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context.set_default_timeout(60_000)
+    expect.set_options(timeout=20_000)  # the machine may be busy training
+    page = context.new_page()
+    journey = Journey(page=page, base_url=live.base_url, shots=Path(shots) if shots else None)
+
+    def only_this_service(route):
+        # Offline: every script, style and font comes from the service; anything else is refused.
+        url = route.request.url
+        if url.startswith(live.base_url) or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            journey.outside.append(url)
+            route.abort()
+
+    context.route("**/*", only_this_service)
+    page.on("console", lambda message: message.type == "error" and journey.errors.append(message.text))
+    page.on("pageerror", lambda error: journey.errors.append(f"uncaught: {error}"))
+    yield journey
+    context.close()
+
+
+def drop_file(page: Page, selector: str, path: Path) -> None:
+    """Drag a file from the desktop onto an element (a real drop event carrying a File)."""
+    transfer = page.evaluate_handle(
+        """([name, text]) => {
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([text], name, { type: "application/jsonl" }));
+            return transfer;
+        }""",
+        [path.name, path.read_text()],
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+@pytest.mark.slow
+def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(journey: Journey):
+    page = journey.page
+
+    # Signing in: the root leads to the sign-in form; a wrong key is refused with a clear message.
+    page.goto(journey.base_url)
+    expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+    journey.screenshot("sign-in")
+    page.get_by_label("API key").fill("tun_nobody_wrong-key")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("This API key was not accepted (401")
+    journey.screenshot("sign-in-refused")
+    # Chromium logs the refused request itself as an error; that one was the point of this step.
+    assert all("401" in error for error in journey.errors), journey.errors
+    journey.errors.clear()
+
+    page.get_by_label("API key").fill(ADMIN_KEY)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Jobs", exact=True)).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('tunery.apiKey')") == ADMIN_KEY
+    assert ADMIN_KEY not in page.url
+    expect(page.get_by_text("No jobs yet")).to_be_visible()
+    journey.screenshot("jobs-empty")
+
+    # A broken file: the rejected line is named in a table, with its field and the reason.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Files").click()
+    expect(page.get_by_role("heading", name="Files", exact=True)).to_be_visible()
+    page.get_by_label("Choose a file").set_input_files(BROKEN_FILE)
+    problems = page.get_by_role("table", name=f"Problems in {BROKEN_FILE.name}")
+    expect(problems.get_by_role("row")).to_have_count(2)  # the header and the one problem
+    expect(problems.get_by_role("row").nth(1).get_by_role("cell")).to_have_text(
+        ["11", "messages[2].role", re.compile('"assitant" is not one of system, user, assistant, tool')]
+    )
+    expect(page.get_by_role("alert")).to_contain_text("1 problem found")
+    journey.screenshot("upload-rejected")
+
+    # A good file, dropped on the page: its first examples as conversations, and its report.
+    drop_file(page, "#dropzone", GOOD_FILE)
+    expect(page.get_by_role("heading", name=f"{GOOD_FILE.name} is ready")).to_be_visible()
+    first = json.loads(GOOD_FILE.read_text().splitlines()[0])["messages"]
+    example = page.get_by_role("article", name="Example 1")
+    for message in first:
+        expect(example).to_contain_text(message["content"])
+    expect(page.locator("#report")).to_contain_text("Characters per example")
+    expect(page.locator("#report")).to_contain_text("82 examples")  # the suggested training split of 91
+    expect(page.locator("#upload-progress")).to_have_js_property("value", 1)
+    journey.screenshot("upload-preview")
+
+    # A new job on that file: the catalog's models, and the estimate with the values it chose.
+    page.get_by_role("link", name="Fine-tune on this file").click()
+    expect(page.get_by_role("heading", name="New job", exact=True)).to_be_visible()
+    expect(page.get_by_label("Model")).to_have_value("tunery/tiny-chat")
+    expect(page.get_by_label("Training file")).to_contain_text(GOOD_FILE.name)
+    page.get_by_label("Epochs").fill("4")
+    page.get_by_label("Batch size").fill("2")
+    settings = page.get_by_role("table", name="Settings and why")
+    expect(settings.get_by_role("row", name=re.compile("^n epochs"))).to_contain_text("4")
+    expect(settings.get_by_role("row", name=re.compile("^batch size"))).to_contain_text("2")
+    expect(settings.get_by_role("row", name=re.compile("^max seq length"))).to_contain_text("auto:")
+    costs = page.get_by_role("table", name="Duration and cost per GPU class")
+    expect(costs.get_by_role("row", name=re.compile("^cpu"))).to_contain_text("$")
+    steps = 4 * 41  # 82 training examples, 2 per step, 4 epochs
+    expect(page.locator("#estimate-result dt:text-is('Optimizer steps') + dd")).to_have_text(str(steps))
+    journey.screenshot("new-job")
+
+    # It trains: the loss chart gains points from the event stream while the job runs.
+    page.get_by_role("button", name="Create job").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Job ftjob-"))).to_be_visible()
+    job_id = page.url.rsplit("/", 1)[-1]
+    chart = page.locator("#loss-chart")
+    expect(chart).to_have_attribute("data-points", re.compile(r"^[1-9]\d*$"), timeout=180_000)
+    plotted = int(chart.get_attribute("data-points"))
+    page.wait_for_function(
+        "n => Number(document.querySelector('#loss-chart').dataset.points) > n", arg=plotted, timeout=120_000
+    )
+    expect(page.locator("#job-stats dt:text-is('Step') + dd")).to_have_text(re.compile(rf"^\d+ of {steps}$"))
+    expect(page.locator("#events-log")).to_contain_text(f"/{steps}: training loss=")
+    journey.screenshot("job-training")
+
+    # Paused while training, then resumed: it carries on from its checkpoint.
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("#job-status")).to_have_attribute("data-stage", "paused")
+    expect(page.get_by_role("button", name="Resume")).to_be_enabled()
+    journey.screenshot("job-paused")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("#job-status")).not_to_have_attribute("data-stage", "paused")
+
+    # It succeeds; the chart then holds every step, and the artifacts download.
+    expect(page.locator("#job-status")).to_have_attribute("data-stage", "succeeded", timeout=400_000)
+    expect(chart).to_have_attribute("data-points", str(steps))
+    expect(page.locator("#job-outcome")).to_contain_text(f"ft:tunery/tiny-chat:org-default::{job_id}")
+    expect(page.locator("#events-log")).to_contain_text("Job paused by the user")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download artifacts (.tar)").click()
+    with tarfile.open(download.value.path()) as archive:
+        names = archive.getnames()
+    assert any(name.endswith("adapter_model.safetensors") for name in names), names
+    journey.screenshot("job-succeeded")
+
+    # The list shows it finished, on a wide screen and on a phone, with nothing wider than the screen.
+    journey.open("jobs")
+    row = page.get_by_role("row", name=re.compile(job_id))
+    expect(row).to_contain_text("succeeded")
+    expect(row).to_contain_text(f"{steps}/{steps}")
+    journey.screenshot("jobs")
+    journey.open("models")
+    expect(page.get_by_role("table")).to_contain_text("tunery/tiny-chat")
+    journey.screenshot("models")
+    page.set_viewport_size({"width": 390, "height": 844})
+    for name, shown in [
+        ("jobs", "#jobs-table"),
+        (f"jobs/{job_id}", f"#loss-chart[data-points='{steps}']"),
+        ("files", "#files-table"),
+        ("new", "#estimate-result"),
+        ("models", "#models-table"),
+    ]:
+        journey.open(name)
+        expect(page.locator(shown)).to_be_visible()
+        journey.screenshot("job" if name.startswith("jobs/") else name)
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"#/{name} is {overflow}px wider than a 390px screen"
+
+    # The API docs, also from the service itself.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.goto(f"{journey.base_url}/docs")
+    expect(page.locator(".info .title")).to_contain_text("Tunery")
+    expect(page.locator(".opblock-tag", has_text="fine-tuning")).to_be_visible()
+    journey.screenshot("docs")
+
+    assert journey.outside == [], "the console fetched from outside the service"
+    assert journey.errors == []

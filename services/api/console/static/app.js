@@ -236,11 +236,11 @@ async function jobsPage(signal) {
         h(
           "tr",
           {},
-          h("th", { scope: "row" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
-          h("td", {}, job.model),
-          h("td", {}, stageBadge(job.stage)),
-          h("td", {}, progressCell(job)),
-          h("td", {}, formatTime(job.created_at)),
+          h("th", { scope: "row", "data-label": "Job" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
+          h("td", { "data-label": "Model" }, job.model),
+          h("td", { "data-label": "Status" }, stageBadge(job.stage)),
+          h("td", { "data-label": "Progress" }, progressCell(job)),
+          h("td", { "data-label": "Created" }, formatTime(job.created_at)),
         ),
       );
       replace(
@@ -248,7 +248,7 @@ async function jobsPage(signal) {
         tableWrap(
           h(
             "table",
-            { id: "jobs-table" },
+            { id: "jobs-table", class: "stack" },
             h("caption", { class: "visually-hidden" }, "Fine-tuning jobs, newest first"),
             h("thead", {}, h("tr", {}, ["Job", "Model", "Status", "Progress", "Created"].map((t) => h("th", { scope: "col" }, t)))),
             h("tbody", {}, rows),
@@ -513,7 +513,7 @@ async function filesPage(signal) {
       tableWrap(
         h(
           "table",
-          { id: "files-table" },
+          { id: "files-table", class: "stack" },
           h("caption", { class: "visually-hidden" }, "Uploaded files, newest first"),
           h("thead", {}, h("tr", {}, ["File", "Name", "Status", "Examples", "Size", "Uploaded"].map((t) => h("th", { scope: "col" }, t)))),
           h(
@@ -523,12 +523,12 @@ async function filesPage(signal) {
               h(
                 "tr",
                 {},
-                h("th", { scope: "row" }, h("a", { href: `#/files/${encodeURIComponent(f.id)}` }, f.id)),
-                h("td", {}, f.filename),
-                h("td", {}, h("span", { class: `badge badge-${f.status}` }, f.status)),
-                h("td", { class: "num" }, formatNumber(f.n_examples)),
-                h("td", { class: "num" }, formatBytes(f.bytes)),
-                h("td", {}, formatTime(f.created_at)),
+                h("th", { scope: "row", "data-label": "File" }, h("a", { href: `#/files/${encodeURIComponent(f.id)}` }, f.id)),
+                h("td", { "data-label": "Name" }, f.filename),
+                h("td", { "data-label": "Status" }, h("span", { class: `badge badge-${f.status}` }, f.status)),
+                h("td", { class: "num", "data-label": "Examples" }, formatNumber(f.n_examples)),
+                h("td", { class: "num", "data-label": "Size" }, formatBytes(f.bytes)),
+                h("td", { "data-label": "Uploaded" }, formatTime(f.created_at)),
               ),
             ),
           ),
@@ -845,17 +845,23 @@ function estimateView(result) {
     return v == null ? "—" : typeof v === "number" ? formatNumber(v) : String(v);
   };
   const settings = SHOWN_SETTINGS.filter((name) => name in hp || name in reasons).map((name) =>
-    h("tr", {}, h("th", { scope: "row" }, name.replaceAll("_", " ")), h("td", {}, value(name)), h("td", {}, reasons[name] || "as requested")),
+    h(
+      "tr",
+      {},
+      h("th", { scope: "row", "data-label": "Setting" }, name.replaceAll("_", " ")),
+      h("td", { "data-label": "Value" }, value(name)),
+      h("td", { "data-label": "Why" }, reasons[name] || "as requested"),
+    ),
   );
   const classes = Object.entries(e.gpu_classes || {}).map(([name, c]) =>
     h(
       "tr",
       { class: name === result.gpu_class ? "chosen" : null },
-      h("th", { scope: "row" }, name),
-      h("td", { class: "num" }, formatDuration(c.duration_seconds)),
-      h("td", { class: "num" }, formatCost(c.cost_usd)),
-      h("td", { class: "num" }, `${c.peak_memory_gib} GiB`),
-      h("td", {}, c.fits ? "fits" : "does not fit"),
+      h("th", { scope: "row", "data-label": "GPU class" }, name),
+      h("td", { class: "num", "data-label": "Duration" }, formatDuration(c.duration_seconds)),
+      h("td", { class: "num", "data-label": "Cost" }, formatCost(c.cost_usd)),
+      h("td", { class: "num", "data-label": "Peak memory" }, `${c.peak_memory_gib} GiB`),
+      h("td", { "data-label": "Memory" }, c.fits ? "fits" : "does not fit"),
     ),
   );
   return h(
@@ -876,7 +882,7 @@ function estimateView(result) {
     tableWrap(
       h(
         "table",
-        { id: "estimate-classes" },
+        { id: "estimate-classes", class: "stack" },
         h("caption", {}, "Duration and cost per GPU class"),
         h("thead", {}, h("tr", {}, ["GPU class", "Duration", "Cost", "Peak memory", "Memory"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, classes),
@@ -885,7 +891,7 @@ function estimateView(result) {
     tableWrap(
       h(
         "table",
-        { id: "estimate-settings" },
+        { id: "estimate-settings", class: "stack" },
         h("caption", {}, "Settings and why"),
         h("thead", {}, h("tr", {}, ["Setting", "Value", "Why"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, settings),

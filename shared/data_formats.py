@@ -482,14 +482,21 @@ def _issue(source: str | None, message: str, fatal: bool = False) -> _Issue:
     return _Issue(f"{source}: {message}" if source else message, fatal)
 
 
-def _lines(stream: _Readable, max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, the line without its newline), or None for a line over the limit, skipped unread."""
+_BLANK_RUN = re.compile(rb"(?:[ \t\r]*\n)+")
+
+
+def _lines(stream: _Readable, max_bytes: int, skip_blank: bool = False) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, the line without its newline), or None for a line over the limit, skipped unread;
+    with `skip_blank`, runs of blank lines are counted in one step and not yielded (a file of them is cheap)."""
     buffer = bytearray()
     number = 0
     skipping = False
     while chunk := stream.read(_CHUNK):
         start = 0
         while True:
+            if skip_blank and not buffer and not skipping and (blank := _BLANK_RUN.match(chunk, start)):
+                number += chunk.count(b"\n", start, blank.end())
+                start = blank.end()
             newline = chunk.find(b"\n", start)
             if newline < 0:
                 if not skipping:
@@ -557,7 +564,7 @@ def _json_error(exc: ValueError) -> str:
 
 
 def _jsonl_records(stream: _Readable, limits: DataLimits) -> Iterator[_Record | _Issue]:
-    for number, raw in _lines(stream, limits.max_line_bytes):
+    for number, raw in _lines(stream, limits.max_line_bytes, skip_blank=True):
         source = f"line {number}"
         if raw is None:
             yield _issue(source, f"line is longer than the limit of {limits.max_line_bytes} bytes")

@@ -11,6 +11,7 @@ import time
 
 from redis import Redis
 from rq import Queue, Worker
+from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -143,12 +144,15 @@ def _wait_for_result(task: Job, timeout_seconds: float, failure: str) -> dict | 
     """Poll a task until it finishes; a failed task becomes an `internal_error`, and a task still waiting
     at the deadline is cancelled and None returned."""
     deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        status = task.get_status(refresh=True)
-        if status == JobStatus.FINISHED:
-            return task.return_value(refresh=True)
-        if status == JobStatus.FAILED:
-            return {"error": {"code": "internal_error", "message": failure, "param": None}}
-        time.sleep(0.05)
-    task.cancel()
+    try:
+        while time.monotonic() < deadline:
+            status = task.get_status(refresh=True)
+            if status == JobStatus.FINISHED:
+                return task.return_value(refresh=True)
+            if status == JobStatus.FAILED:
+                return {"error": {"code": "internal_error", "message": failure, "param": None}}
+            time.sleep(0.05)
+        task.cancel()
+    except InvalidJobOperation:  # its ttl (the timeout) ran out with no worker taking it: RQ deleted it
+        pass
     return None

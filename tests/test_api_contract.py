@@ -3,14 +3,20 @@ the param, never a 500, a traceback or an empty answer; names and uploads that c
 
 from __future__ import annotations
 
+import io
 import threading
-from collections.abc import Iterator
+import time
 
 import httpx
 import pytest
 
-from tests.api_fixtures import ADMIN_KEY, chat_lines, prepared
-from tests.helpers import free_port
+from services.api.errors import APIError
+from services.api.file_ingest import Budgeted
+from shared.data_formats import check_dataset
+from tests.api_fixtures import chat_lines, prepared
+from tests.served_api import client, served_app
+
+served = served_app  # the fixture, for this module's tests
 
 AUTO_SETTINGS = (
     "warmup_ratio",
@@ -199,41 +205,6 @@ def test_upload_api_stores_the_safe_base_name(api):
 # -- 3. completing an upload happens once -------------------------------------------------------------
 
 
-@pytest.fixture
-def served(api_settings, s3_server, bucket_storage) -> Iterator[str]:
-    """The app served by uvicorn on a free port (real sockets, concurrent requests) on the test Redis and a
-    bucket of the moto S3 server; its base URL."""
-    import uvicorn
-
-    from services.api.app import create_app
-
-    settings = api_settings.model_copy(
-        update={
-            "s3_bucket": bucket_storage.bucket,
-            "s3_endpoint_url": s3_server.endpoint_url,
-            "s3_access_key_id": s3_server.access_key_id,
-            "s3_secret_access_key": s3_server.secret_access_key,
-        }
-    )
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped while starting"
-            thread.join(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def client(base_url: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-
-
 def upload_in_parts(http: httpx.Client, data: bytes, n_parts: int) -> tuple[str, list[str]]:
     body = {"filename": "big.jsonl", "purpose": "fine-tune", "bytes": len(data), "mime_type": "text/jsonl"}
     upload_id = http.post("/v1/uploads", json=body).json()["id"]
@@ -291,3 +262,32 @@ def test_completing_a_completed_upload_is_a_400_that_says_so(served):
         assert_openai_error(again, 400, "upload_id")["message"] == f"upload {upload_id} is already completed"
     )
     assert assert_openai_error(cancel, 400, "upload_id")["code"] == "upload_not_pending"
+
+
+# -- 4. validation has a time budget, and blank lines cost next to nothing -------------------------------
+
+
+def test_a_file_of_blank_lines_validates_in_seconds(api):
+    body = b"\n" * (40 * 1024 * 1024) + chat_lines(20) + b"  \r\n" * 1000
+    started = time.monotonic()
+    file = upload(api, body)
+    # Line by line, 40 MB of blank lines took about a minute; counted in runs, they take about a second.
+    assert time.monotonic() - started < 20
+    assert (file["status"], file["n_examples"]) == ("processed", 20)
+
+
+def test_validation_past_its_time_budget_stops_with_a_400_naming_the_file():
+    source = Budgeted(io.BytesIO(chat_lines(20)), seconds=0.0)
+    with pytest.raises(APIError) as stopped:
+        check_dataset(source, filename="train.jsonl")
+    assert (stopped.value.status, stopped.value.param, stopped.value.code) == (
+        400,
+        "file",
+        "validation_timeout",
+    )
+    assert "validating it took longer than 0 s" in stopped.value.message
+
+
+def test_validation_within_its_budget_reads_the_whole_file():
+    check = check_dataset(Budgeted(io.BytesIO(chat_lines(20)), seconds=60.0), filename="train.jsonl")
+    assert (check.ok, check.n_examples) == (True, 20)

@@ -15,7 +15,7 @@ from types import FrameType
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.exceptions import RedisError
 
@@ -31,6 +31,7 @@ from services.api import (
 from services.api.console import install_console
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
+from services.api.openapi import install_openapi
 from shared import janitor, metrics
 from shared.api_keys import KeyStore
 from shared.catalog import load_catalog
@@ -45,6 +46,14 @@ log = logging.getLogger(__name__)
 
 # Room for multipart boundaries and form fields around an upload of the maximum size.
 MULTIPART_OVERHEAD = 64 * 1024
+READINESS_SCHEMA = {
+    "type": "object",
+    "required": ["status", "problems"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+        "problems": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> FastAPI:
@@ -117,13 +126,35 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness: Redis and storage are reachable")
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Readiness: Redis and storage are reachable",
+        responses={
+            200: {"content": {"application/json": {"schema": READINESS_SCHEMA}}},
+            503: {
+                "description": "Redis or storage does not answer; `problems` says which and why",
+                "content": {"application/json": {"schema": READINESS_SCHEMA}},
+            },
+        },
+    )
     async def readyz() -> JSONResponse:
         problems = await run_in_threadpool(_check_dependencies, context)
         status = 503 if problems else 200
         return JSONResponse({"status": "unavailable" if problems else "ok", "problems": problems}, status)
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "The Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics_endpoint() -> Response:
         body = await run_in_threadpool(
             lambda: generate_latest(process_metrics) + generate_latest(state_metrics)
@@ -137,6 +168,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.include_router(routes_usage.router)
     app.include_router(routes_inference.router)
     app.include_router(routes_evaluations.router)
+    install_openapi(app)
     install_console(app)  # /docs, / and the web console (/console)
 
     return app

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.job_states import IllegalTransition
-from shared.storage import StorageError
+from shared.storage import ObjectNotFound, StorageError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -75,11 +75,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, message, "invalid_request", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette lists the methods of the first route matching the path only; a path served by several
+            # routes (GET and POST /v1/files) supports all of theirs.
+            allowed = _methods_of(app, request.url.path)
+            if allowed:
+                headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {
+                    "allow": ", ".join(allowed)
+                }
         return JSONResponse(
             error_body(exc.status_code, str(exc.detail), None, None),
             status_code=exc.status_code,
-            headers=exc.headers,
+            headers=headers,
         )
 
     @app.exception_handler(IllegalTransition)
@@ -90,6 +99,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def redis_unavailable(_: Request, exc: RedisError) -> JSONResponse:
         body = error_body(503, f"the job store is unavailable: {exc}", "redis_unavailable", None)
         return JSONResponse(body, status_code=503, headers={"retry-after": "5"})
+
+    @app.exception_handler(ObjectNotFound)
+    async def object_gone(_: Request, exc: ObjectNotFound) -> JSONResponse:
+        # The record named an object that is gone: deleted by a concurrent request, answered as it would be now.
+        body = error_body(404, f"the object's content no longer exists: {exc}", "object_not_found", None)
+        return JSONResponse(body, status_code=404)
 
     @app.exception_handler(StorageError)
     async def storage_unavailable(_: Request, exc: StorageError) -> JSONResponse:
@@ -154,3 +169,17 @@ def _json_problem(error: dict[str, Any], body: Any) -> str:
     line = body.count("\n", 0, position) + 1
     column = position - body.rfind("\n", 0, position)
     return f"the request body is not valid JSON: {reason} (line {line}, column {column})"
+
+
+def _methods_of(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI document lists for the path: its own if the path is listed as it is (OpenAPI
+    matches concrete paths before templated ones), else those of every template matching it."""
+    paths = app.openapi()["paths"]
+    if path in paths:
+        return sorted(method.upper() for method in paths[path])
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        pattern = re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)

@@ -62,6 +62,7 @@ def _method_of(ctx: Context, tenant: str, model: str) -> tuple[str, str | None]:
     "",
     summary="Evaluate a model on a validation file",
     response_model=Evaluation,
+    responses={404: {"description": "No such model for the caller's organization"}},
     description=(
         "Queues an evaluation of `model` (a catalog chat model, or a fine-tuned model of your organization) "
         "on `validation_file`. A fine-tuned model is scored beside its base model on the same rows (loss, "

@@ -72,7 +72,17 @@ def retrieve_file(
     return file_object(_require_file(ctx, tenant, file_id))
 
 
-@router.get("/{file_id}/content", summary="Download a file's content", response_class=StreamingResponse)
+@router.get(
+    "/{file_id}/content",
+    summary="Download a file's content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The bytes as uploaded (text/csv for .csv files)",
+            "content": {"application/octet-stream": {}, "text/csv": {}},
+        }
+    },
+)
 def file_content(
     file_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> StreamingResponse:

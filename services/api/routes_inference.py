@@ -98,6 +98,7 @@ def _ask_worker(ctx: Context, task_name: str, spec: dict) -> dict:
 @router.post(
     "/chat/completions",
     summary="Create a chat completion (to try a model)",
+    responses={404: {"description": "No such model for the caller's organization"}},
     response_model=ChatCompletion,
     description=(
         "OpenAI's chat completion, answered by an inference worker from a fine-tuned model of your "
@@ -162,6 +163,7 @@ def create_chat_completion(
 @router.post(
     "/classifications",
     summary="Classify texts (to try a classifier)",
+    responses={404: {"description": "No such model for the caller's organization"}},
     response_model=ClassificationList,
     description=(
         "The most probable label of each text with its probability (`score`) and every label's (`scores`), "

@@ -381,7 +381,7 @@ async def list_events(
 ):
     await run_in_threadpool(_require_job, ctx, tenant, job_id)
     header = request.headers.get("last-event-id") if stream else None
-    cursor, param = (header, "Last-Event-ID") if header else (after, "after")
+    cursor, param = (header, "Last-Event-ID") if header else (after or None, "after")
     if cursor is not None and not _is_event_id(cursor):
         raise APIError(
             400, f"{param}: {cursor[:100]!r} is not an event id (ftevent-…, the `id` of an event of this job)",
@@ -393,7 +393,9 @@ async def list_events(
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-    events, has_more = await run_in_threadpool(lambda: ctx.jobs.list_events(job_id, after=after, limit=limit))
+    events, has_more = await run_in_threadpool(
+        lambda: ctx.jobs.list_events(job_id, after=cursor, limit=limit)
+    )
     return list_object(events, has_more)
 
 
@@ -471,6 +473,7 @@ def list_artifacts(
     "/{job_id}/artifacts/archive",
     summary="Download a job's artifacts as one tar archive (streamed)",
     response_class=StreamingResponse,
+    responses={200: {"description": "A tar archive", "content": {"application/x-tar": {}}}},
 )
 def download_artifacts(
     job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)

@@ -71,6 +71,7 @@ def retrieve_model(
     "/{model_id:path}",
     summary="Delete a fine-tuned model (admin keys only)",
     response_model=Deleted,
+    responses={403: {"description": "The API key is not an admin key"}},
     description="Removes the model from the list and deletes its weights (adapter, or a classifier's model and "
     "labels) and tokenizer; the job stays.",
 )

@@ -193,7 +193,9 @@ async def add_part(
     tenant: str = Depends(caller_tenant),
 ) -> dict:
     record = _require_pending(ctx, tenant, upload_id)
-    if data.size is not None and data.size > ctx.settings.max_upload_part_bytes:
+    if not data.size:
+        raise APIError(400, "data: a part must hold at least one byte", code="empty_part", param="data")
+    if data.size > ctx.settings.max_upload_part_bytes:
         raise APIError(
             413, f"a part may hold at most {ctx.settings.max_upload_part_bytes} bytes", param="data"
         )

@@ -15,7 +15,8 @@ from tests.served_api import client, served_app
 
 served = served_app  # the fixture, for this module's tests
 
-# Bounded: a few examples per operation, and a wall-clock budget for each run.
+# Bounded: a few examples per operation, and a wall-clock budget for each run. Every check is on (the
+# config's `[checks] enabled`; `--checks all` would also override the per-operation exception below).
 MAX_EXAMPLES = 10
 # Operations that wait for a worker; none runs here, so they answer their documented 503 (no_worker).
 WORKER_OPERATIONS = (
@@ -30,6 +31,9 @@ WORKER_OPERATIONS = (
 # A part's `data` is any bytes: a "number" or "null" sent as a multipart file is the bytes of its text, not a
 # schema violation to reject.
 CONFIG = """
+[checks]
+enabled = true
+
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "400", "401", "404", "409", "413", "429"]
 
@@ -52,7 +56,7 @@ def schemathesis(base_url: str, folder: Path, config: str, seconds: int, *filter
     (folder / "schemathesis.toml").write_text(config)
     command = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(folder / "schemathesis.toml"), "run",
-        f"{base_url}/openapi.json", "--checks", "all", "--header", f"Authorization: Bearer {ADMIN_KEY}",
+        f"{base_url}/openapi.json", "--header", f"Authorization: Bearer {ADMIN_KEY}",
         "--max-examples", str(MAX_EXAMPLES), "--max-time", str(seconds), "--seed", "13", "--workers", "2",
         "--request-timeout", "30", "--suppress-health-check", "all", *filters,
     ]  # fmt: skip

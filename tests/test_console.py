@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Page, expect
 
 from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
@@ -53,6 +54,8 @@ def test_the_root_and_console_paths_lead_to_the_console_page(api):
 # -- in a real browser --------------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
+AXE = Axe()
+WCAG_AA = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
 BROKEN_FILE = FIXTURES / "broken" / "wrong_role.jsonl"  # line 11: messages[2].role "assitant"
 GOOD_FILE = IDENTITY_CHAT
 
@@ -89,6 +92,13 @@ class Journey:
         if self.shots is not None:
             width = self.page.viewport_size["width"]
             self.page.screenshot(path=self.shots / f"{name}-{width}.png", full_page=True)
+
+    def look(self, name: str) -> None:
+        """Screenshot the page (with --screenshots) and check it against WCAG 2.1 AA with axe-core:
+        labels, contrast, roles, names."""
+        self.screenshot(name)
+        results = AXE.run(self.page, options=WCAG_AA)
+        assert results.violations_count == 0, f"{name}: {results.generate_report()}"
 
     def open(self, hash_path: str) -> None:
         self.page.goto(f"{self.base_url}/console/#/{hash_path}")
@@ -141,22 +151,22 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     # Signing in: the root leads to the sign-in form; a wrong key is refused with a clear message.
     page.goto(journey.base_url)
     expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
-    journey.screenshot("sign-in")
+    journey.look("sign-in")
     page.get_by_label("API key").fill("tun_nobody_wrong-key")
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("alert")).to_contain_text("This API key was not accepted (401")
-    journey.screenshot("sign-in-refused")
+    journey.look("sign-in-refused")
     # Chromium logs the refused request itself as an error; that one was the point of this step.
     assert all("401" in error for error in journey.errors), journey.errors
     journey.errors.clear()
 
     page.get_by_label("API key").fill(ADMIN_KEY)
-    page.get_by_role("button", name="Sign in").click()
+    page.keyboard.press("Enter")  # the form works from the keyboard
     expect(page.get_by_role("heading", name="Jobs", exact=True)).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('tunery.apiKey')") == ADMIN_KEY
     assert ADMIN_KEY not in page.url
     expect(page.get_by_text("No jobs yet")).to_be_visible()
-    journey.screenshot("jobs-empty")
+    journey.look("jobs-empty")
 
     # A broken file: the rejected line is named in a table, with its field and the reason.
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Files").click()
@@ -168,7 +178,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
         ["11", "messages[2].role", re.compile('"assitant" is not one of system, user, assistant, tool')]
     )
     expect(page.get_by_role("alert")).to_contain_text("1 problem found")
-    journey.screenshot("upload-rejected")
+    journey.look("upload-rejected")
 
     # A good file, dropped on the page: its first examples as conversations, and its report.
     drop_file(page, "#dropzone", GOOD_FILE)
@@ -180,7 +190,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(page.locator("#report")).to_contain_text("Characters per example")
     expect(page.locator("#report")).to_contain_text("82 examples")  # the suggested training split of 91
     expect(page.locator("#upload-progress")).to_have_js_property("value", 1)
-    journey.screenshot("upload-preview")
+    journey.look("upload-preview")
 
     # A new job on that file: the catalog's models, and the estimate with the values it chose.
     page.get_by_role("link", name="Fine-tune on this file").click()
@@ -197,7 +207,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(costs.get_by_role("row", name=re.compile("^cpu"))).to_contain_text("$")
     steps = 4 * 41  # 82 training examples, 2 per step, 4 epochs
     expect(page.locator("#estimate-result dt:text-is('Optimizer steps') + dd")).to_have_text(str(steps))
-    journey.screenshot("new-job")
+    journey.look("new-job")
 
     # It trains: the loss chart gains points from the event stream while the job runs.
     page.get_by_role("button", name="Create job").click()
@@ -211,13 +221,13 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     )
     expect(page.locator("#job-stats dt:text-is('Step') + dd")).to_have_text(re.compile(rf"^\d+ of {steps}$"))
     expect(page.locator("#events-log")).to_contain_text(f"/{steps}: training loss=")
-    journey.screenshot("job-training")
+    journey.look("job-training")
 
     # Paused while training, then resumed: it carries on from its checkpoint.
     page.get_by_role("button", name="Pause").click()
     expect(page.locator("#job-status")).to_have_attribute("data-stage", "paused")
     expect(page.get_by_role("button", name="Resume")).to_be_enabled()
-    journey.screenshot("job-paused")
+    journey.look("job-paused")
     page.get_by_role("button", name="Resume").click()
     expect(page.locator("#job-status")).not_to_have_attribute("data-stage", "paused")
 
@@ -231,17 +241,17 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     with tarfile.open(download.value.path()) as archive:
         names = archive.getnames()
     assert any(name.endswith("adapter_model.safetensors") for name in names), names
-    journey.screenshot("job-succeeded")
+    journey.look("job-succeeded")
 
     # The list shows it finished, on a wide screen and on a phone, with nothing wider than the screen.
     journey.open("jobs")
     row = page.get_by_role("row", name=re.compile(job_id))
     expect(row).to_contain_text("succeeded")
     expect(row).to_contain_text(f"{steps}/{steps}")
-    journey.screenshot("jobs")
+    journey.look("jobs")
     journey.open("models")
     expect(page.get_by_role("table")).to_contain_text("tunery/tiny-chat")
-    journey.screenshot("models")
+    journey.look("models")
     page.set_viewport_size({"width": 390, "height": 844})
     for name, shown in [
         ("jobs", "#jobs-table"),
@@ -252,7 +262,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     ]:
         journey.open(name)
         expect(page.locator(shown)).to_be_visible()
-        journey.screenshot("job" if name.startswith("jobs/") else name)
+        journey.look("job" if name.startswith("jobs/") else name)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"#/{name} is {overflow}px wider than a 390px screen"
 

@@ -275,7 +275,7 @@ async function jobPage(jobId, signal) {
     h("figcaption", {}, h("strong", {}, "Loss"), " ", h("span", { class: "chart-summary", "aria-live": "polite" })),
     h("div", { class: "chart-canvas", "aria-hidden": "true" }),
   );
-  const log = h("ol", { class: "events", id: "events-log", role: "log", "aria-label": "Job events, newest first" });
+  const log = h("ol", { class: "events", id: "events-log" });
   append(header, status);
   append(
     view(),
@@ -284,7 +284,13 @@ async function jobPage(jobId, signal) {
     stats,
     outcome,
     figure,
-    h("section", { class: "card" }, h("h2", {}, "Events"), log),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "events-heading" },
+      h("h2", { id: "events-heading" }, "Events"),
+      // A scrolling region: focusable, so keyboard users can scroll it; a log, newest first.
+      h("div", { class: "events-scroll", role: "log", tabindex: "0", "aria-label": "Job events, newest first" }, log),
+    ),
   );
   const chart = new LossChart(figure);
   signal.addEventListener("abort", () => chart.destroy());

@@ -25,7 +25,7 @@ from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
-from rq import Worker
+from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
@@ -51,9 +51,27 @@ OUTCOMES = {
 }
 
 
-class PreemptibleWorker(Worker):
+class TuneryWorker(BaseWorker):
+    """What every Tunery worker has: its settings, its /metrics server, and a stop that takes a second."""
+
     settings: Settings
     metrics_server: WSGIServer | None = None
+
+    def subscribe(self) -> None:
+        """As RQ's, with a listener that polls every second rather than every minute: redis-py's
+        `PubSubWorkerThread.stop()` waits for the poll to end, which held every stop for up to 60 s."""
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+
+class InProcessWorker(TuneryWorker, SimpleWorker):
+    """Runs each task in the worker process itself (RQ's SimpleWorker), so what a task loads stays loaded."""
+
+
+class PreemptibleWorker(TuneryWorker, Worker):
     # The horse this worker itself killed at the end of a stop grace: a fault of the platform, not the job's.
     killed_on_stop: int | None = None
 
@@ -123,9 +141,9 @@ def run_worker(
     queue_names: list[str],
     metrics_port: int,
     multiprocess_dir: Path | None,
-    worker_class: type[BaseWorker] = PreemptibleWorker,
+    worker_class: type[TuneryWorker] = PreemptibleWorker,
 ) -> None:
-    """Serve `queue_names` until stopped. With `worker_class` RQ's SimpleWorker, tasks run in this process
+    """Serve `queue_names` until stopped. With `worker_class` InProcessWorker, tasks run in this process
     instead of a forked work horse, which is what keeps the inference worker's models loaded between them."""
     metrics_server, _ = start_http_server(
         metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir)

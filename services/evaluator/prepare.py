@@ -46,6 +46,7 @@ from shared.model_loading import generation_eos_ids
 from shared.preference_data import PreferencePair, tokenize_pairs, tokenize_preferences
 from shared.queue import enqueue_training
 from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
+from shared.redis_connection import connect_redis
 from shared.runtime import connect
 from shared.settings import Settings, get_settings
 from shared.splits import holdout_split
@@ -415,7 +416,7 @@ def prepare_job(job_id: str, settings: Settings | None = None) -> str:
 def estimate_request(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
     """RQ entry point for POST /v1/fine_tuning/jobs/estimate: plans without creating anything."""
     settings = settings or get_settings()
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = connect_redis(settings.effective_redis_url, settings.redis_outage_seconds)
     job_spec = JobSpec(**{**spec, "lora": LoraSettings(**spec["lora"])})
     try:
         hp, estimate = plan(settings, redis, job_spec)
@@ -432,7 +433,7 @@ def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict
     from transformers import AutoTokenizer
 
     settings = settings or get_settings()
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = connect_redis(settings.effective_redis_url, settings.redis_outage_seconds)
     entry = load_catalog(settings).get(spec["model"])
     file = FileStore(redis).get(spec["file_id"], spec["tenant"])
     if entry is None or file is None:

@@ -1,13 +1,11 @@
 """The inference process: an RQ worker on the `inference` queue that answers smoke-test chat completions
 and classifications.
 
-Unlike the trainer and the evaluator it does not fork a work horse per task (RQ's SimpleWorker): tasks run
+Unlike the trainer and the evaluator it does not fork a work horse per task (shared.worker.InProcessWorker): tasks run
 in this process, so the models they load stay in memory for the next request.
 """
 
 from pathlib import Path
-
-from rq import SimpleWorker
 
 from shared import worker
 from shared.queue import INFERENCE_QUEUE
@@ -28,5 +26,5 @@ def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
         [INFERENCE_QUEUE],
         settings.inference_metrics_port,
         multiprocess_dir,
-        worker_class=SimpleWorker,
+        worker_class=worker.InProcessWorker,
     )

@@ -341,7 +341,7 @@ async function jobPage(jobId, signal) {
     status.dataset.stage = job.stage;
     renderControls();
     const p = job.progress || {};
-    const remaining = job.estimated_finish && !TERMINAL.has(job.stage) ? job.estimated_finish - Date.now() / 1000 : null;
+    const remaining = job.estimated_finish && job.stage === "running" ? job.estimated_finish - Date.now() / 1000 : null;
     const estimate = job.estimate?.gpu_classes?.[job.gpu_class];
     const items = [
       ["Step", p.total_steps ? `${p.step} of ${p.total_steps}` : "—"],

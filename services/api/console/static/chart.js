@@ -4,6 +4,7 @@ import uPlot from "./vendor/uplot/uPlot.esm.js";
 
 const TRAIN_COLOUR = "#1f5fbf";
 const VALID_COLOUR = "#b3261e";
+const STEP_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
 
 export class LossChart {
   constructor(figure) {
@@ -17,7 +18,8 @@ export class LossChart {
       height: 260,
       scales: { x: { time: false } },
       axes: [
-        { label: "step", stroke: "#333", grid: { stroke: "#e3e3e3" } },
+        // Steps are whole numbers: no ticks between them.
+        { label: "step", stroke: "#333", grid: { stroke: "#e3e3e3" }, incrs: STEP_TICKS },
         { label: "loss", stroke: "#333", grid: { stroke: "#e3e3e3" }, size: 60 },
       ],
       series: [

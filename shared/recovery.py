@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from redis import Redis
 
+from shared.cancel import withdraw_if_cancelled
 from shared.evaluation_store import EvaluationStore
 from shared.job_states import JobState
 from shared.job_store import JobNotFound, JobStore, StaleAttempt
@@ -100,6 +101,7 @@ def requeue_as_new_attempt(
     enqueue_training(
         redis, record.id, next_attempt, record.gpu_class, settings.train_timeout_seconds, record.num_nodes
     )
+    withdraw_if_cancelled(jobs, redis, record.id)
     return queued
 
 
@@ -126,6 +128,7 @@ def requeue_lost_queued_task(
     enqueue_training(
         redis, record.id, next_attempt, record.gpu_class, settings.train_timeout_seconds, record.num_nodes
     )
+    withdraw_if_cancelled(jobs, redis, record.id)
 
 
 def _retry_training(
@@ -176,6 +179,7 @@ def _retry_evaluation(
     budget = _budget_left(settings, record, infrastructure)
     jobs.add_event(job_id, f"The evaluation process died ({reason}); evaluating again{budget}", level="warn")
     enqueue_evaluation(redis, job_id, attempt, settings.eval_timeout_seconds)
+    withdraw_if_cancelled(jobs, redis, job_id)
 
 
 def _exhausted(
@@ -239,6 +243,7 @@ def _recover_preparation(
     if infrastructure or reason == "signal 15":
         jobs.add_event(job_id, f"Data preparation was interrupted ({reason}); queued again", level="warn")
         enqueue_preparation(redis, job_id, int(settings.estimate_timeout_seconds) * 10)
+        withdraw_if_cancelled(jobs, redis, job_id)
         return
     message = f"The data preparation process died ({reason}); {KILLED_HINT}"
     try:

@@ -196,26 +196,41 @@ models:
 
 
 @pytest.fixture
-def live(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage):
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
-    env = live_env(
-        tmp_path,
-        redis_url,
-        {
-            "TUNERY_MODEL_CATALOG": str(catalog),
-            "TUNERY_S3_BUCKET": bucket_storage.bucket,
-            "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
-            "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
-            "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        },
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
-    try:
+def live_factory(tmp_path: Path, s3_server, bucket_storage: S3Storage):
+    """Starts a live Tunery (API, trainer, evaluator) on a Redis of the test's choice and the S3 server, with
+    extra settings; every one started is stopped after the test."""
+    started: list[LiveTunery] = []
+
+    def start(redis_url: str, extra: dict[str, str] | None = None) -> LiveTunery:
+        catalog = tmp_path / "catalog.yaml"
+        catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
+        env = live_env(
+            tmp_path,
+            redis_url,
+            {
+                "TUNERY_MODEL_CATALOG": str(catalog),
+                "TUNERY_S3_BUCKET": bucket_storage.bucket,
+                "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
+                "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
+                "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+                **(extra or {}),
+            },
+        )
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
+        started.append(tunery)
         for service in ("api", "trainer", "evaluator"):
             tunery.start(service)
-        yield tunery
+        return tunery
+
+    try:
+        yield start
     finally:
-        tunery.stop()
+        for tunery in started:
+            tunery.stop()
+
+
+@pytest.fixture
+def live(live_factory, redis_url: str) -> LiveTunery:
+    return live_factory(redis_url)

@@ -85,3 +85,33 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=timeout)
+
+
+class RedisProcess:
+    """A redis-server of a test's own, to kill and bring back on the same port with its append-only file
+    (written with every command, as `tunery up` runs it)."""
+
+    def __init__(self, directory: Path):
+        self.port = free_port()
+        self.dir = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(self.port), 30, f"redis-server on {self.port}", self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, as in a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)

@@ -29,6 +29,7 @@ from services.trainer.loop import StepMetrics, StopAction
 from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared import metrics, storage_keys
 from shared.calibration import record_throughput
+from shared.cancel import withdraw_if_cancelled
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import ChatTemplateError, DataError, read_chat_examples
 from shared.classification_data import LABELS_FILE
@@ -449,6 +450,7 @@ class TrainingRun:
             expected_attempt=attempt, mutate=finish_training,
         )  # fmt: skip
         enqueue_evaluation(self.redis, self.job_id, attempt, self.settings.eval_timeout_seconds)
+        withdraw_if_cancelled(self.jobs, self.redis, self.job_id)
 
     def _record_checkpoint(self, result: RecipeResult, artifacts: dict[str, str]) -> None:
         """The final adapter (or model), listed as OpenAI lists a job's checkpoints."""

@@ -1,9 +1,12 @@
-"""/v1/files: upload (validated in the same streaming pass that stores it), list, retrieve, delete."""
+"""/v1/files: upload (validated in a worker process, then stored), list, retrieve, delete."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -19,6 +22,8 @@ from shared.queue import TOKEN_REPORT_TASK, run_estimate
 from shared.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+
+COPY_CHUNK_BYTES = 1024 * 1024
 
 
 @router.post("", summary="Upload a file", response_model=FileObject)
@@ -41,8 +46,20 @@ async def create_file(
     if format is not None and format not in FORMATS:
         raise APIError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
     name = safe_filename(file.filename)
-    record = await run_in_threadpool(ingest, ctx, tenant, file.file, name, purpose, format)
+    record = await run_in_threadpool(_ingest_form_file, ctx, tenant, file.file, name, purpose, format)
     return file_object(record)
+
+
+def _ingest_form_file(
+    ctx: Context, tenant: str, source: BinaryIO, name: str, purpose: str, format: str | None
+) -> FileRecord:
+    """Ingest the form's copy of the file; it has no name that a validation process could open, so it is
+    copied to a file that has one."""
+    with tempfile.NamedTemporaryFile() as local:
+        source.seek(0)
+        shutil.copyfileobj(source, local, COPY_CHUNK_BYTES)
+        local.flush()
+        return ingest(ctx, tenant, Path(local.name), name, purpose, format)
 
 
 @router.get("", summary="List files", response_model=FileList)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, UploadFile
@@ -243,12 +244,14 @@ def _complete(ctx: Context, record: UploadRecord, part_ids: list[str]) -> Upload
             param="part_ids",
         )
 
-    # The parts, in the client's order, into one local file: validation needs to read it twice.
-    with tempfile.TemporaryFile() as assembled:
+    # The parts, in the client's order, into one local file with a name: a validation process reads it, then
+    # it is stored.
+    with tempfile.NamedTemporaryFile() as assembled:
         for part_id in part_ids:
             for chunk in ctx.storage.iter_chunks(parts[part_id].storage_key):
                 assembled.write(chunk)
-        file = ingest(ctx, record.tenant, assembled, record.filename, record.purpose)
+        assembled.flush()
+        file = ingest(ctx, record.tenant, Path(assembled.name), record.filename, record.purpose)
     for part in record.parts:
         ctx.storage.delete(part.storage_key)
     record.status = "completed"

@@ -222,6 +222,11 @@ def run_up(settings: Settings) -> int:
         port = getattr(settings, setting) if setting in settings.model_fields_set else free_port()
         env[f"TUNERY_{name.upper()}_METRICS_PORT"] = str(port)
 
+    if port_open(settings.api_host, settings.api_port):
+        raise SupervisorError(
+            f"{settings.api_host}:{settings.api_port} is already in use (another Tunery?); "
+            "start this one with --port and its own --data-dir"
+        )
     redis = None
     children: list[Child] = []
     exit_code = 0

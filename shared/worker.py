@@ -1,7 +1,9 @@
 """The RQ worker both the trainer and the evaluator run.
 
-RQ forks a work horse per task. The parent never imports torch (so CUDA is never initialised
-before a fork); tasks import it. On SIGTERM RQ would wait for the task to finish (hours) and then
+RQ forks a work horse per task. The parent imports the task modules (torch, transformers, peft) once
+before it serves, so that a horse starts at once instead of spending seconds on imports for every
+task; it never runs a tensor operation (the OpenMP pool is not started before a fork) and never
+initialises CUDA (availability checks go through NVML). On SIGTERM RQ would wait for the task to finish (hours) and then
 be SIGKILLed by Kubernetes, so this worker passes the signal on to the work horse, whose task
 stops at its next step, saves a checkpoint and hands its job back to the queue. A horse still busy
 after TUNERY_STOP_GRACE_SECONDS is killed: its job then carries on from its previous checkpoint.
@@ -15,12 +17,14 @@ commands ride out a Redis restart (shared.redis_connection) instead of crashing 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -142,9 +146,15 @@ def run_worker(
     metrics_port: int,
     multiprocess_dir: Path | None,
     worker_class: type[TuneryWorker] = PreemptibleWorker,
+    preload: Sequence[str] = (),
 ) -> None:
-    """Serve `queue_names` until stopped. With `worker_class` InProcessWorker, tasks run in this process
-    instead of a forked work horse, which is what keeps the inference worker's models loaded between them."""
+    """Serve `queue_names` until stopped, with the task modules `preload` imported first. With
+    `worker_class` InProcessWorker, tasks run in this process instead of a forked work horse, which is
+    what keeps the inference worker's models loaded between them."""
+    # torch.cuda.is_available() through NVML: the CUDA driver must not be initialised before a fork.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    for module in preload:
+        importlib.import_module(module)
     metrics_server, _ = start_http_server(
         metrics_port, addr=settings.metrics_host, registry=metrics.registry(multiprocess_dir)
     )

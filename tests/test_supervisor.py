@@ -115,6 +115,18 @@ def test_a_sigkilled_redis_comes_back_on_its_port_with_every_acknowledged_write(
         stack.child(name)  # every service still there
 
 
+def test_a_stack_on_a_port_in_use_says_so_instead_of_starting(stack: Stack, tmp_path: Path):
+    port = stack.base_url.rsplit(":", 1)[1]
+    refused = subprocess.run(
+        [sys.executable, "-m", "cli", "up", "--port", port, "--data-dir", str(tmp_path / "data")],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("TUNERY_")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert f"127.0.0.1:{port} is already in use (another Tunery?)" in refused.stderr
+    assert not (tmp_path / "data" / "redis").exists()
+
+
 def test_a_second_stack_runs_beside_the_first_and_ctrl_c_stops_it_in_seconds_ending_event_streams(
     stack: Stack, tmp_path: Path
 ):

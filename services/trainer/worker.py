@@ -20,4 +20,5 @@ def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
         [train_queue_name(settings.gpu_class, settings.trainer_nodes)],
         settings.trainer_metrics_port,
         multiprocess_dir,
+        preload=["services.trainer.task"],
     )

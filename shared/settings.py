@@ -5,12 +5,13 @@ No other module reads the environment: services receive a `Settings` object.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.cpus import usable_cpus
 
 
 class Settings(BaseSettings):
@@ -42,7 +43,7 @@ class Settings(BaseSettings):
     gpu_class: str = "cpu"
     # How long the API waits for a worker to compute an estimate.
     estimate_timeout_seconds: float = 120.0
-    # Threads for CPU training; 0 means one per core.
+    # Threads for CPU training; 0 means one per CPU this process may use (affinity and cgroup quota).
     torch_threads: int = 0
 
     # For the CLI's `status` and `logs`: the key to use (else <data_dir>/api-key from `tunery up`).
@@ -146,7 +147,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_torch_threads(self) -> int:
-        return self.torch_threads or os.cpu_count() or 1
+        return self.torch_threads or usable_cpus()
 
 
 @lru_cache(maxsize=1)

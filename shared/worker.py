@@ -153,6 +153,8 @@ def run_worker(
     what keeps the inference worker's models loaded between them."""
     # torch.cuda.is_available() through NVML: the CUDA driver must not be initialised before a fork.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    # Thread pools sized by the CPUs this process may use, not the host's (set before torch is imported).
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.resolved_torch_threads))
     for module in preload:
         importlib.import_module(module)
     metrics_server, _ = start_http_server(

@@ -13,13 +13,6 @@ from shared.settings import Settings
 
 
 def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
-    import torch
-
-    # Imported now, not on the first request: torch and transformers take seconds to import.
-    import services.inference.task  # noqa: F401
-
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
     worker.run_worker(
         settings,
         "inference",
@@ -27,4 +20,6 @@ def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:
         settings.inference_metrics_port,
         multiprocess_dir,
         worker_class=worker.InProcessWorker,
+        # Imported now, not on the first request: torch and transformers take seconds to import.
+        preload=["services.inference.task"],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import httpx
 import pytest
@@ -288,3 +289,36 @@ def test_validation_past_its_time_budget_stops_with_a_400_naming_the_file(api, m
 def test_validation_within_its_budget_reads_the_whole_file():
     check = check_dataset(Budgeted(io.BytesIO(chat_lines(20)), seconds=60.0), filename="train.jsonl")
     assert (check.ok, check.n_examples) == (True, 20)
+
+
+def test_the_api_answers_other_clients_while_a_large_upload_is_validated(served):
+    # About 10 MB of chat rows: seconds of validation. Were it done on the event loop (or holding it), the
+    # loop would stop answering for most of the upload; done in a worker process, /healthz keeps answering.
+    n_rows = 100_000
+    body = chat_lines(n_rows)
+    answer: list[httpx.Response] = []
+
+    def send() -> None:
+        with client(served) as http:
+            answer.append(
+                http.post("/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"})
+            )
+
+    uploader = threading.Thread(target=send)
+    started = time.monotonic()
+    uploader.start()
+    slowest = 0.0
+    answers = 0
+    with httpx.Client(base_url=served, timeout=30) as http:
+        while uploader.is_alive():
+            asked = time.monotonic()
+            assert http.get("/healthz").status_code == 200
+            slowest = max(slowest, time.monotonic() - asked)
+            answers += 1
+            uploader.join(0.05)  # a client now and then, not a flood competing for this process's cores
+    took = time.monotonic() - started
+    assert answer[0].status_code == 200, answer[0].text
+    assert (answer[0].json()["status"], answer[0].json()["n_examples"]) == ("processed", n_rows)
+    # Relative, so that a slow or loaded machine does not matter: no answer waited for a large part of it.
+    assert slowest < took / 4, f"/healthz took {slowest:.2f} s once during a {took:.2f} s upload"
+    assert answers >= 10

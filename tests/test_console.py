@@ -144,8 +144,35 @@ def drop_file(page: Page, selector: str, path: Path) -> None:
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
+def grouped_validation_file(folder: Path) -> Path:
+    """A small validation file whose rows carry a `group` (two registers of the same questions)."""
+    path = folder / "grouped_validation.jsonl"
+    rows = [json.loads(line) for line in GOOD_FILE.read_text().splitlines()[:16]]
+    path.write_text(
+        "".join(
+            json.dumps({**row, "group": ("casual", "formal")[i % 2]}) + "\n" for i, row in enumerate(rows)
+        )
+    )
+    return path
+
+
+def choose_option(page: Page, label: str, text: str) -> None:
+    """Pick the option of a select whose text contains `text`."""
+    select = page.get_by_label(label)
+    expect(select.locator("option", has_text=text)).to_have_count(1)
+    select.select_option(select.locator("option", has_text=text).get_attribute("value"))
+
+
+def tuned_is_worse(group: dict, main: str) -> bool:
+    return (
+        group["fine_tuned"]["loss"] > group["base"]["loss"] or group["fine_tuned"][main] < group["base"][main]
+    )
+
+
 @pytest.mark.slow
-def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(journey: Journey):
+def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
+    journey: Journey, live: LiveTunery, tmp_path: Path
+):
     page = journey.page
 
     # Signing in: the root leads to the sign-in form; a wrong key is refused with a clear message.
@@ -213,6 +240,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     page.get_by_role("button", name="Create job").click()
     expect(page.get_by_role("heading", name=re.compile(r"^Job ftjob-"))).to_be_visible()
     job_id = page.url.rsplit("/", 1)[-1]
+    live.start("inference", wait=False)  # for the playground, later; it loads models when asked
     chart = page.locator("#loss-chart")
     expect(chart).to_have_attribute("data-points", re.compile(r"^[1-9]\d*$"), timeout=180_000)
     plotted = int(chart.get_attribute("data-points"))
@@ -240,8 +268,125 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
         page.get_by_role("button", name="Download artifacts (.tar)").click()
     with tarfile.open(download.value.path()) as archive:
         names = archive.getnames()
+        generations = [
+            json.loads(line) for line in archive.extractfile("generations.jsonl").read().splitlines()
+        ]
     assert any(name.endswith("adapter_model.safetensors") for name in names), names
     journey.look("job-succeeded")
+
+    # Evaluation: base against tuned on every metric, and each generated reply beside its reference.
+    page.get_by_role("tab", name="Evaluation").click()
+    metrics = page.get_by_role("table", name="Base and tuned model")
+    expect(metrics.get_by_role("row", name=re.compile("^Loss"))).to_be_visible()
+    expect(page.locator("#verdict")).to_contain_text("Verdict:")
+    expect(page.locator("#groups")).to_contain_text("carry no group field")
+    replies = page.get_by_role("article", name=re.compile(r"^Generated reply"))
+    expect(replies).to_have_count(min(12, len(generations)))
+    first_reply = page.get_by_role("article", name="Generated reply 1")
+    for text in (generations[0]["reference"], generations[0]["base"], generations[0]["fine_tuned"]):
+        expect(first_reply).to_contain_text(text.strip()[:60])
+    assert page.url.endswith("?tab=evaluation")
+    journey.look("job-evaluation")
+
+    # The playground: one prompt to the base and the tuned model at once, the answers side by side.
+    page.get_by_role("tab", name="Playground").click()
+    page.get_by_label("Prompt").fill("Who are you?")
+    page.get_by_role("button", name="Ask").click()
+    tuned_model = f"ft:tunery/tiny-chat:org-default::{job_id}"
+    with live.client() as client:
+        expected = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": tuned_model,
+                "messages": [{"role": "user", "content": "Who are you?"}],
+                "max_tokens": 64,
+                "temperature": 0,
+            },
+            timeout=120,
+        ).json()["choices"][0]["message"]["content"]
+    for name in ("Base model's answer", "Tuned model's answer"):
+        expect(page.get_by_role("article", name=name)).not_to_have_attribute(
+            "aria-busy", "true", timeout=120_000
+        )
+        expect(page.get_by_role("article", name=name).locator(".answer-text")).to_be_visible()
+    expect(page.get_by_role("article", name="Tuned model's answer").locator(".answer-text")).to_have_text(
+        expected.strip()
+    )
+    expect(page.locator("#checkpoint-note")).to_contain_text("cannot be asked yet")
+    journey.look("job-playground")
+
+    # Export: the adapter alone, cut out of the archive; the model card; no merged model was asked for.
+    page.get_by_role("tab", name="Export").click()
+    expect(page.locator("#model-card pre")).to_contain_text(job_id)
+    expect(page.locator("#merged-note")).to_contain_text("export_merged")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download adapter (.tar)").click()
+    with tarfile.open(download.value.path()) as archive:
+        adapter_names = archive.getnames()
+    assert adapter_names and all(name.startswith("adapter/") for name in adapter_names), adapter_names
+    assert "adapter/adapter_model.safetensors" in adapter_names
+    journey.look("job-export")
+
+    # A second, short job with a cost budget, on a validation file whose rows carry groups.
+    journey.open("files")
+    page.get_by_label("Choose a file").set_input_files(grouped_validation_file(tmp_path))
+    expect(page.get_by_role("heading", name="grouped_validation.jsonl is ready")).to_be_visible()
+    journey.open("new")
+    choose_option(page, "Training file", GOOD_FILE.name)
+    choose_option(page, "Validation file", "grouped_validation.jsonl")
+    page.get_by_label("Epochs").fill("1")
+    page.get_by_label("Batch size").fill("16")
+    page.get_by_label("Learning-rate multiplier").fill("2")
+    page.get_by_text("Advanced: budget, learning-rate sweep, export").click()
+    page.get_by_label("Max cost (USD)").fill("5")
+    second_settings = page.get_by_role("table", name="Settings and why")
+    expect(second_settings.get_by_role("row", name=re.compile("^batch size"))).to_contain_text("16")
+    expect(second_settings.get_by_role("row", name=re.compile("^learning rate multiplier"))).to_contain_text(
+        "2"
+    )
+    second_steps = page.locator("#estimate-result dt:text-is('Optimizer steps') + dd").inner_text()
+    journey.look("new-job-advanced")
+    page.get_by_role("button", name="Create job").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Job ftjob-"))).not_to_have_text(f"Job {job_id}")
+    second_id = page.url.rsplit("/", 1)[-1]
+    expect(page.locator("#job-stats dt:text-is('Budget') + dd")).to_have_text("at most $5.00")
+    expect(page.locator("#job-status")).to_have_attribute("data-stage", "succeeded", timeout=300_000)
+    expect(page.locator("#job-stats dt:text-is('Cost so far') + dd")).to_contain_text("of $5.00")
+
+    # Its evaluation per group: the groups where the tuned model does worse than the base are marked.
+    with live.client() as client:
+        evaluation = client.get(f"/v1/fine_tuning/jobs/{second_id}").json()["evaluation"]
+    main = evaluation["generation"]["main_metric"]
+    groups = evaluation["by_group"]["groups"]
+    worse = sorted(name for name, group in groups.items() if tuned_is_worse(group, main))
+    page.get_by_role("tab", name="Evaluation").click()
+    table = page.get_by_role("table", name="By group")
+    expect(table.get_by_role("row")).to_have_count(1 + len(groups))
+    expect(table.locator("tr.worse")).to_have_count(len(worse))
+    if worse:
+        expect(page.locator("#groups")).to_contain_text(
+            f"worse than the base for group{'s' if len(worse) > 1 else ''} {', '.join(worse)}"
+        )
+    journey.look("job-groups")
+
+    # Compare: both jobs ticked on the list, their curves on one chart and what differs in their settings.
+    journey.open("jobs")
+    expect(page.get_by_role("button", name="Compare selected")).to_be_disabled()
+    for job in (job_id, second_id):
+        page.get_by_role("checkbox", name=f"Compare {job}").check()
+    page.get_by_role("button", name="Compare 2 jobs").click()
+    expect(page.get_by_role("heading", name="Compare jobs")).to_be_visible()
+    expect(page.locator("#compare-chart")).to_have_attribute("data-series", "2")
+    settings = page.get_by_role("table", name="Settings of the compared jobs")
+    for differing in ("Epochs", "Batch size", "Learning-rate multiplier", "Validation file", "Budget"):
+        expect(settings.locator(f"tr[data-setting='{differing}']")).to_have_class("differs")
+    for same in ("Model", "Method", "Training file"):
+        expect(settings.locator(f"tr[data-setting='{same}']")).not_to_have_class("differs")
+    figures = page.get_by_role("table", name="Evaluation figures of the compared jobs")
+    expect(figures.get_by_role("row", name=re.compile("^Steps"))).to_contain_text(f"{steps}")
+    expect(figures.get_by_role("row", name=re.compile("^Steps"))).to_contain_text(second_steps)
+    journey.look("compare")
+    compare_path = page.url.split("#/", 1)[1]
 
     # The list shows it finished, on a wide screen and on a phone, with nothing wider than the screen.
     journey.open("jobs")
@@ -253,16 +398,20 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(page.get_by_role("table")).to_contain_text("tunery/tiny-chat")
     journey.look("models")
     page.set_viewport_size({"width": 390, "height": 844})
-    for name, shown in [
-        ("jobs", "#jobs-table"),
-        (f"jobs/{job_id}", f"#loss-chart[data-points='{steps}']"),
-        ("files", "#files-table"),
-        ("new", "#estimate-result"),
-        ("models", "#models-table"),
+    for shot, name, shown in [
+        ("jobs", "jobs", "#jobs-table"),
+        ("job", f"jobs/{job_id}", f"#loss-chart[data-points='{steps}']"),
+        ("files", "files", "#files-table"),
+        ("new", "new", "#estimate-result"),
+        ("models", "models", "#models-table"),
+        ("compare", compare_path, "#compare-chart[data-series='2']"),
+        ("job-groups", f"jobs/{second_id}?tab=evaluation", "#group-metrics"),
+        ("job-playground", f"jobs/{job_id}?tab=playground", "#playground"),
+        ("job-export", f"jobs/{job_id}?tab=export", "#model-card pre"),
     ]:
         journey.open(name)
         expect(page.locator(shown)).to_be_visible()
-        journey.look("job" if name.startswith("jobs/") else name)
+        journey.look(shot)
         overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"#/{name} is {overflow}px wider than a 390px screen"
 

@@ -1,7 +1,11 @@
 // The Tunery console: a small single-page app on the public REST API (see api.js). Pages are routed by
-// the URL's hash (#/jobs, #/jobs/<id>, #/files, #/files/<id>, #/new, #/models, #/signin).
+// the URL's hash (#/jobs, #/jobs/<id>?tab=…, #/compare?jobs=a,b, #/files, #/files/<id>, #/new, #/models,
+// #/signin). The job page's evaluation, playground and export tabs are in job-tabs.js.
 import * as api from "./api.js";
-import { LossChart } from "./chart.js";
+import { CompareChart, LossChart } from "./chart.js";
+import { announce, append, errorBox, h, replace, tableWrap } from "./dom.js";
+import { evaluationPanel, exportPanel, playgroundPanel, sweepTable } from "./job-tabs.js";
+import { readTar } from "./tar.js";
 import {
   asConversation,
   firstExamples,
@@ -13,50 +17,13 @@ import {
   parseProblems,
 } from "./data.js";
 
-// -- DOM helpers ------------------------------------------------------------------------------------
-
-function h(tag, props, ...children) {
-  const el = document.createElement(tag);
-  for (const [name, value] of Object.entries(props || {})) {
-    if (value == null || value === false) continue;
-    if (name === "class") el.className = value;
-    else if (name === "dataset") Object.assign(el.dataset, value);
-    else if (name.startsWith("on")) el.addEventListener(name.slice(2), value);
-    else if (name === "value" || name === "checked") el[name] = value;
-    else el.setAttribute(name, value === true ? "" : String(value));
-  }
-  append(el, children);
-  return el;
-}
-
-function append(el, ...children) {
-  for (const child of children.flat(Infinity)) {
-    if (child == null || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
-
-function replace(el, ...children) {
-  el.replaceChildren();
-  return append(el, children);
-}
+// -- small helpers ----------------------------------------------------------------------------------
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const TASK_OF_METHOD = { supervised: "chat", dpo: "preference", classification: "classification" };
 
 function stageBadge(stage) {
   return h("span", { class: `badge badge-${stage}` }, stage.replaceAll("_", " "));
-}
-
-function errorBox(error) {
-  const text = error instanceof Error ? error.message : String(error);
-  return h("p", { class: "notice notice-error", role: "alert" }, text);
-}
-
-function tableWrap(table) {
-  // Wide tables scroll sideways on narrow screens instead of widening the page.
-  return h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": table.caption?.textContent || "table" }, table);
 }
 
 function sleep(ms, signal) {
@@ -67,11 +34,6 @@ function sleep(ms, signal) {
       resolve();
     });
   });
-}
-
-const announcer = () => document.getElementById("announcer");
-function announce(text) {
-  announcer().textContent = text;
 }
 
 // -- routing ----------------------------------------------------------------------------------------
@@ -94,14 +56,15 @@ function route() {
   document.body.classList.toggle("signed-in", Boolean(api.apiKey()));
   const pages = {
     signin: () => signInPage(signal),
-    jobs: () => (parts[1] ? jobPage(decodeURIComponent(parts[1]), signal) : jobsPage(signal)),
+    jobs: () => (parts[1] ? jobPage(decodeURIComponent(parts[1]), params, signal) : jobsPage(signal)),
+    compare: () => comparePage(params, signal),
     files: () => (parts[1] ? filePage(decodeURIComponent(parts[1]), signal) : filesPage(signal)),
     new: () => newJobPage(params, signal),
     models: () => modelsPage(signal),
   };
   const page = pages[parts[0]] || pages.jobs;
   for (const link of document.querySelectorAll("#nav a")) {
-    const active = link.getAttribute("href") === `#/${parts[0] || "jobs"}`;
+    const active = link.getAttribute("href") === `#/${parts[0] === "compare" ? "jobs" : parts[0] || "jobs"}`;
     if (active) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
@@ -202,8 +165,23 @@ function progressCell(job) {
   );
 }
 
+// The jobs ticked for comparison: kept across the list's refreshes (and visits) in this tab.
+const compareSelection = new Set();
+
 async function jobsPage(signal) {
-  heading("Jobs", h("a", { href: "#/new", class: "button primary" }, "New job"));
+  const compareButton = h("button", { type: "button", id: "compare-selected", disabled: true, "aria-describedby": "compare-hint" }, "Compare selected");
+  const compareHint = h("span", { id: "compare-hint", class: "hint" });
+  const updateCompare = () => {
+    const n = compareSelection.size;
+    compareButton.disabled = n < 2;
+    compareButton.textContent = n >= 2 ? `Compare ${n} jobs` : "Compare selected";
+    compareHint.textContent = n >= 2 ? "" : `Tick two or more jobs to compare them (${n} ticked).`;
+  };
+  compareButton.addEventListener("click", () => {
+    location.hash = `#/compare?jobs=${[...compareSelection].map(encodeURIComponent).join(",")}`;
+  });
+  updateCompare();
+  heading("Jobs", h("div", { class: "header-actions" }, compareHint, compareButton, h("a", { href: "#/new", class: "button primary" }, "New job")));
   const usage = h("section", { class: "glance", "aria-label": "At a glance" });
   const holder = h("div");
   append(view(), usage, holder);
@@ -232,10 +210,27 @@ async function jobsPage(signal) {
     if (!jobs.data.length) {
       replace(holder, h("p", { class: "empty" }, "No jobs yet. ", h("a", { href: "#/files" }, "Upload a dataset"), ", then create a job."));
     } else {
+      const known = new Set(jobs.data.map((job) => job.id));
+      for (const id of compareSelection) if (!known.has(id)) compareSelection.delete(id);
+      updateCompare();
       const rows = jobs.data.map((job) =>
         h(
           "tr",
           {},
+          h(
+            "td",
+            { "data-label": "Compare", class: "pick" },
+            h("input", {
+              type: "checkbox",
+              "aria-label": `Compare ${job.id}`,
+              checked: compareSelection.has(job.id),
+              onchange: (event) => {
+                if (event.target.checked) compareSelection.add(job.id);
+                else compareSelection.delete(job.id);
+                updateCompare();
+              },
+            }),
+          ),
           h("th", { scope: "row", "data-label": "Job" }, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
           h("td", { "data-label": "Model" }, job.model),
           h("td", { "data-label": "Status" }, stageBadge(job.stage)),
@@ -243,6 +238,9 @@ async function jobsPage(signal) {
           h("td", { "data-label": "Created" }, formatTime(job.created_at)),
         ),
       );
+      // The list refreshes in place: keep the keyboard focus on the checkbox or link it was on.
+      const focused = holder.contains(document.activeElement) ? document.activeElement : null;
+      const focusKey = focused?.getAttribute("aria-label") || focused?.getAttribute("href");
       replace(
         holder,
         tableWrap(
@@ -250,18 +248,183 @@ async function jobsPage(signal) {
             "table",
             { id: "jobs-table", class: "stack" },
             h("caption", { class: "visually-hidden" }, "Fine-tuning jobs, newest first"),
-            h("thead", {}, h("tr", {}, ["Job", "Model", "Status", "Progress", "Created"].map((t) => h("th", { scope: "col" }, t)))),
+            h("thead", {}, h("tr", {}, h("th", { scope: "col" }, h("span", { class: "visually-hidden" }, "Compare")), ["Job", "Model", "Status", "Progress", "Created"].map((t) => h("th", { scope: "col" }, t)))),
             h("tbody", {}, rows),
           ),
         ),
       );
+      if (focusKey) [...holder.querySelectorAll("input, a")].find((el) => (el.getAttribute("aria-label") || el.getAttribute("href")) === focusKey)?.focus();
     }
     first = false;
     await sleep(active ? 2000 : 8000, signal);
   }
 }
 
-async function jobPage(jobId, signal) {
+// -- compare ----------------------------------------------------------------------------------------
+
+const show = (v) => (v == null || v === "" ? "—" : typeof v === "number" ? formatNumber(v) : typeof v === "object" ? JSON.stringify(v) : String(v));
+const fixed = (v, digits = 4) => (typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "—");
+
+// What the settings diff shows of a job, in this order; a row whose values differ is highlighted.
+const COMPARED_SETTINGS = [
+  ["Model", (j) => j.model],
+  ["Method", (j) => j.method?.type],
+  ["Training file", (j) => j.training_file],
+  ["Validation file", (j) => j.validation_file || "held-out split"],
+  ["Epochs", (j) => j.hyperparameters?.n_epochs],
+  ["Batch size", (j) => j.hyperparameters?.batch_size],
+  ["Learning-rate multiplier", (j) => j.hyperparameters?.learning_rate_multiplier],
+  ["Learning rate", (j) => j.resolved_hyperparameters?.learning_rate],
+  ["Max sequence length", (j) => j.resolved_hyperparameters?.max_seq_length],
+  ["Warmup ratio", (j) => j.resolved_hyperparameters?.warmup_ratio],
+  ["Scheduler", (j) => j.resolved_hyperparameters?.scheduler],
+  ["Packing", (j) => j.resolved_hyperparameters?.packing],
+  ["LoRA", (j) => (j.lora ? `r ${j.lora.r}, alpha ${j.lora.alpha}, dropout ${j.lora.dropout}` : null)],
+  ["Learning-rate sweep", (j) => j.learning_rate_sweep?.multipliers?.map((m) => `×${m}`).join(", ") || "none"],
+  ["Budget", (j) => budgetText(j) || "none"],
+  ["GPU class", (j) => j.gpu_class],
+  ["Seed", (j) => j.seed],
+  ["Suffix", (j) => j.suffix],
+];
+
+// Evaluation figures: [label, value of a job, which way is better (for marking the best)].
+const COMPARED_FIGURES = [
+  ["Status", (j) => j.stage],
+  ["Verdict", (j) => j.evaluation?.verdict],
+  ["Base model loss", (j) => j.evaluation?.base?.loss, null],
+  ["Tuned model loss", (j) => j.evaluation?.fine_tuned?.loss, "low"],
+  ["Loss change", (j) => j.evaluation?.loss_change, "low"],
+  ["Tuned perplexity", (j) => j.evaluation?.fine_tuned?.perplexity, "low"],
+  ["Tuned token accuracy", (j) => j.evaluation?.fine_tuned?.mean_token_accuracy, "high"],
+  ["Tuned ROUGE-L", (j) => j.evaluation?.fine_tuned?.rouge_l, "high"],
+  ["Tuned chrF", (j) => j.evaluation?.fine_tuned?.chrf, "high"],
+  ["Tuned exact match", (j) => j.evaluation?.fine_tuned?.exact_match, "high"],
+  ["Final training loss", (j) => j.progress?.train_loss, "low"],
+  ["Steps", (j) => j.progress?.total_steps],
+  ["Trained tokens", (j) => j.trained_tokens],
+  ["Cost", (j) => j.usage?.cost_usd, "low"],
+  ["Device time", (j) => j.usage?.device_seconds, "low"],
+];
+
+function costAgainstBudget(job) {
+  const spent = job.usage?.cost_usd;
+  const limit = job.budget?.max_cost_usd;
+  if (limit == null) return formatCost(spent);
+  const share = Math.min(1, (spent || 0) / limit);
+  return h(
+    "span",
+    { class: "budget" },
+    `${formatCost(spent)} of ${formatCost(limit)} (${Math.round(share * 100)}%) `,
+    h("meter", { min: "0", max: "1", low: "0.75", high: "0.9", optimum: "0", value: share, "aria-label": "Share of the cost budget spent" }),
+  );
+}
+
+function budgetText(job) {
+  const b = job.budget || {};
+  const parts = [];
+  if (b.max_cost_usd != null) parts.push(`at most ${formatCost(b.max_cost_usd)}`);
+  if (b.max_duration_seconds != null) parts.push(`at most ${formatDuration(b.max_duration_seconds)} of training`);
+  return parts.join(", ");
+}
+
+function figureText(label, value) {
+  if (value == null) return "—";
+  if (label === "Cost") return formatCost(value);
+  if (label === "Device time") return formatDuration(value);
+  if (typeof value === "number" && !Number.isInteger(value)) return fixed(value);
+  return show(value);
+}
+
+async function comparePage(params, signal) {
+  const ids = [...new Set((params.get("jobs") || "").split(",").filter(Boolean))];
+  heading("Compare jobs", h("a", { href: "#/jobs", class: "button" }, "Choose other jobs"));
+  if (ids.length < 2) {
+    append(view(), h("p", { class: "empty" }, "Tick two or more jobs on the ", h("a", { href: "#/jobs" }, "jobs list"), " to compare them."));
+    return;
+  }
+  const jobs = await Promise.all(ids.map((id) => api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}`, { signal })));
+  const series = await Promise.all(jobs.map((j) => api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(j.id)}/metrics?max_points=2000`, { signal })));
+  if (signal.aborted) return;
+  const columns = jobs.map((j) => h("th", { scope: "col" }, h("a", { href: `#/jobs/${encodeURIComponent(j.id)}` }, j.id)));
+
+  const figure = h(
+    "figure",
+    { class: "chart card", id: "compare-chart" },
+    h("figcaption", {}, h("strong", {}, "Training loss"), " ", h("span", { class: "chart-summary" }, jobs.map((j, i) => `${j.id}: ${series[i].data.filter((r) => r.kind === "train").length} steps`).join("; "))),
+    h("div", { class: "chart-canvas", "aria-hidden": "true" }),
+  );
+
+  let differing = 0;
+  const settingRows = COMPARED_SETTINGS.map(([label, pick]) => {
+    const values = jobs.map((j) => show(pick(j)));
+    const differs = new Set(values).size > 1;
+    if (differs) differing += 1;
+    return h(
+      "tr",
+      { class: differs ? "differs" : null, dataset: { setting: label } },
+      h("th", { scope: "row" }, label, differs ? h("span", { class: "tag tag-differs" }, "differs") : null),
+      values.map((v) => h("td", {}, v)),
+    );
+  });
+
+  const figureRows = COMPARED_FIGURES.map(([label, pick, better]) => {
+    const values = jobs.map(pick);
+    const numbers = values.filter((v) => typeof v === "number");
+    const best = better && numbers.length > 1 && new Set(numbers).size > 1 ? (better === "low" ? Math.min(...numbers) : Math.max(...numbers)) : null;
+    return h(
+      "tr",
+      {},
+      h("th", { scope: "row" }, label),
+      values.map((v) => h("td", { class: v === best ? "num best" : "num" }, figureText(label, v), v === best ? h("span", { class: "tag tag-best" }, "best") : null)),
+    );
+  });
+
+  append(
+    view(),
+    figure,
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "settings-diff-heading" },
+      h("h2", { id: "settings-diff-heading" }, "Settings"),
+      h("p", { class: "hint" }, differing ? `${differing} of ${COMPARED_SETTINGS.length} settings differ; they are marked "differs".` : "Every setting is the same."),
+      tableWrap(
+        h(
+          "table",
+          { id: "settings-diff" },
+          h("caption", { class: "visually-hidden" }, "Settings of the compared jobs"),
+          h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Setting"), columns.map((c) => c.cloneNode(true)))),
+          h("tbody", {}, settingRows),
+        ),
+      ),
+    ),
+    h(
+      "section",
+      { class: "card", "aria-labelledby": "figures-heading" },
+      h("h2", { id: "figures-heading" }, "Evaluation and cost"),
+      tableWrap(
+        h(
+          "table",
+          { id: "figures-compared" },
+          h("caption", { class: "visually-hidden" }, "Evaluation figures of the compared jobs"),
+          h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Figure"), columns.map((c) => c.cloneNode(true)))),
+          h("tbody", {}, figureRows),
+        ),
+      ),
+    ),
+  );
+  const chart = new CompareChart(figure, jobs.map((j, i) => ({ label: j.id, rows: series[i].data })));
+  signal.addEventListener("abort", () => chart.destroy());
+}
+
+// The job page's tabs: Training always; the others once the job has something to show there.
+const JOB_TABS = [
+  ["training", "Training", () => true],
+  ["evaluation", "Evaluation", (job) => job.stage === "succeeded" && Boolean(job.evaluation)],
+  ["playground", "Playground", (job) => job.stage === "succeeded" && Boolean(job.fine_tuned_model) && job.method?.type !== "classification"],
+  ["export", "Export", (job) => TERMINAL.has(job.stage)],
+];
+
+async function jobPage(jobId, params, signal) {
   let job = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}`, { signal });
   const header = heading(`Job ${job.id}`);
   const status = h("p", { class: "job-status", id: "job-status" });
@@ -276,24 +439,96 @@ async function jobPage(jobId, signal) {
     h("div", { class: "chart-canvas", "aria-hidden": "true" }),
   );
   const log = h("ol", { class: "events", id: "events-log" });
+  const sweep = h("div", { id: "sweep" });
   append(header, status);
-  append(
-    view(),
-    controls,
-    feedback,
-    stats,
-    outcome,
-    figure,
+  const tablist = h("div", { role: "tablist", class: "tabs", "aria-label": "Job views" });
+  const panels = new Map();
+  panels.set(
+    "training",
     h(
-      "section",
-      { class: "card", "aria-labelledby": "events-heading" },
-      h("h2", { id: "events-heading" }, "Events"),
-      // A scrolling region: focusable, so keyboard users can scroll it; a log, newest first.
-      h("div", { class: "events-scroll", role: "log", tabindex: "0", "aria-label": "Job events, newest first" }, log),
+      "div",
+      { role: "tabpanel", id: "panel-training", "aria-labelledby": "tab-training", class: "tab-panel" },
+      figure,
+      sweep,
+      h(
+        "section",
+        { class: "card", "aria-labelledby": "events-heading" },
+        h("h2", { id: "events-heading" }, "Events"),
+        // A scrolling region: focusable, so keyboard users can scroll it; a log, newest first.
+        h("div", { class: "events-scroll", role: "log", tabindex: "0", "aria-label": "Job events, newest first" }, log),
+      ),
     ),
   );
+  const panelHolder = h("div", {}, panels.get("training"));
+  append(view(), controls, feedback, stats, outcome, tablist, panelHolder);
   const chart = new LossChart(figure);
   signal.addEventListener("abort", () => chart.destroy());
+
+  // The artifact archive, fetched once and read in the browser (generations, model card, parts).
+  let archive = null;
+  const context = {
+    signal,
+    job: () => job,
+    archive: () =>
+      (archive ??= api
+        .download(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/artifacts/archive`, { signal })
+        .then((response) => response.arrayBuffer())
+        .then(readTar)
+        .catch((error) => {
+          archive = null;
+          throw error;
+        })),
+  };
+  const builders = { evaluation: evaluationPanel, playground: playgroundPanel, export: exportPanel };
+  let selected = "training";
+  let tabsShown = false;
+
+  function selectTab(key, { focus = false, remember = true } = {}) {
+    selected = key;
+    if (!panels.has(key)) {
+      const panel = h("div", { role: "tabpanel", id: `panel-${key}`, "aria-labelledby": `tab-${key}`, class: "tab-panel", tabindex: "0" });
+      panels.set(key, panel);
+      panelHolder.append(panel);
+      Promise.resolve(builders[key](panel, context)).catch((error) => {
+        if (!signal.aborted) append(panel, errorBox(error));
+      });
+    }
+    for (const [name, panel] of panels) panel.hidden = name !== key;
+    for (const tab of tablist.querySelectorAll("[role=tab]")) {
+      const on = tab.dataset.tab === key;
+      tab.setAttribute("aria-selected", String(on));
+      tab.tabIndex = on ? 0 : -1;
+      if (on && focus) tab.focus();
+    }
+    if (key === "training") chart.resize();
+    if (remember) history.replaceState(null, "", `#/jobs/${encodeURIComponent(job.id)}${key === "training" ? "" : `?tab=${key}`}`);
+  }
+
+  function renderTabs() {
+    const available = JOB_TABS.filter(([, , when]) => when(job));
+    if (tablist.childElementCount === available.length) return;
+    replace(
+      tablist,
+      available.map(([key, label]) =>
+        h("button", { type: "button", role: "tab", id: `tab-${key}`, "aria-controls": `panel-${key}`, dataset: { tab: key }, onclick: () => selectTab(key) }, label),
+      ),
+    );
+    tablist.hidden = available.length < 2;
+    const has = (name) => available.some(([key]) => key === name);
+    // The first time, the tab the address names (#/jobs/<id>?tab=export); later, the one open.
+    const key = !tabsShown && has(params.get("tab")) ? params.get("tab") : has(selected) ? selected : "training";
+    tabsShown = true;
+    selectTab(key, { remember: false });
+  }
+  tablist.addEventListener("keydown", (event) => {
+    // The tabs pattern: arrow keys move between tabs, Home and End to the first and last.
+    const tabs = [...tablist.querySelectorAll("[role=tab]")];
+    const at = tabs.findIndex((tab) => tab.dataset.tab === selected);
+    const to = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: tabs.length - 1 }[event.key];
+    if (to == null) return;
+    event.preventDefault();
+    selectTab(tabs[(to + tabs.length) % tabs.length].dataset.tab, { focus: true });
+  });
 
   const act = async (verb) => {
     replace(feedback);
@@ -349,11 +584,14 @@ async function jobPage(jobId, signal) {
       ["Training loss", p.train_loss != null ? p.train_loss.toFixed(4) : "—"],
       ["Tokens/s", p.tokens_per_second != null ? formatNumber(Math.round(p.tokens_per_second)) : "—"],
       ["Time left", remaining != null ? formatDuration(remaining) : "—"],
-      ["Cost so far", formatCost(job.usage?.cost_usd)],
+      ["Cost so far", costAgainstBudget(job)],
+      ["Budget", budgetText(job) || "none"],
       ["Estimated cost", estimate ? `${formatCost(estimate.cost_usd)} (${formatDuration(estimate.duration_seconds)})` : "—"],
       ["GPU class", job.gpu_class],
     ];
     replace(stats, items.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+    replace(sweep, job.sweep_results?.length ? sweepTable(job) : null);
+    renderTabs();
     const parts = [];
     if (job.error) parts.push(h("p", { class: "notice notice-error", role: "alert" }, `${job.error.code || "error"}: ${job.error.message}`));
     if (job.fine_tuned_model) {
@@ -726,6 +964,34 @@ async function newJobPage(params, signal) {
       ),
     ),
     field("suffix", "Name suffix (optional)", suffix, "Letters, digits, . _ - ; added to the fine-tuned model's name."),
+    h(
+      "details",
+      { class: "advanced", id: "advanced" },
+      h("summary", {}, "Advanced: budget, learning-rate sweep, export"),
+      h(
+        "fieldset",
+        {},
+        h("legend", {}, "Budget (empty for none)"),
+        h(
+          "div",
+          { class: "grid" },
+          field("max_cost_usd", "Max cost (USD)", h("input", { id: "max_cost_usd", name: "max_cost_usd", type: "text", inputmode: "decimal", autocomplete: "off", "aria-describedby": "max_cost_usd-hint" }), "Training stops there, keeping the adapter so far; the job then fails with budget_exceeded."),
+          field("max_duration_seconds", "Max training time (seconds)", h("input", { id: "max_duration_seconds", name: "max_duration_seconds", type: "text", inputmode: "numeric", autocomplete: "off", "aria-describedby": "max_duration_seconds-hint" }), "The same, for time spent training."),
+        ),
+      ),
+      h(
+        "fieldset",
+        {},
+        h("legend", {}, "Learning-rate sweep (empty for none)"),
+        h(
+          "div",
+          { class: "grid" },
+          field("sweep_multipliers", "Multipliers to try", h("input", { id: "sweep_multipliers", name: "multipliers", type: "text", inputmode: "decimal", placeholder: "0.5, 1, 2", autocomplete: "off", "aria-describedby": "sweep_multipliers-hint" }), "2 to 8, separated by commas; each trains a short trial and the lowest validation loss trains the job."),
+          field("sweep_fraction", "Share of steps per trial", h("input", { id: "sweep_fraction", name: "trial_fraction", type: "text", inputmode: "decimal", placeholder: "0.2", autocomplete: "off", "aria-describedby": "sweep_fraction-hint" }), "More than 0, at most 0.5."),
+        ),
+      ),
+      h("div", { class: "check" }, h("input", { id: "export_merged", name: "export_merged", type: "checkbox" }), h("label", { for: "export_merged" }, "Also export merged weights: the base with the adapter merged in (a full-size copy)")),
+    ),
     submitMessage,
     submit,
   );
@@ -775,6 +1041,18 @@ async function newJobPage(params, signal) {
     const r = number("lora_r", Number);
     if (r !== "auto") job.lora = { r, alpha: typeof r === "number" ? 2 * r : r };
     if (suffix.value.trim()) job.suffix = suffix.value.trim();
+    for (const name of ["max_cost_usd", "max_duration_seconds"]) {
+      const v = number(name, Number);
+      if (v !== "auto") job[name] = v;
+    }
+    const multipliers = form.querySelector("#sweep_multipliers").value.trim();
+    if (multipliers) {
+      const list = multipliers.split(/[\s,;]+/).filter(Boolean).map((m) => (Number.isFinite(Number(m)) ? Number(m) : m));
+      job.learning_rate_sweep = { multipliers: list };
+      const fraction = number("sweep_fraction", Number);
+      if (fraction !== "auto") job.learning_rate_sweep.trial_fraction = fraction;
+    }
+    if (form.querySelector("#export_merged").checked) job.export_merged = true;
     return job;
   };
 

@@ -95,3 +95,46 @@ export class LossChart {
     this.plot.destroy();
   }
 }
+
+// Several jobs' training loss on one chart (the Compare page): one line per job over the union of their
+// steps. The figure's data-series attribute says how many jobs are drawn.
+const PALETTE = ["#1f5fbf", "#b3261e", "#1b7a3a", "#8a4baf", "#a05a00", "#00707a", "#444444", "#c2185b"];
+
+export class CompareChart {
+  constructor(figure, runs) {
+    this.figure = figure;
+    this.holder = figure.querySelector(".chart-canvas");
+    const steps = [...new Set(runs.flatMap((run) => run.rows.map((row) => row.step)))].sort((a, b) => a - b);
+    const series = runs.map((run) => {
+      const byStep = new Map(run.rows.filter((r) => r.kind === "train" && r.train_loss != null).map((r) => [r.step, r.train_loss]));
+      return steps.map((s) => byStep.get(s) ?? null);
+    });
+    const options = {
+      width: this.width(),
+      height: 300,
+      scales: { x: { time: false } },
+      axes: [
+        { label: "step", stroke: "#333", grid: { stroke: "#e3e3e3" }, incrs: STEP_TICKS },
+        { label: "training loss", stroke: "#333", grid: { stroke: "#e3e3e3" }, size: 60 },
+      ],
+      series: [
+        { label: "step" },
+        ...runs.map((run, i) => ({ label: run.label, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true })),
+      ],
+      legend: { live: false },
+    };
+    this.plot = new uPlot(options, [steps, ...series], this.holder);
+    this.resize = () => this.plot.setSize({ width: this.width(), height: 300 });
+    window.addEventListener("resize", this.resize);
+    figure.dataset.series = String(runs.filter((_, i) => series[i].some((v) => v != null)).length);
+  }
+
+  width() {
+    return Math.max(240, Math.floor(this.holder.getBoundingClientRect().width || 600));
+  }
+
+  destroy() {
+    window.removeEventListener("resize", this.resize);
+    this.plot.destroy();
+  }
+}

@@ -277,13 +277,18 @@ def test_a_file_of_blank_lines_counts_only_its_examples_and_their_lines(api):
 
 
 def test_validation_past_its_time_budget_stops_with_a_400_naming_the_file(api, monkeypatch):
-    monkeypatch.setattr(file_ingest, "VALIDATION_SECONDS", 0.0)
+    monkeypatch.setattr(file_ingest, "validation_budget", lambda size: 0.0)
     response = api.post(
         "/v1/files", files={"file": ("train.jsonl", chat_lines(20))}, data={"purpose": "fine-tune"}
     )
     error = assert_openai_error(response, 400, "file")
     assert error["code"] == "validation_timeout"
-    assert error["message"].startswith("file: validating it took longer than 0 s")
+    assert error["message"].startswith("file: validating it took more than 0 s of CPU time")
+
+
+def test_a_validation_budget_covers_the_largest_file_allowed_at_a_quarter_of_the_ordinary_speed():
+    assert file_ingest.validation_budget(1000) == file_ingest.VALIDATION_SECONDS
+    assert file_ingest.validation_budget(1024**3) == 512  # 1 GiB at 2 MB per CPU second
 
 
 def test_validation_within_its_budget_reads_the_whole_file():

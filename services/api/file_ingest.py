@@ -16,9 +16,12 @@ from shared.validation_process import ValidationTimeout, check_file
 
 UPLOAD_PURPOSES = ("fine-tune",)
 MAX_FILENAME_CHARS = 255
-# Validation reads at least ~25 MB/s of ordinary data; a file that takes longer than this is built to be
-# slow (pathological JSON), and holds a validation process and its client for nothing.
+# Validation's budget in CPU seconds: at least this, and one second per 2 MB. Ordinary data validates at
+# about 8 MB per CPU second (short chat rows, the slowest per byte), so a file of the largest size allowed
+# fits; one four times slower than that is built to be slow (pathological JSON) and would hold a
+# validation process for nothing.
 VALIDATION_SECONDS = 120.0
+VALIDATION_BYTES_PER_SECOND = 2 * 1024 * 1024
 DEFAULT_FILENAME = "upload.jsonl"
 
 
@@ -36,6 +39,11 @@ def safe_filename(name: str | None) -> str:
     return cleaned
 
 
+def validation_budget(size: int) -> float:
+    """CPU seconds that validating a file of `size` bytes may take."""
+    return max(VALIDATION_SECONDS, size / VALIDATION_BYTES_PER_SECOND)
+
+
 def ingest(
     ctx: Context, tenant: str, path: Path, filename: str, purpose: str, format: str | None = None
 ) -> FileRecord:
@@ -46,12 +54,13 @@ def ingest(
     but no job accepts it.
     """
     limits = DataLimits(max_line_bytes=ctx.settings.max_line_bytes)
+    seconds = validation_budget(path.stat().st_size)
     try:
-        check = check_file(path, filename=filename, format=format, limits=limits, seconds=VALIDATION_SECONDS)
+        check = check_file(path, filename=filename, format=format, limits=limits, seconds=seconds)
     except ValidationTimeout:
         raise APIError(
-            400, f"file: validating it took longer than {VALIDATION_SECONDS:g} s; upload a smaller or "
-            "simpler file (or split it)", code="validation_timeout", param="file",
+            400, f"file: validating it took more than {seconds:g} s of CPU time; upload a simpler file "
+            "(or split it)", code="validation_timeout", param="file",
         ) from None  # fmt: skip
     file_id = new_file_id()
     key = storage_keys.file_key(tenant, file_id)

@@ -677,10 +677,15 @@ async function jobPage(jobId, params, signal) {
       signal,
       onEvent,
       onEnd: async () => {
-        job = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}`, { signal });
-        render();
-        await loadSeries();
-        announce(`Job ${job.id} ${job.stage}.`);
+        // Nobody awaits this: a failure (or leaving the page meanwhile) must not become an uncaught error.
+        try {
+          job = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}`, { signal });
+          render();
+          await loadSeries();
+          announce(`Job ${job.id} ${job.stage}.`);
+        } catch (error) {
+          if (!signal.aborted) replace(feedback, errorBox(error));
+        }
       },
     });
   } catch (error) {

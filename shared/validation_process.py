@@ -17,11 +17,12 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from shared.cpus import usable_cpus
 from shared.data_formats import DataLimits, DatasetCheck, check_dataset
 
 # Validation is CPU-bound: more processes than cores would only share them; a few uploads at once are
 # validated side by side, later ones wait their turn.
-MAX_PROCESSES = min(4, os.cpu_count() or 1)
+MAX_PROCESSES = min(4, usable_cpus())
 # Below the API's scheduling priority: where cores are short, the answers to other clients come first and
 # validation takes the time left over.
 NICENESS = 10

@@ -110,18 +110,14 @@ def requeue_lost_queued_task(
 ) -> None:
     """A queued job whose training task vanished from its queue, or whose worker was lost before it
     started training: queue it again as a new attempt (fencing a worker that may yet wake up)."""
-    if record.infrastructure_retries >= settings.max_infrastructure_retries:
-        message = f"The job could not be started ({reason}); check the health of the workers"
-        jobs.transition(
-            record.id, JobState.FAILED, message, level="error", expected_attempt=record.attempt,
-            error=JobError(code="worker_lost", message=message),
-        )  # fmt: skip
+    if _ended_if_exhausted(settings, jobs, record, "training", reason, infrastructure=True):
         return
     next_attempt = record.attempt + 1
+    count = _counter(infrastructure=True)
 
     def bump(job: JobRecord) -> None:
         job.attempt = next_attempt
-        job.infrastructure_retries += 1
+        count(job)
 
     jobs.update(record.id, bump, expected_attempt=record.attempt)
     jobs.add_event(record.id, f"Its training task was lost ({reason}); queued again", level="warn")
@@ -143,11 +139,7 @@ def _retry_training(
     record = jobs.require(job_id)
     if record.state is not JobState.RUNNING or record.attempt != attempt:
         return
-    failure = _exhausted(settings, record, "training", reason, infrastructure)
-    if failure is not None:
-        jobs.transition(
-            job_id, JobState.FAILED, failure.message, level="error", expected_attempt=attempt, error=failure
-        )
+    if _ended_if_exhausted(settings, jobs, record, "training", reason, infrastructure):
         return
     budget = _budget_left(settings, record, infrastructure)
     message = f"The training process died ({reason}); retrying as attempt {attempt + 2}{budget}"
@@ -169,17 +161,26 @@ def _retry_evaluation(
     record = jobs.require(job_id)
     if record.state is not JobState.EVALUATING or record.attempt != attempt:
         return
-    failure = _exhausted(settings, record, "evaluation", reason, infrastructure)
-    if failure is not None:
-        jobs.transition(
-            job_id, JobState.FAILED, failure.message, level="error", expected_attempt=attempt, error=failure
-        )
+    if _ended_if_exhausted(settings, jobs, record, "evaluation", reason, infrastructure):
         return
     jobs.update(job_id, _counter(infrastructure), expected_attempt=attempt)
     budget = _budget_left(settings, record, infrastructure)
     jobs.add_event(job_id, f"The evaluation process died ({reason}); evaluating again{budget}", level="warn")
     enqueue_evaluation(redis, job_id, attempt, settings.eval_timeout_seconds)
     withdraw_if_cancelled(jobs, redis, job_id)
+
+
+def _ended_if_exhausted(
+    settings: Settings, jobs: JobStore, record: JobRecord, what: str, reason: str, infrastructure: bool
+) -> bool:
+    """Fail the job when the budget this death counts against is spent; True if it did."""
+    failure = _exhausted(settings, record, what, reason, infrastructure)
+    if failure is not None:
+        jobs.transition(
+            record.id, JobState.FAILED, failure.message, level="error", expected_attempt=record.attempt,
+            error=failure,
+        )  # fmt: skip
+    return failure is not None
 
 
 def _exhausted(

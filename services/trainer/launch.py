@@ -364,7 +364,7 @@ def main(spec_path: str) -> None:
     from accelerate.utils import parse_flag_from_env
 
     from services.trainer.job_checkpoints import JobCheckpoints
-    from services.trainer.task import ProgressHooks, TrainingRun, _Preemption
+    from services.trainer.run import Preemption, ProgressHooks, RunContext
     from shared.failures import classify
     from shared.runtime import connect
 
@@ -376,10 +376,10 @@ def main(spec_path: str) -> None:
     record = runtime.jobs.require(spec.job_id)
     if record.attempt != spec.attempt:
         raise SystemExit(f"attempt {spec.attempt} of {spec.job_id} is stale (the job is at {record.attempt})")
-    run = TrainingRun(runtime.settings, runtime.redis, runtime.storage, runtime.jobs, record)
+    run = RunContext(runtime.settings, runtime.redis, runtime.storage, runtime.jobs, record)
     run.workdir = spec.workdir
     if state.is_main_process:
-        _Preemption.install()
+        Preemption.install()
         spec.main_pid_path.write_text(str(os.getpid()))
     hooks = ProgressHooks(run, spec.total_steps)
     config = _with(

@@ -12,20 +12,16 @@ import csv
 import io
 import logging
 import math
-import signal
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from redis import Redis
 
 from services.trainer.classification import ClassificationConfig, ClassificationResult, train_classification
 from services.trainer.dpo import DPOConfig, DPOResult, train_dpo
 from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
 from services.trainer.launch import run_launched, world_size
 from services.trainer.loop import StepMetrics, StopAction
+from services.trainer.run import Preemption, ProgressHooks, RunContext
 from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared import metrics, storage_keys
 from shared.calibration import record_throughput
@@ -33,12 +29,10 @@ from shared.cancel import withdraw_if_cancelled
 from shared.catalog import load_catalog, materialize
 from shared.chat_data import ChatTemplateError, DataError, read_chat_examples
 from shared.classification_data import LABELS_FILE
-from shared.cost import cost_usd
 from shared.estimate import count_optimizer_steps
 from shared.export import merge_adapter
 from shared.failures import JobFailure, classify
 from shared.file_store import FileStore
-from shared.gpu_classes import load_gpu_classes
 from shared.ids import new_file_id, new_id
 from shared.job_states import JobState
 from shared.job_store import JobStore, StaleAttempt
@@ -46,11 +40,8 @@ from shared.queue import enqueue_evaluation
 from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
 from shared.recovery import requeue_as_new_attempt
 from shared.runtime import connect
-from shared.settings import Settings
 from shared.splits import holdout_split
-from shared.storage import Storage
 from shared.task_data import read_rows, split_jsonl
-from shared.usage import add_usage
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +57,13 @@ RESULT_COLUMNS = {
         "valid_reward_margin", "valid_preference_accuracy",
     ],
 }  # fmt: skip
-# The validation figures each recipe reports at an epoch's end (its `valid_metrics`), kept per step.
-VALIDATION_METRICS = {
-    "supervised": ("loss", "mean_token_accuracy"),
-    "classification": ("loss", "accuracy", "macro_f1"),
-    "dpo": ("loss", "reward_accuracy", "reward_margin", "preference_accuracy"),
-}
 # The columns of the supervised CSV, which OpenAI's checkpoint metrics name (the rest are added as they are).
 OPENAI_ROW_KEYS = frozenset(RESULT_COLUMNS["supervised"])
 
 
-class _Preemption:
-    """Set by SIGTERM (passed on by the worker): stop at the next step and requeue the job."""
-
-    requested = False
-
-    @classmethod
-    def install(cls) -> None:
-        cls.requested = False
-        signal.signal(signal.SIGTERM, cls._handle)
-
-    @classmethod
-    def _handle(cls, signum: int, frame: object) -> None:
-        cls.requested = True
-
-
 def run_training(job_id: str, attempt: int) -> str:
     """RQ entry point. Returns a short outcome for RQ's own record."""
-    _Preemption.install()
+    Preemption.install()
     runtime = connect()
     settings, redis, storage, jobs = runtime.settings, runtime.redis, runtime.storage, runtime.jobs
     record = jobs.get(job_id)
@@ -126,18 +96,8 @@ def _fail(jobs: JobStore, job_id: str, attempt: int, error: Any) -> None:
         log.exception("could not mark %s failed", job_id)
 
 
-@dataclass
-class TrainingRun:
-    settings: Settings
-    redis: Redis
-    storage: Storage
-    jobs: JobStore
-    record: JobRecord
-    workdir: Path = field(init=False)
-
-    @property
-    def job_id(self) -> str:
-        return self.record.id
+class TrainingRun(RunContext):
+    """The work horse's attempt: fetch, train (here or under `accelerate launch`), publish."""
 
     def run(self) -> str:
         with tempfile.TemporaryDirectory(prefix=f"tunery-{self.job_id}-") as tmp:
@@ -517,122 +477,3 @@ class TrialHooks:
 
     def should_stop(self) -> StopAction | None:
         return "discard" if self.job_hooks.should_stop() else None
-
-
-class ProgressHooks:
-    """Reports steps as job progress and metrics events, keeps the job's usage and cost current,
-    and says when the loop must stop: cancel, pause or preemption (discard), a budget (save)."""
-
-    def __init__(self, run: TrainingRun, total_steps: int):
-        self.run = run
-        self.total_steps = total_steps
-        self.gpu_class = run.record.gpu_class
-        self.price = load_gpu_classes(run.settings.gpu_classes)[self.gpu_class]
-        self.devices = run.record.num_gpus * run.record.num_nodes  # cost counts every device held
-        self.interval = run.settings.progress_interval_seconds
-        self.last_report = 0.0
-        resumed = run.record.resume_checkpoint
-        self.last_tokens = resumed.trained_tokens if resumed else 0
-        self.started = time.monotonic()
-        self.accounted = 0.0  # device-seconds already added to the job's usage
-        self.training_seconds = 0.0
-        self.preempted = False
-        self.budget_reason: str | None = None
-        self.last_step = 0
-
-    def device_seconds(self) -> float:
-        return (time.monotonic() - self.started) * self.devices
-
-    def account(self) -> None:
-        """Add the device-seconds since the last call to the job's usage, and to the cost metrics."""
-        total = self.device_seconds()
-        delta, self.accounted = total - self.accounted, total
-        cost = cost_usd(self.price, delta)
-        metrics.DEVICE_SECONDS.labels(self.gpu_class).inc(delta)
-        metrics.COST_USD.labels(self.run.record.tenant, self.gpu_class).inc(cost)
-        add_usage(self.run.redis, self.run.record.tenant, self.gpu_class, delta, cost)
-
-        def add(record: JobRecord) -> None:
-            record.usage.device_seconds += delta
-            record.usage.cost_usd += cost
-
-        self.run.jobs.update(self.run.job_id, add, expected_attempt=self.run.record.attempt)
-
-    def on_step(self, m: StepMetrics) -> None:
-        metrics.TRAINED_TOKENS.labels(self.gpu_class).inc(m.trained_tokens - self.last_tokens)
-        metrics.TRAINING_STEP_SECONDS.labels(self.gpu_class).observe(m.step_seconds)
-        metrics.TRAINING_TOKENS_PER_SECOND.labels(self.gpu_class).set(m.tokens_per_second)
-        self.last_tokens = m.trained_tokens
-        self.training_seconds = time.monotonic() - self.started
-        self.last_step = m.step
-        self.run.jobs.add_step_metrics(
-            self.run.job_id,
-            {"kind": "train", "step": m.step, "epoch": round(m.epoch, 4), "train_loss": m.train_loss,
-             "train_mean_token_accuracy": m.train_accuracy, "learning_rate": m.learning_rate,
-             "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds},
-        )  # fmt: skip
-        clock = time.monotonic()
-        if clock - self.last_report < self.interval and m.step != m.total_steps:
-            return
-        self.last_report = clock
-        remaining = self.training_seconds / m.step * (m.total_steps - m.step) if m.step else None
-        self.account()
-        data = {
-            "step": m.step, "total_steps": m.total_steps, "epoch": round(m.epoch, 4),
-            "train_loss": m.train_loss, "train_mean_token_accuracy": m.train_accuracy,
-            "learning_rate": m.learning_rate, "grad_norm": m.grad_norm,
-            "tokens_per_second": round(m.tokens_per_second, 1), "trained_tokens": m.trained_tokens,
-            "device_seconds": round(self.accounted, 3),
-        }  # fmt: skip
-        self.run.jobs.add_event(
-            self.run.job_id, f"Step {m.step}/{m.total_steps}: training loss={m.train_loss:.4f}",
-            type="metrics", data=data,
-        )  # fmt: skip
-
-        def progress(record: JobRecord) -> None:
-            record.progress.step = m.step
-            record.progress.total_steps = m.total_steps
-            record.progress.epoch = m.epoch
-            record.progress.train_loss = m.train_loss
-            record.progress.learning_rate = m.learning_rate
-            record.progress.tokens_per_second = m.tokens_per_second
-            record.progress.trained_tokens = m.trained_tokens
-            record.progress.updated_at = now()
-            record.estimated_finish = now() + int(remaining) if remaining is not None else None
-
-        self.run.jobs.update(self.run.job_id, progress, expected_attempt=self.run.record.attempt)
-
-    def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
-        """The recipe's validation figures (VALIDATION_METRICS), e.g. "validation loss=0.41, accuracy=0.88"."""
-        detail = ""
-        if valid_metrics:
-            names = VALIDATION_METRICS[self.run.record.method_type]
-            detail = "; validation " + ", ".join(f"{name}={valid_metrics[name]:.4f}" for name in names)
-            self.run.jobs.add_step_metrics(
-                self.run.job_id,
-                {"kind": "validation", "step": self.last_step, "epoch": epoch}
-                | {f"valid_{name}": valid_metrics[name] for name in names},
-            )
-        self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
-
-    def should_stop(self) -> StopAction | None:
-        if _Preemption.requested:
-            self.preempted = True
-            return "suspend"
-        record = self.run.jobs.get(self.run.job_id)
-        if record is None or record.attempt != self.run.record.attempt:
-            return "discard"
-        if record.state is JobState.PAUSED:
-            return "suspend"  # resuming the job carries on from the checkpoint saved now
-        if record.state is not JobState.RUNNING:
-            return "discard"
-        budget = record.budget
-        spent = record.usage.device_seconds + (self.device_seconds() - self.accounted)
-        if (
-            budget.max_duration_seconds is not None
-            and time.monotonic() - self.started >= budget.max_duration_seconds
-        ):
-            self.budget_reason = f"max_duration_seconds ({budget.max_duration_seconds} s) reached"
-        elif budget.max_cost_usd is not None and cost_usd(self.price, spent) >= budget.max_cost_usd:
-            self.budget_reason = f"max_cost_usd (${budget.max_cost_usd:g}) reached"
-        return "save" if self.budget_reason else None

@@ -1,4 +1,4 @@
-"""The dataset layer (shared/data_formats.py): containers, formats, conversions, problems and hostile files.
+"""The dataset layer (shared/data_formats/): containers, formats, conversions, problems and hostile files.
 
 Real samples (tests/fixtures/datasets, see its SOURCE.md) must be detected and converted; each file of the
 broken corpus (tests/fixtures/broken) must get its exact message; hostile files, generated here and never

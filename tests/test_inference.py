@@ -1,5 +1,6 @@
 """Trying a model before exporting it: chat completions and classifications, answered by the inference
-worker from a catalog model, a fine-tuned LoRA adapter, or a fine-tuned classifier (LoRA or full weights).
+worker from a catalog model, a fine-tuned LoRA adapter, a job's checkpoint, or a fine-tuned classifier
+(LoRA or full weights).
 
 The tasks run here in-process against the real Redis and storage; the last test runs the real API and
 `tunery inference` processes and calls them through the official openai SDK and over HTTP.
@@ -20,6 +21,7 @@ from openai import OpenAI
 from peft import LoraConfig, PeftModel, get_peft_model
 from redis import Redis
 from rq import Worker
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.api.app import create_app
@@ -30,7 +32,7 @@ from shared.api_keys import KeyStore
 from shared.catalog import load_catalog, materialize
 from shared.classification_data import load_sequence_classifier, read_labels
 from shared.data_formats import Example
-from shared.ids import new_job_id
+from shared.ids import new_id, new_job_id
 from shared.job_states import JobState
 from shared.job_store import JobStore
 from shared.queue import INFERENCE_QUEUE, listening_workers, queue
@@ -119,16 +121,19 @@ def jobs(settings: Settings, storage: Storage) -> JobStore:
     return JobStore(Redis.from_url(settings.effective_redis_url), storage)
 
 
+ADAPTER_LORA = LoraSettings(r=4, alpha=16, target_modules=["q_proj", "v_proj"])  # adapter_dir's
+
+
 def publish(
     jobs: JobStore, storage: Storage, folders: dict[str, Path], *, method_type: str = "supervised",
-    tenant: str = DEFAULT_TENANT,
+    tenant: str = DEFAULT_TENANT, lora: LoraSettings = ADAPTER_LORA,
 ) -> JobRecord:  # fmt: skip
     """A succeeded job whose artifacts (`folders`: artifact name → folder or file) are in storage, with its
     fine-tuned model registered, as the trainer and evaluator leave it."""
     job_id = new_job_id()
     record = JobRecord(
         id=job_id, tenant=tenant, created_at=now(), model=BASE, training_file="file-test", seed=0,
-        suffix="smoke", lora=LoraSettings(), method_type=method_type, state=JobState.SUCCEEDED,
+        suffix="smoke", lora=lora, method_type=method_type, state=JobState.SUCCEEDED,
     )  # fmt: skip
     for name, path in folders.items():
         key = storage_keys.artifacts_prefix(tenant, job_id) + path.name + ("/" if path.is_dir() else "")
@@ -149,6 +154,32 @@ def publish_classifier(
     weights = "adapter" if (out / "adapter").exists() else "model"
     folders = {weights: out / weights, "tokenizer": out / "tokenizer", "labels": out / "labels.json"}
     return publish(jobs, storage, folders, method_type="classification", tenant=tenant)
+
+
+def list_checkpoint(jobs: JobStore, record: JobRecord, step: int, weights: dict[str, str]) -> dict[str, Any]:
+    """List a checkpoint of `record` as the trainer does; `weights`: its `adapter` or `state_prefix`."""
+    checkpoint = {
+        "id": new_id("ftckpt"), "object": "fine_tuning.job.checkpoint", "created_at": now(),
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model_id(record)}:ckpt-step-{step}",
+        "fine_tuning_job_id": record.id, "step_number": step, "metrics": {"step": float(step)}, **weights,
+    }  # fmt: skip
+    jobs.add_checkpoint(record.id, checkpoint)
+    return checkpoint
+
+
+def store_state_checkpoint(
+    storage: Storage, record: JobRecord, base_dir: Path, adapter: Path, workdir: Path
+) -> str:
+    """A full-state checkpoint's weights file holding `adapter` as training saves it (only the trainable
+    tensors, named as in the training PeftModel); its storage prefix."""
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter, is_trainable=True
+    )
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, workdir / "model.safetensors")
+    prefix = storage_keys.checkpoint_prefix(record.tenant, record.id, 1, 4)
+    storage.upload_file(workdir / "model.safetensors", prefix + "model.safetensors")
+    return prefix
 
 
 def chat_spec(model: str, job_id: str | None = None, **options: Any) -> dict[str, Any]:
@@ -200,6 +231,36 @@ def test_a_fine_tuned_adapter_replies_as_the_base_model_with_that_adapter(
     expected = transformers_greedy(PeftModel.from_pretrained(model, adapter_dir / "adapter"), tokenizer, 16)
     assert {k: tuned[k] for k in expected} == expected
     assert tuned["content"] != base["content"]  # the adapter is really applied
+
+
+def test_a_checkpoint_replies_with_its_adapter_whether_final_or_a_full_state_one(
+    settings: Settings,
+    storage: Storage,
+    jobs: JobStore,
+    base_dir: Path,
+    adapter_dir: Path,
+    tmp_path: Path,
+) -> None:
+    record = publish(
+        jobs, storage, {"adapter": adapter_dir / "adapter", "tokenizer": adapter_dir / "tokenizer"}
+    )
+    state = store_state_checkpoint(storage, record, base_dir, adapter_dir / "adapter", tmp_path)
+    periodic = list_checkpoint(jobs, record, 4, {"state_prefix": state, "resumable": True})
+    final = list_checkpoint(jobs, record, 8, {"adapter": record.artifacts["adapter"]})
+    cache = ModelCache(3)
+
+    tuned = chat_completion(chat_spec(record.fine_tuned_model, record.id), settings, cache)
+    answers = [
+        chat_completion(
+            chat_spec(c["fine_tuned_model_checkpoint"], record.id, checkpoint_id=c["id"]), settings, cache
+        )
+        for c in (periodic, final)
+    ]
+    assert answers == [tuned, tuned]  # the same adapter, from either kind of checkpoint
+    assert cache.loads == 3 and periodic["id"] in cache and final["id"] in cache
+
+    unlisted = chat_spec(f"{record.fine_tuned_model}:ckpt-step-4", record.id, checkpoint_id="ftckpt-gone")
+    assert chat_completion(unlisted, settings, cache)["error"]["status"] == 404
 
 
 def test_stop_strings_end_the_reply_and_a_seed_repeats_a_sampled_one(settings: Settings) -> None:
@@ -313,8 +374,14 @@ def test_the_api_refuses_unknown_foreign_and_mismatched_models_before_any_worker
     )
     classifier = publish(jobs, storage, {}, method_type="classification")
     foreign = publish(jobs, storage, {}, tenant="org-other")
+    own_step = list_checkpoint(jobs, chat, 4, {"adapter": "x/"})["fine_tuned_model_checkpoint"]
+    foreign_step = list_checkpoint(jobs, foreign, 4, {"adapter": "x/"})["fine_tuned_model_checkpoint"]
+    classifier_step = list_checkpoint(jobs, classifier, 4, {"adapter": "x/"})["fine_tuned_model_checkpoint"]
+    unlisted_step = f"{chat.fine_tuned_model}:ckpt-step-5"
+    # The foreign job's name with this organization in it; this job's id with a name it does not list.
+    made_up = [foreign_step.replace("org-other", DEFAULT_TENANT), own_step.replace(":smoke:", ":renamed:")]
 
-    for model in ("no-such-model", foreign.fine_tuned_model):
+    for model in ("no-such-model", foreign.fine_tuned_model, foreign_step, unlisted_step, *made_up):
         response = api.post("/v1/chat/completions", json=chat_body(model))
         assert response.status_code == 404
         assert response.json()["error"] == {
@@ -328,6 +395,8 @@ def test_the_api_refuses_unknown_foreign_and_mismatched_models_before_any_worker
         ("/v1/chat/completions", chat_body(classifier.fine_tuned_model), "model", "/v1/classifications"),
         ("/v1/classifications", {"model": chat.fine_tuned_model, "input": "x"}, "model", "chat/completions"),
         ("/v1/classifications", {"model": BASE, "input": "x"}, "model", "method classification"),
+        ("/v1/classifications", {"model": own_step, "input": "x"}, "model", "is a checkpoint"),
+        ("/v1/chat/completions", chat_body(classifier_step), "model", "is a checkpoint"),
         ("/v1/chat/completions", chat_body(BASE, stream=True), "stream", "streaming"),
         (
             "/v1/chat/completions",

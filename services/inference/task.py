@@ -3,8 +3,10 @@
 The tasks run in `tunery inference`, an RQ worker that does not fork: a task runs in the worker's own
 process, so a model loaded for one request is still in memory for the next (a small LRU of
 TUNERY_INFERENCE_CACHE_SIZE models). The API has already checked that the caller's organization owns the
-model and that it suits the task; here a model id becomes weights: a catalog model, or a fine-tuned one
-(the catalog base model plus the job's LoRA adapter, or the job's full weights) downloaded from storage.
+model and that it suits the task; here a model id becomes weights: a catalog model, a fine-tuned one
+(the catalog base model plus the job's LoRA adapter, or the job's full weights) downloaded from storage, or
+a chat job's checkpoint (the base model plus the adapter as it was at that step: the final adapter, or the
+trainable weights a periodic full-state checkpoint holds).
 
 Each task answers a dict: its result, or `{"error": {"status", "code", "message", "param"}}` for a request
 the model cannot answer, which the API returns as it is.
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CLASSIFY_BATCH_SIZE = 16
 DEFAULT_CLASSIFIER_MAX_LENGTH = 512  # when labels.json and the catalog say nothing
+STATE_WEIGHTS = "model.safetensors"  # a full-state checkpoint's trainable weights (accelerate's name)
 
 T = TypeVar("T")
 
@@ -179,7 +182,8 @@ def _error(status: int, code: str, message: str, param: str | None) -> dict[str,
 
 
 def _answer_chat(settings: Settings, cache: ModelCache, spec: dict[str, Any]) -> dict[str, Any]:
-    chat = cache.get(spec["model"], lambda: _load_chat_model(settings, spec))
+    # A checkpoint is cached by its id: two attempts may each list a checkpoint of the same step (name).
+    chat = cache.get(spec.get("checkpoint_id") or spec["model"], lambda: _load_chat_model(settings, spec))
     result = generate(
         chat,
         spec["messages"],
@@ -277,21 +281,30 @@ class StopStrings(StoppingCriteria):
 def _load_chat_model(settings: Settings, spec: dict[str, Any]) -> ChatModel:
     from peft import PeftModel
 
-    entry, record, storage = _resolve(settings, spec)
+    entry, record, storage, checkpoint = _resolve(settings, spec)
     if entry is None:
         raise ModelUnavailable(f"model {spec['model']!r}: its base model is no longer in the catalog")
     trust = settings.allow_trust_remote_code
     device = default_device()
     log.info("loading chat model %s", spec["model"])
     with tempfile.TemporaryDirectory(prefix="tunery-inference-") as tmp:
-        full_weights = record is not None and "model" in record.artifacts
+        full_weights = checkpoint is None and record is not None and "model" in record.artifacts
         weights_dir = (
             _download(storage, record, "model", Path(tmp)) if full_weights else materialize(entry, settings)
         )
-        tokenizer_dir = weights_dir if record is None else _download(storage, record, "tokenizer", Path(tmp))
+        # A checkpoint takes the base model's tokenizer: a job still training has saved none (the trainer
+        # saves the base's unchanged).
+        own_tokenizer = record is not None and checkpoint is None
+        tokenizer_dir = _download(storage, record, "tokenizer", Path(tmp)) if own_tokenizer else weights_dir
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust)
         model = load_causal_lm(weights_dir, trust_remote_code=trust, dtype=weights_dtype(device))
-        if record is not None and not full_weights:
+        if checkpoint is not None and "state_prefix" in checkpoint:
+            model = _with_checkpoint_state(model, storage, record, checkpoint, Path(tmp))
+        elif checkpoint is not None:
+            model = PeftModel.from_pretrained(
+                model, _download(storage, record, "adapter", Path(tmp), checkpoint.get("adapter"))
+            )
+        elif record is not None and not full_weights:
             model = PeftModel.from_pretrained(model, _download(storage, record, "adapter", Path(tmp)))
         eos_ids = generation_eos_ids(weights_dir, tokenizer, trust_remote_code=trust)
     metrics.MODEL_LOADS.labels("chat").inc()
@@ -338,7 +351,7 @@ def classify_texts(classifier: Classifier, texts: list[str]) -> dict[str, Any]:
 
 
 def _load_classifier(settings: Settings, spec: dict[str, Any]) -> Classifier:
-    entry, record, storage = _resolve(settings, spec)
+    entry, record, storage, _ = _resolve(settings, spec)
     if record is None or "labels" not in record.artifacts:
         raise InferenceError(
             400, "model_not_classifier",
@@ -386,25 +399,83 @@ def _load_classifier(settings: Settings, spec: dict[str, Any]) -> Classifier:
 
 def _resolve(
     settings: Settings, spec: dict[str, Any]
-) -> tuple[CatalogEntry | None, JobRecord | None, Storage | None]:
+) -> tuple[CatalogEntry | None, JobRecord | None, Storage | None, dict[str, Any] | None]:
     """The catalog entry of the model (of its base model, for a fine-tuned one), and for a fine-tuned
-    model its job (read again here, owned by the tenant) and the storage holding its artifacts."""
+    model or checkpoint its job (read again here, owned by the tenant), the storage holding its artifacts
+    and the checkpoint as the job lists it (still listed: a pruned one is a 404)."""
     catalog = load_catalog(settings)
     if spec.get("job_id") is None:
         entry = catalog.get(spec["model"])
         if entry is None:
             raise InferenceError(404, "model_not_found", f"No such model: {spec['model']}", "model")
-        return entry, None, None
+        return entry, None, None, None
     runtime = connect(settings)
     record = runtime.jobs.get(spec["job_id"], spec["tenant"])
-    if record is None or record.fine_tuned_model != spec["model"]:
+    checkpoint = None
+    if record is not None and spec.get("checkpoint_id") is not None:
+        listed, _ = runtime.jobs.list_checkpoints(record.id, after=None, limit=10_000)
+        checkpoint = next(
+            (
+                c
+                for c in listed
+                if c["id"] == spec["checkpoint_id"] and c["fine_tuned_model_checkpoint"] == spec["model"]
+            ),
+            None,
+        )
+        named = checkpoint is not None
+    else:
+        named = record is not None and record.fine_tuned_model == spec["model"]
+    if record is None or not named:
         raise InferenceError(404, "model_not_found", f"No such model: {spec['model']}", "model")
-    return catalog.get(record.model), record, runtime.storage
+    return catalog.get(record.model), record, runtime.storage, checkpoint
 
 
-def _download(storage: Storage | None, record: JobRecord, artifact: str, workdir: Path) -> Path:
-    """One artifact folder of a job (adapter, tokenizer, model) into `workdir`."""
-    prefix = record.artifacts.get(artifact)
+def _with_checkpoint_state(
+    model: torch.nn.Module,
+    storage: Storage | None,
+    record: JobRecord,
+    checkpoint: dict[str, Any],
+    workdir: Path,
+) -> torch.nn.Module:
+    """The base model with the LoRA weights of a full-state checkpoint. Such a checkpoint holds the
+    trainable tensors named as in the training PeftModel, not a PEFT adapter folder, so the adapter is
+    rebuilt from the job's LoRA settings as the recipes build it and must hold exactly those tensors."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import load_file
+
+    name = checkpoint["fine_tuned_model_checkpoint"]
+    path = workdir / "checkpoint" / STATE_WEIGHTS
+    assert storage is not None  # a job's model always comes with its storage
+    try:
+        storage.download_file(checkpoint["state_prefix"] + STATE_WEIGHTS, path)
+    except StorageError as exc:
+        raise ModelUnavailable(
+            f"model {name!r}: its checkpoint's weights could not be read (a sharded FSDP or DeepSpeed "
+            f"checkpoint cannot be served): {exc}"
+        ) from exc
+    lora = record.lora
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or "all-linear",
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    saved = load_file(str(path))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != trainable:
+        raise ModelUnavailable(
+            f"model {name!r}: the checkpoint holds {len(saved)} trainable tensors, the job's LoRA "
+            f"settings make {len(trainable)}"
+        )
+    model.load_state_dict(saved, strict=False)
+    return model
+
+
+def _download(
+    storage: Storage | None, record: JobRecord, artifact: str, workdir: Path, prefix: str | None = None
+) -> Path:
+    """One artifact folder of a job (adapter, tokenizer, model) into `workdir`; `prefix` (a checkpoint's
+    adapter) instead of the job's artifact of that name."""
+    prefix = prefix or record.artifacts.get(artifact)
     if storage is None or prefix is None:
         raise ModelUnavailable(f"model {record.fine_tuned_model!r} has no {artifact} among its artifacts")
     directory = workdir / artifact

@@ -17,7 +17,7 @@ served = served_app  # the fixture, for this module's tests
 
 # Bounded: a few examples per operation, and a wall-clock budget for each run. Every check is on (the
 # config's `[checks] enabled`; `--checks all` would also override the per-operation exception below).
-MAX_EXAMPLES = 10
+MAX_EXAMPLES = 6
 # Operations that wait for a worker; none runs here, so they answer their documented 503 (no_worker).
 WORKER_OPERATIONS = (
     "/v1/fine_tuning/jobs/estimate",

@@ -39,7 +39,7 @@ from shared.queue import INFERENCE_QUEUE, listening_workers, queue
 from shared.records import DEFAULT_TENANT, JobRecord, LoraSettings, fine_tuned_model_id, now
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_settings
-from tests.api_fixtures import ADMIN_KEY
+from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
 from tests.helpers import wait_for
 from tests.live import LiveTunery, live_env
 
@@ -537,3 +537,51 @@ def test_a_live_inference_worker_answers_the_openai_sdk_and_classifications_over
         assert "tunery_inference_generated_tokens_total 28.0" in metrics  # 16 + 4 + 8
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_a_trained_jobs_checkpoints_answer_over_http_with_their_own_adapters_to_its_organization_only(
+    live_factory, redis_url: str
+) -> None:
+    live = live_factory(redis_url, {"TUNERY_CHECKPOINT_KEEP": "10"})  # step 2's checkpoint is kept
+    _, other_key = KeyStore(Redis.from_url(redis_url)).create("org-other", "member", "test")
+    rows = b"".join(IDENTITY_CHAT.read_bytes().splitlines(keepends=True)[:10])
+    hyperparameters = {"n_epochs": 1, "batch_size": 1}
+    with live.client() as client:
+        file_id = client.post(
+            "/v1/files", files={"file": ("train.jsonl", rows)}, data={"purpose": "fine-tune"}
+        ).json()["id"]
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": BASE, "training_file": file_id, "seed": 7, "checkpoint_every_steps": 2,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            },
+        ).json()  # fmt: skip
+    live.start("inference")  # while the job trains
+    done, _ = live.wait_for_job(job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["status"] == "succeeded", done["error"]
+
+    with live.client() as client:
+        listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", params={"limit": 100}).json()
+        final = listed["data"][0]  # newest first
+        early = next(c for c in listed["data"] if c["step_number"] == 2)
+        assert final["step_number"] == done["progress"]["step"] and "resumable" not in final
+        assert early["resumable"]  # a full-state checkpoint, not a PEFT adapter folder
+
+        def ask(model: str) -> str:
+            response = client.post("/v1/chat/completions", json=chat_body(model, max_tokens=16), timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["model"] == model
+            return response.json()["choices"][0]["message"]["content"]
+
+        tuned = ask(done["fine_tuned_model"])
+        assert ask(final["fine_tuned_model_checkpoint"]) == tuned  # the final checkpoint is the model
+        # Step 2's adapter: neither the base's answer (random bytes) nor the tuned one's (it learnt spaces).
+        assert ask(early["fine_tuned_model_checkpoint"]) not in {tuned, ask(BASE)}
+
+    foreign = httpx.post(
+        f"{live.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {other_key}"},
+        json=chat_body(early["fine_tuned_model_checkpoint"]), timeout=30,
+    )  # fmt: skip
+    assert foreign.status_code == 404 and foreign.json()["error"]["param"] == "model"

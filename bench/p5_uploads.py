@@ -1,0 +1,133 @@
+"""P5: file uploads through Tunery's API against direct boto3 put_object to the same S3 server.
+
+A moto S3 server (`python -m moto.server`) backs both. Tunery's side is POST /v1/files (multipart form)
+to a real `tunery api` (uvicorn, one process, storage in that bucket) until the file is `processed`:
+receiving, validating (in worker processes) and storing. The peer is one boto3 `put_object` of the same
+bytes, the cost of storing alone. The file is valid chat JSONL of long rows (about 8 KB each). Then a larger
+file goes through the API once, and the API process's peak RSS (VmHWM) above its RSS before is recorded.
+
+    .venv/bin/python bench/p5_uploads.py [--repeats 3] [--megabytes 50] [--large-megabytes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import common  # noqa: F401 - puts the repository on sys.path
+import httpx
+from botocore.config import Config
+from common import emit, service_env, start_process, start_redis
+from upload_concurrency import KEY, wait_processed
+
+from tests.helpers import free_port, stop_process
+
+BUCKET = "bench"
+MB = 1024 * 1024
+
+
+def chat_file(size: int) -> bytes:
+    """Valid chat JSONL of `size` bytes or a little less, in rows of about 8 KB."""
+    words = " ".join(f"word{i}" for i in range(1200))
+    row = json.dumps({"messages": [{"role": "user", "content": "Repeat."}, {"role": "assistant", "content": words}]})
+    row_bytes = (row + "\n").encode()
+    return row_bytes * (size // len(row_bytes))
+
+
+def memory_kb(pid: int, field: str) -> int:
+    """VmRSS or VmHWM of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--megabytes", type=int, default=50)
+    parser.add_argument("--large-megabytes", type=int, default=200)
+    args = parser.parse_args()
+    if args.quick:
+        args.megabytes, args.large_megabytes = 10, 50
+    processes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            redis_process, redis_url = start_redis(Path(tmp))
+            processes.append(redis_process)
+            s3_url = f"http://127.0.0.1:{free_port()}"
+            moto_args = [sys.executable, "-m", "moto.server", "-p", s3_url.rsplit(":", 1)[1], "-H", "127.0.0.1"]
+            processes.append(
+                start_process(moto_args, {}, Path(tmp) / "moto.log", lambda: httpx.get(s3_url, timeout=2).is_success,
+                              "moto server")
+            )  # fmt: skip
+            config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
+            s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="bench",
+                              aws_secret_access_key="bench", config=config)  # fmt: skip
+            s3.create_bucket(Bucket=BUCKET)
+            extra = {
+                "TUNERY_API_PORT": str(api_port := free_port()), "TUNERY_S3_BUCKET": BUCKET,
+                "TUNERY_S3_ENDPOINT_URL": s3_url, "TUNERY_S3_ACCESS_KEY_ID": "bench",
+                "TUNERY_S3_SECRET_ACCESS_KEY": "bench",
+            }  # fmt: skip
+            api_url = f"http://127.0.0.1:{api_port}"
+            api = start_process([sys.executable, "-m", "cli", "api"], service_env(Path(tmp), redis_url, KEY, extra),
+                                Path(tmp) / "api.log",
+                                lambda: httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200, "tunery api")  # fmt: skip
+            processes.append(api)
+            http = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=600)
+
+            def tunery(body: bytes) -> float:
+                started = time.perf_counter()
+                response = http.post("/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"})
+                file = wait_processed(http, response.raise_for_status().json())
+                seconds = time.perf_counter() - started
+                assert file["status"] == "processed", file
+                http.delete(f"/v1/files/{file['id']}").raise_for_status()
+                return seconds
+
+            def peer(body: bytes) -> float:
+                started = time.perf_counter()
+                s3.put_object(Bucket=BUCKET, Key="peer/big.jsonl", Body=body)
+                return time.perf_counter() - started
+
+            body = chat_file(args.megabytes * MB)
+            results: dict[str, list[float]] = {"tunery": [], "peer": []}
+            for repeat in range(args.repeats):
+                for side, run in (("tunery", tunery), ("peer", peer))[:: 1 if repeat % 2 == 0 else -1]:
+                    results[side].append(len(body) / MB / run(body))
+                    print(f"P5 repeat {repeat + 1} {side}: {results[side][-1]:.1f} MB/s", flush=True)
+            large = chat_file(args.large_megabytes * MB)
+            rss_before = memory_kb(api.pid, "VmRSS")
+            large_seconds = tunery(large)
+            rss_growth_mb = (memory_kb(api.pid, "VmHWM") - rss_before) / 1024
+            print(f"P5 {len(large) / MB:.0f} MB through the API in {large_seconds:.1f} s, peak RSS +{rss_growth_mb:.0f} MB")
+            http.close()
+        finally:
+            for process in reversed(processes):
+                stop_process(process, timeout=20)
+    emit(
+        [
+            {
+                "id": "P5", "benchmark": f"upload of a {len(body) / MB:.0f} MB chat JSONL", "unit": "MB/s",
+                "tunery": results["tunery"], "peer": results["peer"],
+                "peer_name": "boto3 put_object of the same bytes to the same moto server",
+                "setup": "POST /v1/files until processed (receive, validate, store in S3); moto S3 server",
+            },
+            {
+                "id": "P5-RSS", "benchmark": f"API peak RSS growth, one {len(large) / MB:.0f} MB upload",
+                "unit": "MB", "lower_is_better": True, "tunery": [rss_growth_mb], "peer": [],
+                "peer_name": "(none)", "setup": f"VmHWM after minus VmRSS before; the upload took {large_seconds:.1f} s",
+            },
+        ]
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

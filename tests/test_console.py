@@ -288,9 +288,14 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     assert page.url.endswith("?tab=evaluation")
     journey.look("job-evaluation")
 
-    # The playground: one prompt to the base and the tuned model at once, the answers side by side.
+    # The playground: one prompt to the base model, the tuned model and the checkpoint the pause saved at
+    # once, the answers side by side.
+    with live.client() as client:
+        listed = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    paused_at = next(c for c in listed if c.get("resumable"))["step_number"]
     page.get_by_role("tab", name="Playground").click()
     page.get_by_label("Prompt").fill("Who are you?")
+    page.get_by_role("checkbox", name=re.compile(rf"^Checkpoint at step {paused_at}:")).check()
     page.get_by_role("button", name="Ask").click()
     tuned_model = f"ft:tunery/tiny-chat:org-default::{job_id}"
     with live.client() as client:
@@ -304,7 +309,8 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
             },
             timeout=120,
         ).json()["choices"][0]["message"]["content"]
-    for name in ("Base model's answer", "Tuned model's answer"):
+    expect(page.locator(".answer-grid > article")).to_have_count(3)
+    for name in ("Base model's answer", "Tuned model's answer", f"Step {paused_at} checkpoint's answer"):
         expect(page.get_by_role("article", name=name)).not_to_have_attribute(
             "aria-busy", "true", timeout=120_000
         )
@@ -312,7 +318,6 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(page.get_by_role("article", name="Tuned model's answer").locator(".answer-text")).to_have_text(
         expected.strip()
     )
-    expect(page.locator("#checkpoint-note")).to_contain_text("cannot be asked yet")
     journey.look("job-playground")
 
     # Export: the adapter alone, cut out of the archive; the model card; no merged model was asked for.

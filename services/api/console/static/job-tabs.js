@@ -230,9 +230,14 @@ function generationCard(row, i) {
 export async function playgroundPanel(panel, ctx) {
   const job = ctx.job();
   const checkpoints = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/checkpoints?limit=20`, { signal: ctx.signal }).catch(() => ({ data: [] }));
+  // Each checkpoint is asked by its own name (POST /v1/chat/completions answers them too). A step can be
+  // listed twice (a periodic save at the last step, then the final adapter) under one name: one box.
+  const names = new Set();
+  const steps = checkpoints.data.filter((c) => !names.has(c.fine_tuned_model_checkpoint) && names.add(c.fine_tuned_model_checkpoint));
   const models = [
-    { id: job.model, label: "Base", checked: true },
-    { id: job.fine_tuned_model, label: "Tuned", checked: true },
+    { id: job.model, label: "Base", answer: "Base model's answer", checked: true },
+    { id: job.fine_tuned_model, label: "Tuned", answer: "Tuned model's answer", checked: true },
+    ...steps.map((c) => ({ id: c.fine_tuned_model_checkpoint, label: `Checkpoint at step ${c.step_number}`, answer: `Step ${c.step_number} checkpoint's answer`, checked: false })),
   ];
   const choice = (m, i) =>
     h(
@@ -256,15 +261,7 @@ export async function playgroundPanel(panel, ctx) {
       {},
       h("legend", {}, "Ask these models"),
       models.map(choice),
-      checkpoints.data.length
-        ? h(
-            "p",
-            { class: "hint", id: "checkpoint-note" },
-            `Checkpoints (${checkpoints.data.map((c) => `step ${c.step_number}`).join(", ")}) cannot be asked yet: the API answers only the base model and the job's fine-tuned model (`,
-            h("code", {}, "POST /v1/chat/completions"),
-            " refuses a checkpoint's name).",
-          )
-        : null,
+      checkpoints.data.length ? h("p", { class: "hint", id: "checkpoint-note" }, "A checkpoint answers with the adapter as it was at that step.") : null,
     ),
     h(
       "div",
@@ -294,7 +291,7 @@ export async function playgroundPanel(panel, ctx) {
     ask.disabled = true;
     const cards = chosen.map((m) => {
       const body = h("div", { class: "answer-body" }, h("p", { class: "hint" }, "Waiting for an inference worker…"));
-      const card = h("article", { class: "answer card", "aria-label": `${m.label} model's answer`, "aria-busy": "true", dataset: { model: m.id } }, h("h3", {}, m.label, " ", h("code", {}, m.id)), body);
+      const card = h("article", { class: "answer card", "aria-label": m.answer, "aria-busy": "true", dataset: { model: m.id } }, h("h3", {}, m.label, " ", h("code", {}, m.id)), body);
       return { m, card, body };
     });
     replace(answers, h("p", { class: "visually-hidden" }, `Asked ${chosen.length} models.`), h("div", { class: "answer-grid" }, cards.map((c) => c.card)));

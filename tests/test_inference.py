@@ -2,8 +2,9 @@
 worker from a catalog model, a fine-tuned LoRA adapter, a job's checkpoint, or a fine-tuned classifier
 (LoRA or full weights).
 
-The tasks run here in-process against the real Redis and storage; the last test runs the real API and
-`tunery inference` processes and calls them through the official openai SDK and over HTTP.
+The tasks run here in-process against the real Redis and storage; the last two tests run the real API and
+`tunery inference` processes (the last with a trainer and evaluator, for a job's real checkpoints) and call
+them through the official openai SDK and over HTTP.
 """
 
 from __future__ import annotations

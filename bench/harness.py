@@ -103,15 +103,19 @@ def markdown(result: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "",
-        "| id | benchmark | unit | Tunery | peer | ratio | goal | met? | repeats |",
-        "|---|---|---|---:|---:|---:|---|---|---:|",
+        "| id | benchmark | unit | Tunery | peer | ratio | goal | met? | repeats | Tunery range | peer range |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---|---|",
     ]
     for row in result["rows"]:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "–"
+        spread = [
+            f"{number(min(v), row['unit'])}–{number(max(v), row['unit'])}" if v else "–"
+            for v in (row["tunery"], row["peer"])
+        ]
         lines.append(
             f"| {row['id']} | {row['benchmark']} | {row['unit']} | {number(row['tunery_median'], row['unit'])} | "
             f"{number(row['peer_median'], row['unit'])} | {ratio} | {row['goal']} | "
-            f"{'yes' if row['met'] else '**no**'} | {len(row['tunery'])} |"
+            f"{'yes' if row['met'] else '**no**'} | {len(row['tunery'])} | {spread[0]} | {spread[1]} |"
         )
     lines += ["", "Peers and settings:", ""]
     lines += [f"- **{row['id']}**: peer: {row['peer_name']}. {row['setup']}." for row in result["rows"]]
@@ -123,7 +127,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat each, shorter windows (~3 minutes)")
     parser.add_argument("--only", nargs="*", help="module file names to run (default: all)")
+    parser.add_argument("--render", type=Path, help="only regenerate RESULTS.md from this results file")
     args = parser.parse_args()
+    if args.render:
+        (BENCH / "RESULTS.md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     started = datetime.now(UTC)
     result = {"started": started.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "machine": machine(),
               "versions": versions(), "load_average": {"before": list(os.getloadavg())}, "rows": [],

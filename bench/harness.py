@@ -125,7 +125,11 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one repeat each, shorter windows (~3 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repeat each, shorter windows, P3 to the first step only (1–3 minutes)",
+    )
     parser.add_argument("--only", nargs="*", help="module file names to run (default: all)")
     parser.add_argument("--render", type=Path, help="only regenerate RESULTS.md from this results file")
     args = parser.parse_args()

@@ -34,7 +34,9 @@ MB = 1024 * 1024
 def chat_file(size: int) -> bytes:
     """Valid chat JSONL of `size` bytes or a little less, in rows of about 8 KB."""
     words = " ".join(f"word{i}" for i in range(1200))
-    row = json.dumps({"messages": [{"role": "user", "content": "Repeat."}, {"role": "assistant", "content": words}]})
+    row = json.dumps(
+        {"messages": [{"role": "user", "content": "Repeat."}, {"role": "assistant", "content": words}]}
+    )
     row_bytes = (row + "\n").encode()
     return row_bytes * (size // len(row_bytes))
 
@@ -62,12 +64,22 @@ def main() -> None:
             redis_process, redis_url = start_redis(Path(tmp))
             processes.append(redis_process)
             s3_url = f"http://127.0.0.1:{free_port()}"
-            moto_args = [sys.executable, "-m", "moto.server", "-p", s3_url.rsplit(":", 1)[1], "-H", "127.0.0.1"]
+            moto_args = [
+                sys.executable,
+                "-m",
+                "moto.server",
+                "-p",
+                s3_url.rsplit(":", 1)[1],
+                "-H",
+                "127.0.0.1",
+            ]
             processes.append(
                 start_process(moto_args, {}, Path(tmp) / "moto.log", lambda: httpx.get(s3_url, timeout=2).is_success,
                               "moto server")
             )  # fmt: skip
-            config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
+            config = Config(
+                request_checksum_calculation="when_required", response_checksum_validation="when_required"
+            )
             s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="bench",
                               aws_secret_access_key="bench", config=config)  # fmt: skip
             s3.create_bucket(Bucket=BUCKET)
@@ -85,7 +97,9 @@ def main() -> None:
 
             def tunery(body: bytes) -> float:
                 started = time.perf_counter()
-                response = http.post("/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"})
+                response = http.post(
+                    "/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"}
+                )
                 file = wait_processed(http, response.raise_for_status().json())
                 seconds = time.perf_counter() - started
                 assert file["status"] == "processed", file
@@ -107,7 +121,9 @@ def main() -> None:
             rss_before = memory_kb(api.pid, "VmRSS")
             large_seconds = tunery(large)
             rss_growth_mb = (memory_kb(api.pid, "VmHWM") - rss_before) / 1024
-            print(f"P5 {len(large) / MB:.0f} MB through the API in {large_seconds:.1f} s, peak RSS +{rss_growth_mb:.0f} MB")
+            print(
+                f"P5 {len(large) / MB:.0f} MB through the API in {large_seconds:.1f} s, peak RSS +{rss_growth_mb:.0f} MB"
+            )
             http.close()
         finally:
             for process in reversed(processes):

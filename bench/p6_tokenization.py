@@ -40,7 +40,9 @@ def main() -> None:
         return len(rows)
 
     def peer() -> float:
-        backend.encode_batch([tokenizer.apply_chat_template(r, tokenize=False) for r in rows], add_special_tokens=False)
+        backend.encode_batch(
+            [tokenizer.apply_chat_template(r, tokenize=False) for r in rows], add_special_tokens=False
+        )
         return len(rows)
 
     results: dict[str, list[float]] = {"tunery": [], "peer": []}

@@ -142,16 +142,20 @@ def test_a_sigkilled_evaluator_mid_evaluation_evaluates_again_and_the_job_succee
     assert _ended_once(live, job_id)["evaluation"] is not None
 
 
-def test_jobs_training_and_waiting_end_exactly_once_through_a_30_second_redis_outage(
+def test_jobs_in_every_stage_end_exactly_once_through_a_30_second_redis_outage(
     own_redis: RedisProcess, live_factory
 ) -> None:
-    """Redis is SIGKILLed for 30 s while one job trains and others are prepared or wait in the queue; it
+    """Redis is SIGKILLed for 30 s while one job is evaluated, one trains and one is being prepared; it
     comes back from its append-only file, and every job succeeds, none twice, no service lost."""
     live = live_factory(own_redis.url, FAST_RECOVERY)
     file_id = _upload(live, ROWS[:20])
-    jobs = [_create(live, file_id, epochs=2, batch_size=1)]
-    _wait_stage(live, jobs[0], "running")
-    jobs += [_create(live, file_id, epochs=1, batch_size=8) for _ in range(2)]
+    # Held-out rows enough for an evaluation that lasts while the next job trains.
+    validation = _upload(live, ROWS[:40])
+    jobs = [_create(live, file_id, epochs=1, batch_size=8, validation_file=validation)]
+    _wait_stage(live, jobs[0], "evaluating")
+    jobs.append(_create(live, file_id, epochs=3, batch_size=1))
+    _wait_stage(live, jobs[1], "running")
+    jobs.append(_create(live, file_id, epochs=1, batch_size=8))
     own_redis.kill()
     time.sleep(30)  # the outage itself
     own_redis.start()

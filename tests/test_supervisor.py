@@ -101,6 +101,21 @@ def test_a_sigkilled_trainer_is_restarted_alone_on_its_metrics_port(stack: Stack
     assert httpx.get(f"{stack.base_url}/readyz").status_code == 200
 
 
+def test_a_sigkilled_inference_worker_is_restarted_and_answers_again(stack: Stack):
+    killed = stack.child("inference")
+    os.kill(killed, signal.SIGKILL)
+    wait_for(lambda: stack.child("inference") != killed, 30, "a new inference worker")
+    wait_for(lambda: port_open(stack.metrics_ports["inference"]), 60, "the new inference worker's metrics")
+    answer = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {stack.key()}"},
+        json={"model": "tunery/tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_a_sigkilled_redis_comes_back_on_its_port_with_every_acknowledged_write(stack: Stack):
     url = stack.redis_url()
     client = redis.Redis.from_url(url)

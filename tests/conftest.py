@@ -220,8 +220,7 @@ def live_factory(tmp_path: Path, s3_server, bucket_storage: S3Storage):
         logs.mkdir(exist_ok=True)
         tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
         started.append(tunery)
-        for service in ("api", "trainer", "evaluator"):
-            tunery.start(service)
+        tunery.start_all("api", "trainer", "evaluator")
         return tunery
 
     try:

@@ -37,15 +37,30 @@ class LiveTunery:
         log.close()
         self.processes[service] = process
         if wait:
-            if service == "api":
-                ready = lambda: httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200  # noqa: E731
-            else:
-                port = int(self.env[f"TUNERY_{service.upper()}_METRICS_PORT"])
-                ready = lambda: port_open(port)  # noqa: E731
-            wait_for(ready, timeout=60, what=f"tunery {service}", process=process)
+            self.wait_ready(service)
         return process
 
+    def start_all(self, *services: str) -> None:
+        """Start several services at once (their imports overlap), then wait until each answers."""
+        for service in services:
+            self.start(service, wait=False)
+        for service in services:
+            self.wait_ready(service)
+
+    def wait_ready(self, service: str) -> None:
+        """The API answers /readyz; a worker serves /metrics once it has imported its tasks."""
+        if service == "api":
+            ready = lambda: httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200  # noqa: E731
+        else:
+            port = int(self.env[f"TUNERY_{service.upper()}_METRICS_PORT"])
+            ready = lambda: port_open(port)  # noqa: E731
+        wait_for(ready, timeout=90, what=f"tunery {service}", process=self.processes[service])
+
     def stop(self) -> None:
+        """SIGTERM every service at once (they stop side by side), then wait for each."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
         for process in self.processes.values():
             stop_process(process, timeout=30)
 

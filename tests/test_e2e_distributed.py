@@ -44,8 +44,7 @@ def live2(tmp_path, redis_url, s3_server, bucket_storage):
         env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=tmp_path / "logs"
     )
     try:
-        for service in ("api", "trainer", "evaluator"):
-            tunery.start(service)
+        tunery.start_all("api", "trainer", "evaluator")
         yield tunery
     finally:
         tunery.stop()

@@ -31,7 +31,7 @@ def build_llama(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
 
-    from shared.builtin_models import CHAT_TEMPLATE
+    from shared.ml.builtin_models import CHAT_TEMPLATE
 
     if (directory / "model.safetensors").is_file():
         return directory
@@ -91,7 +91,7 @@ def matmul_peak_flops(
 
 def alpaca_conversations(limit: int | None = None) -> list[list[dict[str, Any]]]:
     """The alpaca demo rows as chat conversations, converted by Tunery's own reader."""
-    from shared.chat_data import read_conversations
+    from shared.ml.chat_data import read_conversations
 
     return read_conversations(ALPACA, ALPACA.name)[:limit]
 

@@ -34,8 +34,8 @@ from transformers.utils import logging as hf_logging
 
 from services.trainer.loop import StepMetrics
 from services.trainer.sft import SFTConfig, train_sft
-from shared.chat_data import tokenize_dataset
-from shared.model_loading import weights_dtype
+from shared.ml.chat_data import tokenize_dataset
+from shared.ml.model_loading import weights_dtype
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4

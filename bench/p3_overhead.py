@@ -35,12 +35,12 @@ from transformers.utils import logging as hf_logging
 
 from services.evaluator.task import GENERATION_ROWS
 from services.trainer.sft import SFTConfig, train_sft
-from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import iter_batches, read_conversations, render_generation_prompt, tokenize_dataset
-from shared.generation_metrics import MAX_NEW_TOKENS
-from shared.lm_metrics import evaluate_causal_lm
-from shared.model_loading import load_causal_lm
-from shared.splits import holdout_split
+from shared.data.splits import holdout_split
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import iter_batches, read_conversations, render_generation_prompt, tokenize_dataset
+from shared.ml.generation_metrics import MAX_NEW_TOKENS
+from shared.ml.lm_metrics import evaluate_causal_lm
+from shared.ml.model_loading import load_causal_lm
 from tests.helpers import free_port, port_open, stop_process
 
 KEY = "sk-bench-overhead"

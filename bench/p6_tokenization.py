@@ -1,6 +1,6 @@
 """P6: Tunery's chat tokenization of the alpaca demo rows against the raw batched fast tokenizer.
 
-Tunery's side is `shared.chat_data.tokenize_all`, what data preparation and training run: the chat
+Tunery's side is `shared.ml.chat_data.tokenize_all`, what data preparation and training run: the chat
 template rendered per turn to locate the trained reply tokens (loss masking). The peer renders each whole
 conversation once with the same template and encodes all texts in one batched call of the Rust
 `tokenizers` backend (no masks): the floor any chat tokenization pays.
@@ -19,7 +19,7 @@ import common  # noqa: F401 - puts the repository on sys.path
 from common import alpaca_conversations, build_llama, emit
 from transformers import AutoTokenizer
 
-from shared.chat_data import tokenize_all
+from shared.ml.chat_data import tokenize_all
 
 
 def main() -> None:

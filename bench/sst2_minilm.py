@@ -36,15 +36,15 @@ from services.trainer.classification import (
     StopAction,
     train_classification,
 )
-from shared.classification_data import (
+from shared.data.formats import Example
+from shared.ml.classification_data import (
     iter_classification_batches,
     label_vocabulary,
     load_sequence_classifier,
     read_labels,
     tokenize_classification,
 )
-from shared.classification_metrics import evaluate_classifier
-from shared.data_formats import Example
+from shared.ml.classification_metrics import evaluate_classifier
 
 DEFAULT_DATA_DIR = Path("/work/shared/datasets/sst2")
 EVAL_BATCH_SIZE = 64

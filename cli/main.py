@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import Settings, metrics_directory
+from shared.platform.settings import Settings, metrics_directory
 
 app = typer.Typer(help="Tunery: self-hosted LLM fine-tuning.", no_args_is_help=True, add_completion=False)
 
@@ -95,7 +95,7 @@ def evaluator(
     ] = None,
 ) -> None:
     """Run an evaluator worker: data preparation and estimates (prepare), evaluations (eval)."""
-    from shared.queue import EVALUATOR_QUEUES  # not the worker module: metrics must wait for _setup
+    from shared.platform.queue import EVALUATOR_QUEUES  # not the worker module: metrics must wait for _setup
 
     unknown = set(queue or ()) - set(EVALUATOR_QUEUES)
     if unknown:
@@ -128,7 +128,7 @@ app.add_typer(keys_app, name="keys")
 def _key_store(settings: Settings):
     from redis import Redis
 
-    from shared.api_keys import KeyStore
+    from shared.platform.api_keys import KeyStore
 
     url = settings.redis_url
     url_file = settings.data_dir / "redis" / "url"
@@ -149,7 +149,7 @@ def keys_create(
     name: Annotated[str, typer.Option(help="A label for lists")] = "",
 ) -> None:
     """Create a key and print it (the only time it is shown)."""
-    from shared.api_keys import ROLES
+    from shared.platform.api_keys import ROLES
 
     if role not in ROLES:
         typer.secho(f"role must be one of {', '.join(ROLES)}", fg="red", err=True)

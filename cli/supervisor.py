@@ -29,9 +29,9 @@ import httpx
 from redis import Redis
 from rich.console import Console
 
-from shared.api_keys import KeyStore
-from shared.records import DEFAULT_TENANT
-from shared.settings import Settings
+from shared.platform.api_keys import KeyStore
+from shared.platform.records import DEFAULT_TENANT
+from shared.platform.settings import Settings
 
 console = Console(stderr=True)
 

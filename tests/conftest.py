@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.storage import LocalStorage, S3Storage, Storage
+from shared.platform.storage import LocalStorage, S3Storage, Storage
 from tests.api_fixtures import ADMIN_KEY
 from tests.helpers import RedisServer, S3Server, free_port, stop_process, wait_for
 from tests.live import LiveTunery, live_env
@@ -146,7 +146,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def api_settings(redis_url: str, tmp_path: Path, model_cache: Path):
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     return Settings(
         redis_url=redis_url,

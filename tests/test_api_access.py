@@ -9,10 +9,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
-from shared.api_keys import KeyStore
-from shared.job_store import JobStore
-from shared.records import fine_tuned_model_id
-from shared.storage import LocalStorage
+from shared.platform.api_keys import KeyStore
+from shared.platform.job_store import JobStore
+from shared.platform.records import fine_tuned_model_id
+from shared.platform.storage import LocalStorage
 from tests.api_fixtures import chat_lines, prepared
 
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from services.api import file_ingest
-from shared.data_formats import check_dataset
-from shared.validation_process import Budgeted
+from shared.data.formats import check_dataset
+from shared.data.validation_process import Budgeted
 from tests.api_fixtures import chat_lines, prepared
 from tests.served_api import client, served_app
 

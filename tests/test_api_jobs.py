@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from shared.queue import PREPARE_QUEUE, queue, train_queue_name
+from shared.platform.queue import PREPARE_QUEUE, queue, train_queue_name
 from tests.api_fixtures import chat_lines, prepared
 
 
@@ -172,7 +172,7 @@ def test_data_policy_warn_queues_the_job_with_a_warning(api, api_settings):
 
 
 def test_data_policy_redact_trains_on_redacted_text(tmp_path):
-    from shared.chat_data import read_conversations
+    from shared.ml.chat_data import read_conversations
 
     path = tmp_path / "upload"
     path.write_bytes(chat_with_emails(2))

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.builtin_models import ARCHITECTURES, build_tiny_chat_model
-from shared.chat_data import check_eos
+from shared.ml.builtin_models import ARCHITECTURES, build_tiny_chat_model
+from shared.ml.chat_data import check_eos
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

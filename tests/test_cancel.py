@@ -1,4 +1,4 @@
-"""Cancel withdraws a job's waiting tasks from their queues (shared.cancel), on the in-process API and the
+"""Cancel withdraws a job's waiting tasks from their queues (shared.platform.cancel), on the in-process API and the
 real test Redis: with no worker running, nothing would ever take them out otherwise."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared.queue import PREPARE_QUEUE, queue, train_queue_name
+from shared.platform.queue import PREPARE_QUEUE, queue, train_queue_name
 from tests.api_fixtures import chat_lines, prepared
 
 

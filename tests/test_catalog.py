@@ -1,4 +1,4 @@
-"""The model catalog (shared/catalog.py): what operators may list, and how each source becomes a local dir."""
+"""The model catalog (shared/planning/catalog.py): what operators may list, and how each source becomes a local dir."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.catalog import CatalogEntry, CatalogError, ModelUnavailable, load_catalog, materialize
-from shared.settings import Settings
-from shared.storage import S3Storage
+from shared.ml.materialize import materialize
+from shared.planning.catalog import CatalogEntry, CatalogError, load_catalog
+from shared.platform.failures import ModelUnavailable
+from shared.platform.settings import Settings
+from shared.platform.storage import S3Storage
 from tests.helpers import S3Server
 
 BUILT_FILES = {

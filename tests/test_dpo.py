@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.trainer.dpo import DPOConfig, train_dpo
 from services.trainer.loop import StepMetrics
-from shared.builtin_models import build_tiny_chat_model
-from shared.data_formats import Example
-from shared.preference_data import iter_preference_batches, read_preference_examples, tokenize_preferences
-from shared.preference_metrics import dpo_loss, evaluate_preferences, sequence_logps
+from shared.data.formats import Example
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.preference_data import iter_preference_batches, read_preference_examples, tokenize_preferences
+from shared.ml.preference_metrics import dpo_loss, evaluate_preferences, sequence_logps
 
 DPO_DEMO = Path(__file__).parent / "fixtures" / "datasets" / "dpo_en_demo_300.json"  # LLaMA-Factory's demo
 LOG_2 = math.log(2)

@@ -16,9 +16,9 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import storage_keys
-from shared.queue import EVAL_QUEUE, PREPARE_QUEUE, queue, train_queue_name
-from shared.storage import S3Storage
+from shared.platform import storage_keys
+from shared.platform.queue import EVAL_QUEUE, PREPARE_QUEUE, queue, train_queue_name
+from shared.platform.storage import S3Storage
 from tests.api_fixtures import chat_lines
 from tests.live import LiveTunery
 

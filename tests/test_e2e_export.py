@@ -22,7 +22,7 @@ def test_the_merged_export_reproduces_the_adapter_and_ships_with_a_model_card(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.builtin_models import build_tiny_chat_model
+    from shared.ml.builtin_models import build_tiny_chat_model
 
     with live.client() as client:
         file_id = client.post(

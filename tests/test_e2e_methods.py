@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.runtime import Runtime, connect
-from shared.settings import Settings
-from shared.storage import S3Storage
+from shared.platform.runtime import Runtime, connect
+from shared.platform.settings import Settings
+from shared.platform.storage import S3Storage
 from tests.live import LiveTunery, live_env
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from shared import storage_keys
-from shared.storage import S3Storage
+from shared.platform import storage_keys
+from shared.platform.storage import S3Storage
 from tests.api_fixtures import IDENTITY_CHAT, chat_lines
 from tests.live import LiveTunery
 
@@ -94,7 +94,7 @@ def _assert_adapter_changes_the_model(job: dict, storage: S3Storage, tmp_path: P
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.builtin_models import build_tiny_chat_model
+    from shared.ml.builtin_models import build_tiny_chat_model
 
     adapter = tmp_path / "adapter"
     storage.download_prefix(storage_keys.adapter_prefix(job["organization_id"], job["id"]), adapter)

@@ -13,17 +13,17 @@ import redis
 import torch
 
 from services.evaluator.task import ModelScores, _succeed, build_report, evaluate
-from shared import storage_keys
-from shared.file_store import FileStore
-from shared.generation_metrics import GenerationCase
-from shared.group_metrics import group_members, largest_gap, pool_token_metrics
-from shared.ids import new_file_id, new_job_id
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.model_card import render_model_card
-from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings, now
-from shared.settings import Settings
-from shared.storage import LocalStorage
+from shared.ml.generation_metrics import GenerationCase
+from shared.ml.group_metrics import group_members, largest_gap, pool_token_metrics
+from shared.planning.model_card import render_model_card
+from shared.platform import storage_keys
+from shared.platform.file_store import FileStore
+from shared.platform.ids import new_file_id, new_job_id
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.records import FileRecord, Hyperparameters, JobRecord, LoraSettings, now
+from shared.platform.settings import Settings
+from shared.platform.storage import LocalStorage
 
 TENANT = "org-eval"
 
@@ -200,8 +200,9 @@ def evaluated_job(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from shared.catalog import load_catalog, materialize
-    from shared.model_loading import load_causal_lm
+    from shared.ml.materialize import materialize
+    from shared.ml.model_loading import load_causal_lm
+    from shared.planning.catalog import load_catalog
 
     settings = Settings(redis_url=redis_url, data_dir=tmp_path / "data", model_cache_dir=model_cache)
     base_dir = materialize(load_catalog(settings)["tunery/tiny-chat"], settings)

@@ -1,4 +1,4 @@
-"""The chat rules of shared/file_validation.py, applied to uploads through shared.data_formats.
+"""The chat rules of shared/data/file_validation.py, applied to uploads through shared.data.formats.
 
 Hostile files (binary data, huge lines, deep nesting, bombs) are covered in test_data_formats.py.
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from shared.data_formats import DataLimits, DatasetCheck, check_dataset
-from shared.file_validation import chat_example_problem
+from shared.data.file_validation import chat_example_problem
+from shared.data.formats import DataLimits, DatasetCheck, check_dataset
 
 MIB = 1 << 20
 
@@ -35,7 +35,7 @@ def good_lines(n: int = 10) -> bytes:
 
 
 def validate(data: bytes, *, chunk_size: int | None = None, max_line_bytes: int = MIB) -> DatasetCheck:
-    """Chat JSONL through the upload validation (shared.data_formats), as the API runs it."""
+    """Chat JSONL through the upload validation (shared.data.formats), as the API runs it."""
     return check_dataset(
         io.BytesIO(data), filename="train.jsonl", limits=DataLimits(max_line_bytes=max_line_bytes)
     )

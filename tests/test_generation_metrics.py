@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.generation_metrics import (
+from shared.ml.generation_metrics import (
     MAX_NEW_TOKENS,
     GenerationCase,
     corpus_scores,
@@ -100,8 +100,8 @@ def test_a_reply_may_run_past_its_reference_by_a_margin_up_to_a_cap() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, object, set[int]]:
     from transformers import AutoTokenizer
 
-    from shared.builtin_models import build_tiny_chat_model
-    from shared.model_loading import generation_eos_ids, load_causal_lm
+    from shared.ml.builtin_models import build_tiny_chat_model
+    from shared.ml.model_loading import generation_eos_ids, load_causal_lm
 
     directory = build_tiny_chat_model(Path(tmp_path_factory.mktemp("models")) / "tiny", arch="llama")
     tokenizer = AutoTokenizer.from_pretrained(directory)

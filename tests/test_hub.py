@@ -9,12 +9,12 @@ import pytest
 import redis
 
 from services.evaluator.task import _publish_to_hub
-from shared import storage_keys
-from shared.hub import push_to_hub
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.settings import Settings
-from shared.storage import LocalStorage
+from shared.platform import storage_keys
+from shared.platform.hub import push_to_hub
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.settings import Settings
+from shared.platform.storage import LocalStorage
 from tests.helpers import free_port
 from tests.test_job_store import job_record
 

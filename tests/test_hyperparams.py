@@ -1,12 +1,12 @@
-"""The "auto" hyperparameter rules (shared/hyperparams.py) and how `resolve` applies them."""
+"""The "auto" hyperparameter rules (shared/planning/hyperparams.py) and how `resolve` applies them."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.estimate import DataStats, build_estimate
-from shared.gpu_classes import GpuClass
-from shared.hyperparams import (
+from shared.planning.estimate import DataStats, build_estimate
+from shared.planning.gpu_classes import GpuClass
+from shared.planning.hyperparams import (
     LORA_BASE_LEARNING_RATE,
     MAX_AUTO_EPOCHS,
     auto_batch_size,
@@ -14,8 +14,8 @@ from shared.hyperparams import (
     auto_max_seq_length,
     resolve,
 )
-from shared.model_facts import ModelFacts
-from shared.records import LoraSettings
+from shared.planning.model_facts import ModelFacts
+from shared.platform.records import LoraSettings
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_a_calibrated_class_uses_its_measured_speed() -> None:
 
 
 def test_packing_is_chosen_when_it_saves_a_quarter_of_the_compute() -> None:
-    from shared.hyperparams import auto_packing
+    from shared.planning.hyperparams import auto_packing
 
     mixed = [20, 500, 30, 480, 25, 510, 40, 490] * 20  # long and short rows padded together
     assert auto_packing(mixed, 512, 8, seed=0)[0] is True
@@ -227,7 +227,7 @@ def test_packing_is_chosen_when_it_saves_a_quarter_of_the_compute() -> None:
 
 
 def test_a_packed_estimate_counts_packed_rows() -> None:
-    from shared.packing import packed_row_count
+    from shared.planning.packing import packed_row_count
 
     lengths = [100, 200, 300, 50, 60, 500, 10, 20, 30, 40]
     stats = DataStats(train_lengths=lengths, valid_lengths=[40], validation_source="validation_file")

@@ -28,18 +28,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.api.app import create_app
 from services.inference.task import ModelCache, chat_completion, classify
 from services.trainer.classification import ClassificationConfig, train_classification
-from shared import storage_keys
-from shared.api_keys import KeyStore
-from shared.catalog import load_catalog, materialize
-from shared.classification_data import load_sequence_classifier, read_labels
-from shared.data_formats import Example
-from shared.ids import new_id, new_job_id
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.queue import INFERENCE_QUEUE, listening_workers, queue
-from shared.records import DEFAULT_TENANT, JobRecord, LoraSettings, fine_tuned_model_id, now
-from shared.settings import Settings
-from shared.storage import Storage, storage_from_settings
+from shared.data.formats import Example
+from shared.ml.classification_data import load_sequence_classifier, read_labels
+from shared.ml.materialize import materialize
+from shared.planning.catalog import load_catalog
+from shared.platform import storage_keys
+from shared.platform.api_keys import KeyStore
+from shared.platform.ids import new_id, new_job_id
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.queue import INFERENCE_QUEUE, listening_workers, queue
+from shared.platform.records import DEFAULT_TENANT, JobRecord, LoraSettings, fine_tuned_model_id, now
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage, storage_from_settings
 from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
 from tests.helpers import wait_for
 from tests.live import LiveTunery, live_env

@@ -1,4 +1,4 @@
-"""The job state machine (shared/job_states.py): which status changes are legal, and how they read."""
+"""The job state machine (shared/platform/job_states.py): which status changes are legal, and how they read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from shared.job_states import (
+from shared.platform.job_states import (
     TERMINAL_STATES,
     TRANSITIONS,
     IllegalTransition,

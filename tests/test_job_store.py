@@ -1,4 +1,4 @@
-"""Job records, events and manifests (shared/job_store.py) and file records (shared/file_store.py).
+"""Job records, events and manifests (shared/platform/job_store.py) and file records (shared/platform/file_store.py).
 
 Everything runs against the real test Redis and a local storage folder.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import storage_keys
-from shared.file_store import FileStore
-from shared.ids import new_file_id, new_job_id
-from shared.job_states import IllegalTransition, JobState
-from shared.job_store import JobNotFound, JobStore, StaleAttempt
-from shared.records import FileRecord, Hyperparameters, JobError, JobRecord, LoraSettings, now
-from shared.storage import LocalStorage
+from shared.platform import storage_keys
+from shared.platform.file_store import FileStore
+from shared.platform.ids import new_file_id, new_job_id
+from shared.platform.job_states import IllegalTransition, JobState
+from shared.platform.job_store import JobNotFound, JobStore, StaleAttempt
+from shared.platform.records import FileRecord, Hyperparameters, JobError, JobRecord, LoraSettings, now
+from shared.platform.storage import LocalStorage
 
 TENANT = "org-acme"
 HAPPY_PATH = [JobState.QUEUED, JobState.RUNNING, JobState.EVALUATING, JobState.SUCCEEDED]

@@ -15,8 +15,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from services.trainer.launch import accelerate_config, launch_env
 from services.trainer.sft import train_sft
-from shared.builtin_models import build_tiny_chat_model
-from shared.records import Hyperparameters, JobRecord, LoraSettings
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.platform.records import Hyperparameters, JobRecord, LoraSettings
 from tests.test_sft import RecordingHooks, make_config
 
 REPO = Path(__file__).resolve().parents[1]

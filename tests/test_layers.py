@@ -27,7 +27,7 @@ def test_the_api_imports_no_ml_library(tmp_path: Path) -> None:
     script = f"""
 import sys
 from services.api.app import create_app
-from shared.settings import Settings
+from shared.platform.settings import Settings
 create_app(Settings(redis_url="redis://127.0.0.1:9/0", data_dir={str(tmp_path)!r}))
 print(" ".join(name for name in {HEAVY!r} if name in sys.modules))
 """
@@ -106,3 +106,32 @@ def test_services_import_shared_only() -> None:
 
 def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
+
+
+LIGHT_LAYERS = ("shared.platform", "shared.data", "shared.planning", "shared.methods")
+
+
+def test_the_light_layers_of_shared_import_no_ml_library_nor_the_ml_layer() -> None:
+    """shared/platform, data, planning and methods import no torch, transformers, peft or accelerate and
+    nothing of shared/ml, not even inside a function: the API and the light workers rest on them alone."""
+    modules = _modules()
+    found = []
+    for name, path in modules.items():
+        if not any(_within(name, layer) for layer in LIGHT_LAYERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            found += [
+                f"{name} -> {t}" for t in targets if t.split(".")[0] in HEAVY or _within(t, "shared.ml")
+            ]
+    assert found == []
+
+
+def test_every_module_of_shared_lives_in_a_layer() -> None:
+    loose = [p.name for p in (ROOT / "shared").glob("*.py") if p.name != "__init__.py"]
+    assert loose == []

@@ -15,19 +15,12 @@ from transformers.modeling_flash_attention_utils import (
     prepare_fa_kwargs_from_position_ids,
 )
 
-from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import IGNORE_INDEX, TokenizedExample, collate, read_conversations, tokenize_chat
-from shared.estimate import padded_tokens_per_epoch, percentile
-from shared.lm_metrics import token_stats
-from shared.packing import (
-    collate_packed,
-    epoch_rows,
-    pack,
-    packed_padded_tokens,
-    packed_row_count,
-    packing_mode,
-    packing_stats,
-)
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import IGNORE_INDEX, TokenizedExample, collate, read_conversations, tokenize_chat
+from shared.ml.lm_metrics import token_stats
+from shared.ml.packing import collate_packed, packing_mode
+from shared.planning.estimate import padded_tokens_per_epoch, percentile
+from shared.planning.packing import epoch_rows, pack, packed_padded_tokens, packed_row_count, packing_stats
 
 PAD_ID = 258  # <|pad|> of the built-in tiny models
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "identity_chat.jsonl"

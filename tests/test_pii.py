@@ -1,4 +1,4 @@
-"""Personal data and secrets in training text (shared/pii.py): what is found, what is deliberately not.
+"""Personal data and secrets in training text (shared/data/pii.py): what is found, what is deliberately not.
 
 Every kind has positives and near-miss negatives (the shapes that ordinary text, numbers, dates, times
 and versions take), because a scanner that cries wolf on every dataset gets ignored.
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from shared import pii
-from shared.pii import PII_KINDS, find, iban_ok, luhn_ok, redact, scan, scan_each
+from shared.data import pii
+from shared.data.pii import PII_KINDS, find, iban_ok, luhn_ok, redact, scan, scan_each
 
 # Test values: documented examples and well-known test numbers, no real person's data.
 GITHUB_TOKEN = "ghp_" + "a1B2c3D4e5F6g7H8i9J0" + "k1L2m3N4o5P6q7R8"  # 36 characters

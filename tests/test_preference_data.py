@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import IGNORE_INDEX, DataError
-from shared.data_formats import Example, read_examples
-from shared.preference_data import (
+from shared.data.formats import Example, read_examples
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import IGNORE_INDEX, DataError
+from shared.ml.preference_data import (
     collate_pairs,
     iter_preference_batches,
     tokenize_pair,

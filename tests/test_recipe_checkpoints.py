@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from services.trainer.classification import train_classification
 from services.trainer.dpo import train_dpo
-from shared.builtin_models import build_tiny_chat_model
+from shared.ml.builtin_models import build_tiny_chat_model
 from tests.test_checkpoints import FolderSink
 from tests.test_classification import RecordingHooks, llama_config
 from tests.test_dpo import make_config as dpo_config

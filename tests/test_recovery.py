@@ -9,11 +9,11 @@ from pathlib import Path
 
 import redis
 
-from shared import janitor
-from shared.evaluation_store import EvaluationStore
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.queue import (
+from shared.platform import janitor
+from shared.platform.evaluation_store import EvaluationStore
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.queue import (
     EVAL_QUEUE,
     EVAL_TASK,
     PREPARE_QUEUE,
@@ -23,10 +23,10 @@ from shared.queue import (
     enqueue_training,
     queue,
 )
-from shared.records import EvaluationRecord, now
-from shared.recovery import recover_killed_task
-from shared.settings import Settings
-from shared.storage import storage_from_settings
+from shared.platform.records import EvaluationRecord, now
+from shared.platform.recovery import recover_killed_task
+from shared.platform.settings import Settings
+from shared.platform.storage import storage_from_settings
 from tests.test_job_store import job_record
 
 

@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.trainer import sft
 from services.trainer.loop import StepMetrics
 from services.trainer.sft import SFTConfig, train_sft
-from shared import token_cache
-from shared.builtin_models import ARCHITECTURES, build_tiny_chat_model
-from shared.chat_data import DataError, iter_batches, tokenize_chat
-from shared.estimate import count_optimizer_steps
-from shared.lm_metrics import evaluate_causal_lm
-from shared.packing import packed_row_count
-from shared.storage import LocalStorage
+from shared.ml import token_cache
+from shared.ml.builtin_models import ARCHITECTURES, build_tiny_chat_model
+from shared.ml.chat_data import DataError, iter_batches, tokenize_chat
+from shared.ml.lm_metrics import evaluate_causal_lm
+from shared.planning.estimate import count_optimizer_steps
+from shared.planning.packing import packed_row_count
+from shared.platform.storage import LocalStorage
 
 
 def qa(a: int, b: int) -> list[dict]:

@@ -1,5 +1,5 @@
 """Examples truncation leaves with nothing to learn: a job skips them with one warning naming them, and fails
-only when too few are left (`shared.chat_data.MIN_KEPT_FRACTION`), for the training rows and the held-out or
+only when too few are left (`shared.ml.chat_data.MIN_KEPT_FRACTION`), for the training rows and the held-out or
 validation rows alike. Runs the real `validating_files` task on the real Redis and the built-in tiny model."""
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
-from shared.storage import (
+from shared.platform.settings import Settings
+from shared.platform.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,

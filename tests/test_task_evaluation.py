@@ -17,18 +17,19 @@ from services.evaluator import classification_eval, preference_eval
 from services.evaluator.cancellation import CancelWatch, EvaluationCancelled
 from services.trainer.classification import ClassificationConfig, train_classification
 from services.trainer.dpo import DPOConfig, train_dpo
-from shared import storage_keys
-from shared.catalog import load_catalog, materialize
-from shared.classification_data import LABELS_FILE
-from shared.data_formats import Example
-from shared.file_store import FileStore
-from shared.ids import new_file_id, new_job_id
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.records import DEFAULT_TENANT, FileRecord, Hyperparameters, JobRecord, LoraSettings, now
-from shared.settings import Settings
-from shared.storage import Storage, storage_from_settings
-from shared.task_data import split_jsonl
+from shared.data.formats import Example
+from shared.ml.classification_data import LABELS_FILE
+from shared.ml.materialize import materialize
+from shared.ml.task_data import split_jsonl
+from shared.planning.catalog import load_catalog
+from shared.platform import storage_keys
+from shared.platform.file_store import FileStore
+from shared.platform.ids import new_file_id, new_job_id
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.records import DEFAULT_TENANT, FileRecord, Hyperparameters, JobRecord, LoraSettings, now
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage, storage_from_settings
 from tests.test_classification import sentiment
 from tests.test_dpo import sum_pair
 

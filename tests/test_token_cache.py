@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from shared import token_cache
-from shared.builtin_models import build_tiny_chat_model
-from shared.chat_data import TokenizedExample, tokenize_chat
-from shared.storage import LocalStorage, Storage, StorageError
+from shared.ml import token_cache
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import TokenizedExample, tokenize_chat
+from shared.platform.storage import LocalStorage, Storage, StorageError
 
 SHA = "0" * 64
 

@@ -32,15 +32,15 @@ from services.api.console import install_console
 from services.api.context import Context
 from services.api.errors import error_body, install_error_handlers
 from services.api.openapi import install_openapi
-from shared import janitor, metrics
-from shared.api_keys import KeyStore
-from shared.catalog import load_catalog
-from shared.file_store import FileStore
-from shared.gpu_classes import load_gpu_classes
-from shared.job_store import JobStore
-from shared.redis_connection import connect_redis
-from shared.settings import Settings, get_settings, metrics_directory
-from shared.storage import StorageError, storage_from_settings
+from shared.planning.catalog import load_catalog
+from shared.planning.gpu_classes import load_gpu_classes
+from shared.platform import janitor, metrics
+from shared.platform.api_keys import KeyStore
+from shared.platform.file_store import FileStore
+from shared.platform.job_store import JobStore
+from shared.platform.redis_connection import connect_redis
+from shared.platform.settings import Settings, get_settings, metrics_directory
+from shared.platform.storage import StorageError, storage_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 
-from shared.storage import Storage
+from shared.platform.storage import Storage
 
 _DONE = object()
 

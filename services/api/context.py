@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from redis import Redis
 
-from shared.api_keys import KeyStore
-from shared.catalog import CatalogEntry
-from shared.file_store import FileStore
-from shared.gpu_classes import GpuClass
-from shared.job_store import JobStore
-from shared.records import DEFAULT_TENANT
-from shared.settings import Settings
-from shared.storage import Storage
+from shared.planning.catalog import CatalogEntry
+from shared.planning.gpu_classes import GpuClass
+from shared.platform.api_keys import KeyStore
+from shared.platform.file_store import FileStore
+from shared.platform.job_store import JobStore
+from shared.platform.records import DEFAULT_TENANT
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
 
 
 @dataclass

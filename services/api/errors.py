@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.job_states import IllegalTransition
-from shared.storage import ObjectNotFound, StorageError
+from shared.platform.job_states import IllegalTransition
+from shared.platform.storage import ObjectNotFound, StorageError
 
 ERROR_TYPES = {
     400: "invalid_request_error",

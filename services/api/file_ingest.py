@@ -1,4 +1,4 @@
-"""Storing a dataset: validated (every format of shared.data_formats) and then streamed to storage."""
+"""Storing a dataset: validated (every format of shared.data.formats) and then streamed to storage."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path, PurePath
 
 from services.api.context import Context
 from services.api.errors import APIError
-from shared import storage_keys
-from shared.data_formats import DataLimits
-from shared.ids import new_file_id
-from shared.records import FileRecord, now
-from shared.splits import suggested_split
-from shared.validation_process import ValidationTimeout, check_file
+from shared.data.formats import DataLimits
+from shared.data.splits import suggested_split
+from shared.data.validation_process import ValidationTimeout, check_file
+from shared.platform import storage_keys
+from shared.platform.ids import new_file_id
+from shared.platform.records import FileRecord, now
 
 UPLOAD_PURPOSES = ("fine-tune",)
 MAX_FILENAME_CHARS = 255
@@ -49,7 +49,7 @@ def ingest(
 ) -> FileRecord:
     """Store the local file at `path` as a new file of `tenant`; bad files get status `error`.
 
-    Two passes over the local copy: validation (in a worker process, shared.validation_process), then the
+    Two passes over the local copy: validation (in a worker process, shared.data.validation_process), then the
     upload. A file with problems is still stored, so its owner can fetch it and see what the report says,
     but no job accepts it.
     """
@@ -84,7 +84,7 @@ def ingest(
         report={
             "stats": check.stats,
             "personal_data": check.pii,
-            # Used when a job names no validation file (shared/splits.py).
+            # Used when a job names no validation file (shared/data/splits.py).
             "suggested_split": suggested_split(check.n_examples) if check.n_examples else None,
         },
     )

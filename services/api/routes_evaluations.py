@@ -16,10 +16,10 @@ from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.routes_jobs import EXPECTED_DATA, TASK_OF_METHOD
 from services.api.schemas import Evaluation, EvaluationCreate, EvaluationList, list_object
-from shared.evaluation_store import EvaluationStore
-from shared.ids import new_id
-from shared.queue import enqueue_standalone_evaluation
-from shared.records import EvaluationRecord, now
+from shared.platform.evaluation_store import EvaluationStore
+from shared.platform.ids import new_id
+from shared.platform.queue import enqueue_standalone_evaluation
+from shared.platform.records import EvaluationRecord, now
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 

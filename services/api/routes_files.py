@@ -17,9 +17,9 @@ from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
 from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
-from shared.data_formats import FORMATS
-from shared.queue import TOKEN_REPORT_TASK, run_estimate
-from shared.records import FileRecord
+from shared.data.formats import FORMATS
+from shared.platform.queue import TOKEN_REPORT_TASK, run_estimate
+from shared.platform.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 

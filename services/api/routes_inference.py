@@ -25,14 +25,14 @@ from services.api.schemas import (
     ClassificationCreate,
     ClassificationList,
 )
-from shared.queue import (
+from shared.platform.queue import (
     CHAT_COMPLETION_TASK,
     CLASSIFICATION_TASK,
     INFERENCE_QUEUE,
     listening_workers,
     run_inference,
 )
-from shared.records import now
+from shared.platform.records import now
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 

@@ -26,13 +26,13 @@ from services.api.schemas import (
     job_object,
     list_object,
 )
-from shared import storage_keys
-from shared.cancel import cancel
-from shared.ids import new_job_id
-from shared.job_states import JobState, is_terminal
-from shared.queue import enqueue_preparation, run_estimate
-from shared.records import Budget, FileRecord, JobRecord, LoraSettings, now
-from shared.recovery import requeue_as_new_attempt
+from shared.platform import storage_keys
+from shared.platform.cancel import cancel
+from shared.platform.ids import new_job_id
+from shared.platform.job_states import JobState, is_terminal
+from shared.platform.queue import enqueue_preparation, run_estimate
+from shared.platform.records import Budget, FileRecord, JobRecord, LoraSettings, now
+from shared.platform.recovery import requeue_as_new_attempt
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 

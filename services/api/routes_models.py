@@ -8,8 +8,8 @@ from services.api.auth import Caller, caller_tenant, require_admin
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.schemas import Deleted, Model, ModelList, list_object
-from shared import storage_keys
-from shared.catalog import CatalogEntry
+from shared.planning.catalog import CatalogEntry
+from shared.platform import storage_keys
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -23,8 +23,8 @@ from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
 from services.api.schemas import Upload, UploadPart, file_object
-from shared.ids import new_id
-from shared.records import now
+from shared.platform.ids import new_id
+from shared.platform.records import now
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
-from shared.usage import tenant_usage
+from shared.platform.usage import tenant_usage
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"])
 

@@ -10,8 +10,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.job_states import public_status
-from shared.records import Distributed, FileRecord, JobRecord, LearningRateSweep, LoraSettings, MethodType
+from shared.platform.job_states import public_status
+from shared.platform.records import (
+    Distributed,
+    FileRecord,
+    JobRecord,
+    LearningRateSweep,
+    LoraSettings,
+    MethodType,
+)
 
 Auto = Literal["auto"]
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from shared.job_states import JobState
-from shared.job_store import JobStore
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
 
 if TYPE_CHECKING:
     import torch

@@ -3,7 +3,7 @@ held-out rows.
 
 The untuned model is the base model with a fresh classification head initialised from the job's seed, as
 the recipe initialised the head it then trained: what the job started from. Both are scored with
-`shared.classification_metrics` (accuracy, macro-F1, per-class precision, recall and F1, the confusion
+`shared.ml.classification_metrics` (accuracy, macro-F1, per-class precision, recall and F1, the confusion
 matrix), overall and, when rows carry a group field, per group with the gap between the best and the worst
 group. The verdict follows the accuracy.
 """
@@ -19,8 +19,7 @@ from redis import Redis
 from transformers import AutoTokenizer
 
 from services.evaluator.cancellation import CancelWatch, watching
-from shared.catalog import load_catalog, materialize
-from shared.classification_data import (
+from shared.ml.classification_data import (
     DEFAULT_GROUP_FIELD,
     iter_classification_batches,
     load_sequence_classifier,
@@ -28,14 +27,16 @@ from shared.classification_data import (
     read_labels,
     tokenize_classification,
 )
-from shared.classification_metrics import evaluate_classifier
-from shared.failures import JobFailure
-from shared.group_metrics import largest_gap
-from shared.model_loading import default_device, weights_dtype
-from shared.records import JobRecord
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.task_data import read_validation_rows
+from shared.ml.classification_metrics import evaluate_classifier
+from shared.ml.group_metrics import largest_gap
+from shared.ml.materialize import materialize
+from shared.ml.model_loading import default_device, weights_dtype
+from shared.ml.task_data import read_validation_rows
+from shared.planning.catalog import load_catalog
+from shared.platform.failures import JobFailure
+from shared.platform.records import JobRecord
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
 
 EVAL_BATCH_SIZE = 32
 # An accuracy change smaller than this is "unchanged" (half a percentage point).

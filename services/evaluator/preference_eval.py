@@ -1,6 +1,6 @@
 """The evaluation of a DPO job: the base model and the preference-tuned adapter on the same held-out pairs.
 
-Two families of figures (`shared.preference_metrics`):
+Two families of figures (`shared.ml.preference_metrics`):
 
 - each model's own ranking, comparable between the two: `preference_accuracy` (the share of pairs whose
   chosen reply gets the higher mean log-probability per token) and `logp_margin`;
@@ -25,16 +25,17 @@ from redis import Redis
 from transformers import AutoTokenizer
 
 from services.evaluator.cancellation import CancelWatch, watching
-from shared.catalog import load_catalog, materialize
-from shared.failures import JobFailure
-from shared.group_metrics import largest_gap
-from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
-from shared.preference_data import DEFAULT_GROUP_FIELD, iter_preference_batches, tokenize_preferences
-from shared.preference_metrics import evaluate_preferences
-from shared.records import JobRecord
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.task_data import read_validation_rows
+from shared.ml.group_metrics import largest_gap
+from shared.ml.materialize import materialize
+from shared.ml.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
+from shared.ml.preference_data import DEFAULT_GROUP_FIELD, iter_preference_batches, tokenize_preferences
+from shared.ml.preference_metrics import evaluate_preferences
+from shared.ml.task_data import read_validation_rows
+from shared.planning.catalog import load_catalog
+from shared.platform.failures import JobFailure
+from shared.platform.records import JobRecord
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
 
 EVAL_BATCH_SIZE = 8  # pairs: 16 sequences a forward pass
 LOSS_TOLERANCE = 1e-3  # a DPO loss this close to log 2 is "unchanged"

@@ -2,7 +2,7 @@
 
 Runs on the evaluator (a CPU worker with transformers), on the `prepare` queue. It tokenizes the
 data with the base model's own tokenizer and chat template (the trainer's code), resolves every
-"auto" setting with the rules of shared.hyperparams, fails bad data loudly before any training,
+"auto" setting with the rules of shared.planning.hyperparams, fails bad data loudly before any training,
 and computes the estimate (tokens, steps, memory, duration, cost per GPU class).
 """
 
@@ -19,11 +19,8 @@ from typing import Any
 from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
-from shared import hyperparams, metrics
-from shared.calibration import calibrated_flops
-from shared.cancel import withdraw_if_cancelled
-from shared.catalog import load_catalog, materialize
-from shared.chat_data import (
+from shared.data.splits import holdout_split
+from shared.ml.chat_data import (
     ChatTemplateError,
     DataError,
     Skipped,
@@ -35,23 +32,28 @@ from shared.chat_data import (
     skipped_note,
     tokenize_chat,
 )
-from shared.classification_data import is_encoder, label_vocabulary, tokenize_classification
-from shared.estimate import DataStats, Workload, build_estimate, token_summary
-from shared.failures import JobFailure, classify
-from shared.file_store import FileStore
-from shared.gpu_classes import load_gpu_classes
-from shared.job_states import IllegalTransition, JobState
-from shared.model_facts import read_model_facts
-from shared.model_loading import generation_eos_ids
-from shared.preference_data import PreferencePair, tokenize_pairs, tokenize_preferences
-from shared.queue import enqueue_training
-from shared.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
-from shared.redis_connection import connect_redis
-from shared.runtime import connect
-from shared.settings import Settings, get_settings
-from shared.splits import holdout_split
-from shared.storage import storage_from_settings
-from shared.task_data import read_rows
+from shared.ml.classification_data import is_encoder, label_vocabulary, tokenize_classification
+from shared.ml.materialize import materialize
+from shared.ml.model_loading import generation_eos_ids
+from shared.ml.preference_data import PreferencePair, tokenize_pairs, tokenize_preferences
+from shared.ml.task_data import read_rows
+from shared.planning import hyperparams
+from shared.planning.calibration import calibrated_flops
+from shared.planning.catalog import load_catalog
+from shared.planning.estimate import DataStats, Workload, build_estimate, token_summary
+from shared.planning.gpu_classes import load_gpu_classes
+from shared.planning.model_facts import read_model_facts
+from shared.platform import metrics
+from shared.platform.cancel import withdraw_if_cancelled
+from shared.platform.failures import JobFailure, classify
+from shared.platform.file_store import FileStore
+from shared.platform.job_states import IllegalTransition, JobState
+from shared.platform.queue import enqueue_training
+from shared.platform.records import FileRecord, Hyperparameters, JobRecord, LoraSettings
+from shared.platform.redis_connection import connect_redis
+from shared.platform.runtime import connect
+from shared.platform.settings import Settings, get_settings
+from shared.platform.storage import storage_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import logging
 from typing import Any
 
 from services.evaluator import task as chat_evaluation
-from shared import storage_keys
-from shared.evaluation_store import EvaluationStore
-from shared.failures import JobFailure, classify
-from shared.records import EvaluationRecord, JobRecord, now
-from shared.runtime import Runtime, connect
+from shared.platform import storage_keys
+from shared.platform.evaluation_store import EvaluationStore
+from shared.platform.failures import JobFailure, classify
+from shared.platform.records import EvaluationRecord, JobRecord, now
+from shared.platform.runtime import Runtime, connect
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The evaluation task: the base model and the fine-tuned model on the same held-out rows.
 
 It reports loss, perplexity and token accuracy for both on every row, and what each model replies to
-the first prompts (greedy, scored against the reference replies; shared.generation_metrics), each
+the first prompts (greedy, scored against the reference replies; shared.ml.generation_metrics), each
 also per group of rows when the rows carry a group field, with the gap between the best and the worst
 group. It stores the report and the replies beside the artifacts, names the fine-tuned model and moves
 the job to `succeeded`. A job cancelled meanwhile stops its evaluation within a second
@@ -24,15 +24,11 @@ from redis import Redis
 
 from services.evaluator import classification_eval, preference_eval
 from services.evaluator.cancellation import CancelWatch, EvaluationCancelled, watching
-from shared import metrics, pii, storage_keys
-from shared.cancel import withdraw_if_cancelled
-from shared.catalog import load_catalog, materialize
-from shared.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
-from shared.classification_data import DEFAULT_GROUP_FIELD
-from shared.data_formats import read_examples
-from shared.failures import JobFailure, classify
-from shared.file_store import FileStore
-from shared.generation_metrics import (
+from shared.data import pii
+from shared.data.formats import read_examples
+from shared.ml.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
+from shared.ml.classification_data import DEFAULT_GROUP_FIELD
+from shared.ml.generation_metrics import (
     GENERATION_METRICS,
     MAIN_METRIC,
     MAX_NEW_TOKENS,
@@ -43,18 +39,24 @@ from shared.generation_metrics import (
     generation_cases,
     row_scores,
 )
-from shared.group_metrics import group_members, largest_gap, pool_token_metrics
-from shared.hub import push_to_hub
-from shared.job_states import JobState
-from shared.job_store import JobStore, StaleAttempt
-from shared.lm_metrics import evaluate_causal_lm
-from shared.model_card import render_model_card
-from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
-from shared.queue import enqueue_evaluation
-from shared.records import JobRecord, fine_tuned_model_id
-from shared.runtime import connect
-from shared.settings import Settings
-from shared.storage import Storage
+from shared.ml.group_metrics import group_members, largest_gap, pool_token_metrics
+from shared.ml.lm_metrics import evaluate_causal_lm
+from shared.ml.materialize import materialize
+from shared.ml.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
+from shared.planning.catalog import load_catalog
+from shared.planning.model_card import render_model_card
+from shared.platform import metrics, storage_keys
+from shared.platform.cancel import withdraw_if_cancelled
+from shared.platform.failures import JobFailure, classify
+from shared.platform.file_store import FileStore
+from shared.platform.hub import push_to_hub
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore, StaleAttempt
+from shared.platform.queue import enqueue_evaluation
+from shared.platform.records import JobRecord, fine_tuned_model_id
+from shared.platform.runtime import connect
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
 
 log = logging.getLogger(__name__)
 

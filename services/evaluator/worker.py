@@ -4,9 +4,9 @@ user is waiting on it."""
 
 from pathlib import Path
 
-from shared import worker
-from shared.queue import EVAL_QUEUE, EVALUATOR_QUEUES, PREPARE_QUEUE
-from shared.settings import Settings
+from shared.platform import worker
+from shared.platform.queue import EVAL_QUEUE, EVALUATOR_QUEUES, PREPARE_QUEUE
+from shared.platform.settings import Settings
 
 # The modules of each queue's tasks, imported once by the worker rather than by every task.
 TASK_MODULES = {

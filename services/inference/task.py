@@ -33,21 +33,23 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from shared import metrics
-from shared.catalog import CatalogEntry, ModelUnavailable, load_catalog, materialize
-from shared.chat_data import ChatTemplateError, render_generation_prompt
-from shared.classification_data import (
+from shared.ml.chat_data import ChatTemplateError, render_generation_prompt
+from shared.ml.classification_data import (
     TokenizedClassification,
     collate_classification,
     load_sequence_classifier,
     pad_token_id,
     read_labels,
 )
-from shared.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
-from shared.records import JobRecord
-from shared.runtime import connect
-from shared.settings import Settings, get_settings
-from shared.storage import Storage, StorageError
+from shared.ml.materialize import materialize
+from shared.ml.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
+from shared.planning.catalog import CatalogEntry, load_catalog
+from shared.platform import metrics
+from shared.platform.failures import ModelUnavailable
+from shared.platform.records import JobRecord
+from shared.platform.runtime import connect
+from shared.platform.settings import Settings, get_settings
+from shared.platform.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

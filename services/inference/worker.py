@@ -1,15 +1,15 @@
 """The inference process: an RQ worker on the `inference` queue that answers smoke-test chat completions
 and classifications.
 
-Unlike the trainer and the evaluator it does not fork a work horse per task (shared.worker.InProcessWorker): tasks run
+Unlike the trainer and the evaluator it does not fork a work horse per task (shared.platform.worker.InProcessWorker): tasks run
 in this process, so the models they load stay in memory for the next request.
 """
 
 from pathlib import Path
 
-from shared import worker
-from shared.queue import INFERENCE_QUEUE
-from shared.settings import Settings
+from shared.platform import worker
+from shared.platform.queue import INFERENCE_QUEUE
+from shared.platform.settings import Settings
 
 
 def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:

@@ -1,6 +1,6 @@
 """Text classification: an encoder or decoder model with a classification head, one readable training loop.
 
-The classic AutoTrain task. Labels come from the training data (`shared.classification_data`); the model is
+The classic AutoTrain task. Labels come from the training data (`shared.ml.classification_data`); the model is
 `AutoModelForSequenceClassification` with that many classes and their names in its config. Two methods:
 
 - "full": every weight trains (the usual choice for encoders of up to ~150M parameters: BERT, MiniLM,
@@ -44,7 +44,8 @@ from services.trainer.loop import (
     epoch_batches,
     stop_requested,
 )
-from shared.classification_data import (
+from shared.data.formats import Example
+from shared.ml.classification_data import (
     DEFAULT_GROUP_FIELD,
     class_weights,
     collate_classification,
@@ -55,11 +56,10 @@ from shared.classification_data import (
     tokenize_classification,
     write_labels,
 )
-from shared.classification_metrics import evaluate_classifier, summary
-from shared.data_formats import Example
-from shared.estimate import count_optimizer_steps
-from shared.hyperparams import FULL_FINE_TUNE_MAX_PARAMS
-from shared.model_loading import weights_dtype
+from shared.ml.classification_metrics import evaluate_classifier, summary
+from shared.ml.model_loading import weights_dtype
+from shared.planning.estimate import count_optimizer_steps
+from shared.planning.hyperparams import FULL_FINE_TUNE_MAX_PARAMS
 
 log = logging.getLogger(__name__)
 

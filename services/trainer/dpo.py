@@ -1,10 +1,10 @@
 """Direct preference optimisation (DPO) of a causal LM with LoRA on preference pairs: one readable loop.
 
-Each example is a prompt with a chosen and a rejected reply (`shared.preference_data`). The policy is the
+Each example is a prompt with a chosen and a rejected reply (`shared.ml.preference_data`). The policy is the
 base model with a LoRA adapter; the reference is the same model with the adapter disabled, so there is no
 second copy of the weights in memory, and at step 0 (LoRA's B matrices start at zero) policy and reference
 agree and the loss is log 2. The loss is the sigmoid DPO loss on summed reply log-probabilities
-(`shared.preference_metrics.dpo_loss`, with conservative-DPO label smoothing), a mean per pair across the
+(`shared.ml.preference_metrics.dpo_loss`, with conservative-DPO label smoothing), a mean per pair across the
 accumulation window and all processes, so gradient accumulation and batch size do not change what is
 optimised.
 
@@ -44,17 +44,17 @@ from services.trainer.loop import (
     epoch_batches,
     stop_requested,
 )
-from shared.chat_data import check_eos
-from shared.data_formats import Example
-from shared.estimate import count_optimizer_steps
-from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
-from shared.preference_data import (
+from shared.data.formats import Example
+from shared.ml.chat_data import check_eos
+from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
+from shared.ml.preference_data import (
     DEFAULT_GROUP_FIELD,
     collate_pairs,
     iter_preference_batches,
     tokenize_preferences,
 )
-from shared.preference_metrics import dpo_loss, evaluate_preferences, pair_logps, summary
+from shared.ml.preference_metrics import dpo_loss, evaluate_preferences, pair_logps, summary
+from shared.planning.estimate import count_optimizer_steps
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.checkpointing import LoopState
-from shared import storage_keys
-from shared.ids import new_id
-from shared.job_store import JobStore
-from shared.records import JobRecord, ResumeCheckpoint, fine_tuned_model_id, now
-from shared.settings import Settings
-from shared.storage import Storage
+from shared.platform import storage_keys
+from shared.platform.ids import new_id
+from shared.platform.job_store import JobStore
+from shared.platform.records import JobRecord, ResumeCheckpoint, fine_tuned_model_id, now
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
 
 log = logging.getLogger(__name__)
 

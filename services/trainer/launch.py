@@ -44,13 +44,13 @@ from typing import Any
 
 import yaml
 
-from shared import storage_keys
-from shared.failures import JobFailure
-from shared.job_store import StaleAttempt
-from shared.queue import TRAIN_TASK
-from shared.records import JobError, JobRecord
-from shared.recovery import recover_killed_task
-from shared.settings import Settings
+from shared.platform import storage_keys
+from shared.platform.failures import JobFailure
+from shared.platform.job_store import StaleAttempt
+from shared.platform.queue import TRAIN_TASK
+from shared.platform.records import JobError, JobRecord
+from shared.platform.recovery import recover_killed_task
+from shared.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class _Leaving:
 
 def follow_group(settings: Settings, poll_seconds: float = 1.0) -> None:
     """A trainer group's rank > 0: start this node's processes for each attempt rank 0 announces."""
-    from shared.runtime import connect
+    from shared.platform.runtime import connect
 
     if not settings.trainer_main_address:
         raise SystemExit("a trainer of rank > 0 needs TUNERY_TRAINER_MAIN_ADDRESS (its group's rank-0 pod)")
@@ -325,7 +325,8 @@ def follow_group(settings: Settings, poll_seconds: float = 1.0) -> None:
 
 def _follow(runtime: Any, settings: Settings, record: JobRecord, spec_key: str) -> None:
     """This node's processes for one attempt, with its own copies of the model and the checkpoint."""
-    from shared.catalog import load_catalog, materialize
+    from shared.ml.materialize import materialize
+    from shared.planning.catalog import load_catalog
 
     with tempfile.TemporaryDirectory(prefix=f"tunery-{record.id}-rank{settings.trainer_node_rank}-") as tmp:
         workdir = Path(tmp)
@@ -365,8 +366,8 @@ def main(spec_path: str) -> None:
 
     from services.trainer.job_checkpoints import JobCheckpoints
     from services.trainer.run import Preemption, ProgressHooks, RunContext
-    from shared.failures import classify
-    from shared.runtime import connect
+    from shared.platform.failures import classify
+    from shared.platform.runtime import connect
 
     spec: LaunchSpec = pickle.loads(Path(spec_path).read_bytes())
     # Joins the process group (which process is this?); on a CPU class over gloo, as the recipe's

@@ -15,15 +15,15 @@ from pathlib import Path
 from redis import Redis
 
 from services.trainer.loop import StepMetrics, StopAction
-from shared import metrics
-from shared.cost import cost_usd
-from shared.gpu_classes import load_gpu_classes
-from shared.job_states import JobState
-from shared.job_store import JobStore
-from shared.records import JobRecord, now
-from shared.settings import Settings
-from shared.storage import Storage
-from shared.usage import add_usage
+from shared.planning.cost import cost_usd
+from shared.planning.gpu_classes import load_gpu_classes
+from shared.platform import metrics
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore
+from shared.platform.records import JobRecord, now
+from shared.platform.settings import Settings
+from shared.platform.storage import Storage
+from shared.platform.usage import add_usage
 
 # The validation figures each recipe reports at an epoch's end (its `valid_metrics`), kept per step.
 VALIDATION_METRICS = {

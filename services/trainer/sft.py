@@ -5,9 +5,9 @@ tiny model on a CPU in tests. Loss is per trainable token across the whole accum
 processes), so gradient accumulation and batch size do not change what is optimised.
 
 With `packing`, each micro-batch is `batch_size` rows of up to `max_seq_length` tokens, each row holding
-several whole examples that cannot attend to each other (shared/packing.py); the examples are shuffled
+several whole examples that cannot attend to each other (shared/ml/packing.py); the examples are shuffled
 and packed again every epoch. With `token_cache`, tokenized datasets are kept in storage
-(shared/token_cache.py), so another run on the same data (a retry, a sweep trial) does not tokenize again.
+(shared/ml/token_cache.py), so another run on the same data (a retry, a sweep trial) does not tokenize again.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from services.trainer.loop import (
     epoch_batches,
     stop_requested,
 )
-from shared import token_cache
-from shared.chat_data import (
+from shared.ml import token_cache
+from shared.ml.chat_data import (
     Messages,
     TokenizedExample,
     check_eos,
@@ -49,12 +49,13 @@ from shared.chat_data import (
     tokenize_all,
     tokenize_dataset,
 )
-from shared.estimate import count_optimizer_steps
-from shared.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
-from shared.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
-from shared.packing import PackingStats, collate_packed, epoch_rows, packing_mode, packing_stats
-from shared.storage import Storage
-from shared.token_cache import PREFIX as TOKEN_CACHE_PREFIX
+from shared.ml.lm_metrics import TokenStats, evaluate_causal_lm, token_stats
+from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
+from shared.ml.packing import collate_packed, packing_mode
+from shared.ml.token_cache import PREFIX as TOKEN_CACHE_PREFIX
+from shared.planning.estimate import count_optimizer_steps
+from shared.planning.packing import PackingStats, epoch_rows, packing_stats
+from shared.platform.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -23,25 +23,26 @@ from services.trainer.launch import run_launched, world_size
 from services.trainer.loop import StepMetrics, StopAction
 from services.trainer.run import Preemption, ProgressHooks, RunContext
 from services.trainer.sft import SFTConfig, SFTResult, train_sft
-from shared import metrics, storage_keys
-from shared.calibration import record_throughput
-from shared.cancel import withdraw_if_cancelled
-from shared.catalog import load_catalog, materialize
-from shared.chat_data import ChatTemplateError, DataError, read_chat_examples
-from shared.classification_data import LABELS_FILE
-from shared.estimate import count_optimizer_steps
-from shared.export import merge_adapter
-from shared.failures import JobFailure, classify
-from shared.file_store import FileStore
-from shared.ids import new_file_id, new_id
-from shared.job_states import JobState
-from shared.job_store import JobStore, StaleAttempt
-from shared.queue import enqueue_evaluation
-from shared.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
-from shared.recovery import requeue_as_new_attempt
-from shared.runtime import connect
-from shared.splits import holdout_split
-from shared.task_data import read_rows, split_jsonl
+from shared.data.splits import holdout_split
+from shared.ml.chat_data import ChatTemplateError, DataError, read_chat_examples
+from shared.ml.classification_data import LABELS_FILE
+from shared.ml.export import merge_adapter
+from shared.ml.materialize import materialize
+from shared.ml.task_data import read_rows, split_jsonl
+from shared.planning.calibration import record_throughput
+from shared.planning.catalog import load_catalog
+from shared.planning.estimate import count_optimizer_steps
+from shared.platform import metrics, storage_keys
+from shared.platform.cancel import withdraw_if_cancelled
+from shared.platform.failures import JobFailure, classify
+from shared.platform.file_store import FileStore
+from shared.platform.ids import new_file_id, new_id
+from shared.platform.job_states import JobState
+from shared.platform.job_store import JobStore, StaleAttempt
+from shared.platform.queue import enqueue_evaluation
+from shared.platform.records import FileRecord, JobError, JobRecord, fine_tuned_model_id, now
+from shared.platform.recovery import requeue_as_new_attempt
+from shared.platform.runtime import connect
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@ a trainer group of n nodes, whose other ranks follow it (services.trainer.launch
 
 from pathlib import Path
 
-from shared import worker
-from shared.queue import train_queue_name
-from shared.settings import Settings
+from shared.platform import worker
+from shared.platform.queue import train_queue_name
+from shared.platform.settings import Settings
 
 
 def run_worker(settings: Settings, multiprocess_dir: Path | None) -> None:

@@ -68,6 +68,7 @@ export async function request(method, path, { body, key = apiKey(), signal } = {
 
 export const get = (path, options) => request("GET", path, options);
 export const post = (path, body, options) => request("POST", path, { ...options, body });
+export const del = (path, options) => request("DELETE", path, options);
 
 // The raw body of a download (a file's content, an artifact archive) as a Response.
 export async function download(path, { signal } = {}) {
@@ -76,12 +77,39 @@ export async function download(path, { signal } = {}) {
   return response;
 }
 
-// Upload a file (multipart POST /v1/files) with progress: XMLHttpRequest reports upload progress,
-// fetch() does not. Resolves with the file object, rejects with an ApiError.
-export function uploadFile(file, { purpose = "fine-tune", onProgress = () => {} } = {}) {
+// Files up to this size go in one request (POST /v1/files); larger ones through the Uploads API in parts
+// of this size, so no single request is large (the server's part limit is 64 MiB by default).
+export const PART_BYTES = 16 * 1024 * 1024;
+
+// Upload a file with progress (onProgress(share) from 0 to 1); resolves with the file object. Small files
+// go in one multipart POST /v1/files; large ones through POST /v1/uploads, its parts, and complete.
+export async function uploadFile(file, { purpose = "fine-tune", onProgress = () => {} } = {}) {
+  if (file.size <= PART_BYTES) return sendForm("/v1/files", { purpose, file }, onProgress);
+  const upload = await post("/v1/uploads", { filename: file.name, purpose, bytes: file.size, mime_type: file.type || "application/octet-stream" });
+  const partIds = [];
+  try {
+    for (let start = 0; start < file.size; start += PART_BYTES) {
+      const part = file.slice(start, start + PART_BYTES);
+      const sent = await sendForm(`/v1/uploads/${encodeURIComponent(upload.id)}/parts`, { data: part }, (share) =>
+        onProgress((start + share * part.size) / file.size),
+      );
+      partIds.push(sent.id);
+    }
+    // Completing validates the whole file: the bar stays full while the server checks it.
+    const done = await post(`/v1/uploads/${encodeURIComponent(upload.id)}/complete`, { part_ids: partIds });
+    return done.file;
+  } catch (error) {
+    await post(`/v1/uploads/${encodeURIComponent(upload.id)}/cancel`).catch(() => {});
+    throw error;
+  }
+}
+
+// A multipart POST with upload progress: XMLHttpRequest reports it, fetch() does not. Resolves with the
+// JSON answer, rejects with an ApiError.
+function sendForm(path, fields, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", "/v1/files");
+    xhr.open("POST", path);
     xhr.setRequestHeader("Authorization", `Bearer ${apiKey()}`);
     xhr.responseType = "json";
     xhr.upload.addEventListener("progress", (event) => {
@@ -100,8 +128,10 @@ export function uploadFile(file, { purpose = "fine-tune", onProgress = () => {} 
     });
     xhr.addEventListener("error", () => reject(new ApiError(0, "the upload failed: the server could not be reached")));
     const form = new FormData();
-    form.append("purpose", purpose);
-    form.append("file", file, file.name);
+    for (const [name, value] of Object.entries(fields)) {
+      if (value instanceof File) form.append(name, value, value.name);
+      else form.append(name, value);
+    }
     xhr.send(form);
   });
 }

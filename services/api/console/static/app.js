@@ -1,21 +1,16 @@
 // The Tunery console: a small single-page app on the public REST API (see api.js). Pages are routed by
 // the URL's hash (#/jobs, #/jobs/<id>?tab=…, #/compare?jobs=a,b, #/files, #/files/<id>, #/new, #/models,
-// #/signin). The job page's evaluation, playground and export tabs are in job-tabs.js.
+// #/evaluations, #/evaluations/<id>, #/keys, #/signin). The job page's evaluation, playground and export
+// tabs are in job-tabs.js; the files pages in files.js, evaluations in evaluations.js, keys in keys.js.
 import * as api from "./api.js";
 import { CompareChart, LossChart } from "./chart.js";
-import { announce, append, errorBox, h, replace, tableWrap } from "./dom.js";
+import { announce, append, errorBox, h, heading, replace, stats, tableWrap, view } from "./dom.js";
+import { evaluationsPage, evaluationPage } from "./evaluations.js";
+import { filePage, filesPage } from "./files.js";
 import { evaluationPanel, exportPanel, playgroundPanel, sweepTable } from "./job-tabs.js";
+import { keysPage } from "./keys.js";
 import { readTar } from "./tar.js";
-import {
-  asConversation,
-  firstExamples,
-  formatBytes,
-  formatCost,
-  formatDuration,
-  formatNumber,
-  formatTime,
-  parseProblems,
-} from "./data.js";
+import { formatCost, formatDuration, formatNumber, formatTime } from "./data.js";
 
 // -- small helpers ----------------------------------------------------------------------------------
 
@@ -38,7 +33,6 @@ function sleep(ms, signal) {
 
 // -- routing ----------------------------------------------------------------------------------------
 
-const view = () => document.getElementById("view");
 let current = null; // the AbortController of the page on screen: aborting it stops its streams and polls
 
 function route() {
@@ -61,6 +55,8 @@ function route() {
     files: () => (parts[1] ? filePage(decodeURIComponent(parts[1]), signal) : filesPage(signal)),
     new: () => newJobPage(params, signal),
     models: () => modelsPage(signal),
+    evaluations: () => (parts[1] ? evaluationPage(decodeURIComponent(parts[1]), signal) : evaluationsPage(params, signal)),
+    keys: () => keysPage(signal),
   };
   const page = pages[parts[0]] || pages.jobs;
   for (const link of document.querySelectorAll("#nav a")) {
@@ -72,16 +68,6 @@ function route() {
   Promise.resolve(page()).catch((error) => {
     if (!signal.aborted) append(view(), errorBox(error));
   });
-}
-
-function heading(text, ...extra) {
-  // Focus moves to each new page's heading, so keyboard and screen-reader users land on it.
-  const h1 = h("h1", { tabindex: "-1" }, text);
-  document.title = `${text} · Tunery`;
-  const header = h("div", { class: "page-header" }, h1, ...extra);
-  append(view(), header);
-  h1.focus({ preventScroll: true });
-  return header;
 }
 
 // -- sign in ----------------------------------------------------------------------------------------
@@ -282,6 +268,7 @@ const COMPARED_SETTINGS = [
   ["LoRA", (j) => (j.lora ? `r ${j.lora.r}, alpha ${j.lora.alpha}, dropout ${j.lora.dropout}` : null)],
   ["Learning-rate sweep", (j) => j.learning_rate_sweep?.multipliers?.map((m) => `×${m}`).join(", ") || "none"],
   ["Budget", (j) => budgetText(j) || "none"],
+  ["Data policy", (j) => j.data_policy],
   ["GPU class", (j) => j.gpu_class],
   ["Seed", (j) => j.seed],
   ["Suffix", (j) => j.suffix],
@@ -693,236 +680,13 @@ async function jobPage(jobId, params, signal) {
   }
 }
 
-// -- files ------------------------------------------------------------------------------------------
-
-async function filesPage(signal) {
-  heading("Files");
-  const input = h("input", { id: "upload-input", type: "file", class: "visually-hidden", accept: ".jsonl,.json,.csv,.parquet,.gz" });
-  const progress = h("progress", { id: "upload-progress", max: "1", value: 0, hidden: true, "aria-label": "Upload progress" });
-  const progressText = h("span", { class: "upload-status", role: "status" });
-  const zone = h(
-    "div",
-    { class: "dropzone", id: "dropzone" },
-    input,
-    h("label", { for: "upload-input" }, h("span", { class: "button primary" }, "Choose a file"), h("span", { class: "drop-hint" }, " or drop it here")),
-    h("p", { class: "hint" }, "JSONL, JSON, CSV or Parquet (or gzip-compressed): chat, prompt/completion, Alpaca, ShareGPT, preference pairs or text/label rows. Every line is checked as it uploads."),
-    h("div", { class: "upload-progress" }, progress, progressText),
-  );
-  const result = h("section", { id: "upload-result", "aria-live": "polite" });
-  const list = h("section", { "aria-labelledby": "files-heading" }, h("h2", { id: "files-heading" }, "Your files"));
-  append(view(), zone, result, list);
-
-  const upload = async (file) => {
-    if (!file) return;
-    replace(result);
-    progress.hidden = false;
-    progress.value = 0;
-    progressText.textContent = ` Uploading ${file.name}…`;
-    try {
-      const stored = await api.uploadFile(file, {
-        onProgress: (share) => {
-          progress.value = share;
-          progressText.textContent = ` Uploading ${file.name}: ${Math.round(share * 100)}%`;
-        },
-      });
-      progress.value = 1;
-      progressText.textContent = ` ${file.name} uploaded and checked.`;
-      await showFile(result, stored, signal);
-      await renderList();
-    } catch (error) {
-      progress.hidden = true;
-      progressText.textContent = "";
-      append(result, errorBox(error));
-    } finally {
-      input.value = "";
-    }
-  };
-  input.addEventListener("change", () => upload(input.files[0]));
-  zone.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    zone.classList.add("dragging");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
-  zone.addEventListener("drop", (event) => {
-    event.preventDefault();
-    zone.classList.remove("dragging");
-    upload(event.dataTransfer.files[0]);
-  });
-
-  const table = h("div");
-  append(list, table);
-  async function renderList() {
-    const files = await api.get("/v1/files?limit=200", { signal });
-    if (!files.data.length) {
-      replace(table, h("p", { class: "empty" }, "No files yet."));
-      return;
-    }
-    replace(
-      table,
-      tableWrap(
-        h(
-          "table",
-          { id: "files-table", class: "stack" },
-          h("caption", { class: "visually-hidden" }, "Uploaded files, newest first"),
-          h("thead", {}, h("tr", {}, ["File", "Name", "Status", "Examples", "Size", "Uploaded"].map((t) => h("th", { scope: "col" }, t)))),
-          h(
-            "tbody",
-            {},
-            files.data.map((f) =>
-              h(
-                "tr",
-                {},
-                h("th", { scope: "row", "data-label": "File" }, h("a", { href: `#/files/${encodeURIComponent(f.id)}` }, f.id)),
-                h("td", { "data-label": "Name" }, f.filename),
-                h("td", { "data-label": "Status" }, h("span", { class: `badge badge-${f.status}` }, f.status)),
-                h("td", { class: "num", "data-label": "Examples" }, formatNumber(f.n_examples)),
-                h("td", { class: "num", "data-label": "Size" }, formatBytes(f.bytes)),
-                h("td", { "data-label": "Uploaded" }, formatTime(f.created_at)),
-              ),
-            ),
-          ),
-        ),
-      ),
-    );
-  }
-  await renderList();
-}
-
-async function filePage(fileId, signal) {
-  const file = await api.get(`/v1/files/${encodeURIComponent(fileId)}`, { signal });
-  heading(file.filename, h("a", { href: "#/files", class: "button" }, "All files"));
-  const holder = h("section");
-  append(view(), holder);
-  await showFile(holder, file, signal, { title: false });
-}
-
-// A file just uploaded or opened: its problems as a table, or its summary, preview and report.
-async function showFile(holder, file, signal, { title = true } = {}) {
-  if (file.status === "error") {
-    const { problems, more, total } = parseProblems(file.status_details);
-    append(
-      holder,
-      title ? h("h2", {}, `${file.filename} was not accepted`) : null,
-      h(
-        "p",
-        { class: "notice notice-error", role: "alert" },
-        `${total} ${total === 1 ? "problem" : "problems"} found in ${file.filename}. No job accepts this file: fix the lines below and upload it again.`,
-      ),
-      tableWrap(
-        h(
-          "table",
-          { id: "problems-table", class: "problems" },
-          h("caption", {}, `Problems in ${file.filename}`),
-          h("thead", {}, h("tr", {}, ["Line", "Field", "Reason"].map((t) => h("th", { scope: "col" }, t)))),
-          h(
-            "tbody",
-            {},
-            problems.map((p) =>
-              h(
-                "tr",
-                {},
-                h("td", { class: "num" }, p.line != null ? (p.place === "line" ? String(p.line) : `${p.place} ${p.line}`) : "whole file"),
-                h("td", {}, p.field ? h("code", {}, p.field) : "—"),
-                h("td", {}, p.reason),
-              ),
-            ),
-          ),
-        ),
-      ),
-      more ? h("p", { class: "hint" }, `…and ${more} more (the first ${problems.length} are shown).`) : null,
-    );
-    return;
-  }
-  append(
-    holder,
-    title ? h("h2", {}, `${file.filename} is ready`) : null,
-    h(
-      "dl",
-      { class: "stats" },
-      [
-        ["Examples", formatNumber(file.n_examples)],
-        ["Format", `${file.format} (${file.container})`],
-        ["Task", file.task],
-        ["Size", formatBytes(file.bytes)],
-        ["File id", file.id],
-      ].map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))),
-    ),
-    h("p", {}, h("a", { href: `#/new?file=${encodeURIComponent(file.id)}`, class: "button primary" }, "Fine-tune on this file")),
-  );
-  append(holder, reportSection(file));
-  const preview = h("section", { class: "card", id: "preview", "aria-labelledby": "preview-heading" }, h("h2", { id: "preview-heading" }, "First examples"));
-  append(holder, preview);
-  try {
-    const response = await api.download(`/v1/files/${encodeURIComponent(file.id)}/content`, { signal });
-    const rows = await firstExamples(response, file.container, 3);
-    if (!rows) {
-      append(preview, h("p", { class: "hint" }, `The preview reads JSONL and JSON files; this one is ${file.container}.`));
-      return;
-    }
-    rows.forEach((row, i) => append(preview, conversation(row, i + 1)));
-  } catch (error) {
-    if (!signal.aborted) append(preview, errorBox(error));
-  }
-}
-
-function conversation(row, number) {
-  const { turns, rejected, label } = asConversation(row);
-  return h(
-    "article",
-    { class: "conversation", "aria-label": `Example ${number}` },
-    h("h3", {}, `Example ${number}`),
-    turns.map((t) => h("div", { class: `turn turn-${t.role.split(" ")[0].replace(/[^a-z]/gi, "")}` }, h("span", { class: "role" }, t.role), h("p", {}, t.content))),
-    rejected ? h("div", { class: "turn turn-rejected" }, h("span", { class: "role" }, "rejected"), h("p", {}, rejected)) : null,
-    label != null ? h("p", { class: "label" }, "Label: ", h("strong", {}, label)) : null,
-  );
-}
-
-function bars(title, items, unit = "") {
-  // A small bar chart in HTML: each bar's length is its share of the largest value.
-  const max = Math.max(...items.map(([, v]) => v), 1);
-  return h(
-    "figure",
-    { class: "bars" },
-    h("figcaption", {}, title),
-    h(
-      "dl",
-      {},
-      items.map(([label, value]) =>
-        h(
-          "div",
-          { class: "bar-row" },
-          h("dt", {}, label),
-          h("dd", {}, h("span", { class: "bar", style: `width: ${Math.max(2, (100 * value) / max)}%` }), h("span", { class: "bar-value" }, `${formatNumber(value)}${unit}`)),
-        ),
-      ),
-    ),
-  );
-}
-
-function reportSection(file) {
-  const report = file.report || {};
-  const stats = report.stats || {};
-  const section = h("section", { class: "card report", id: "report", "aria-labelledby": "report-heading" }, h("h2", { id: "report-heading" }, "Report"));
-  const charts = h("div", { class: "chart-row" });
-  if (stats.characters) {
-    charts.append(bars("Characters per example", [["median", stats.characters.p50], ["95th percentile", stats.characters.p95], ["longest", stats.characters.max]]));
-  }
-  if (report.suggested_split) {
-    charts.append(bars(`Suggested split (${report.suggested_split.rule})`, [["training", report.suggested_split.train], ["validation", report.suggested_split.validation]], " examples"));
-  }
-  append(section, charts);
-  const facts = [];
-  if (stats.exact_duplicates != null) facts.push(["Exact duplicates", formatNumber(stats.exact_duplicates)]);
-  if (stats.near_duplicates != null) facts.push(["Near duplicates", `${formatNumber(stats.near_duplicates)} (similarity ≥ ${stats.similarity_threshold})`]);
-  if (stats.empty_turns != null) facts.push(["Empty turns", formatNumber(stats.empty_turns)]);
-  const pii = report.personal_data?.counts || {};
-  const kinds = Object.entries(pii);
-  facts.push(["Personal data", kinds.length ? kinds.map(([k, n]) => `${k}: ${n}`).join(", ") : "none found"]);
-  append(section, h("dl", { class: "stats" }, facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))));
-  return section;
-}
-
 // -- new job ----------------------------------------------------------------------------------------
+
+const DATA_POLICIES = [
+  ["warn", "Warn: train on the data as it is, and say what was found"],
+  ["redact", "Redact: replace what was found with [REDACTED:kind] before training"],
+  ["reject", "Reject: fail the job if any is found"],
+];
 
 function field(id, label, control, hint) {
   return h("div", { class: "field" }, h("label", { for: id }, label), control, hint ? h("p", { class: "hint", id: `${id}-hint` }, hint) : null);
@@ -970,9 +734,18 @@ async function newJobPage(params, signal) {
     ),
     field("suffix", "Name suffix (optional)", suffix, "Letters, digits, . _ - ; added to the fine-tuned model's name."),
     h(
+      "fieldset",
+      { id: "data-policy", "aria-describedby": "data-policy-hint" },
+      h("legend", {}, "Personal data in the files (data policy)"),
+      DATA_POLICIES.map(([value, label], i) =>
+        h("div", { class: "check" }, h("input", { type: "radio", id: `data-policy-${value}`, name: "data_policy", value, checked: i === 0 }), h("label", { for: `data-policy-${value}` }, label)),
+      ),
+      h("p", { class: "hint", id: "data-policy-hint" }, "What the upload's scan found is on each file's page; the model card records the policy."),
+    ),
+    h(
       "details",
       { class: "advanced", id: "advanced" },
-      h("summary", {}, "Advanced: budget, learning-rate sweep, export"),
+      h("summary", {}, "Advanced: budget, learning-rate sweep, export, hub"),
       h(
         "fieldset",
         {},
@@ -996,6 +769,12 @@ async function newJobPage(params, signal) {
         ),
       ),
       h("div", { class: "check" }, h("input", { id: "export_merged", name: "export_merged", type: "checkbox" }), h("label", { for: "export_merged" }, "Also export merged weights: the base with the adapter merged in (a full-size copy)")),
+      field(
+        "hub_repo",
+        "Publish to a Hugging Face Hub repository (optional)",
+        h("input", { id: "hub_repo", name: "hub_repo", type: "text", placeholder: "owner/name", autocomplete: "off", spellcheck: "false", "aria-describedby": "hub_repo-hint" }),
+        "When the job succeeds, its artifacts and model card go to this private repository. Needs the server's TUNERY_HF_TOKEN; without one the job is refused with hub_unavailable.",
+      ),
     ),
     submitMessage,
     submit,
@@ -1058,6 +837,10 @@ async function newJobPage(params, signal) {
       if (fraction !== "auto") job.learning_rate_sweep.trial_fraction = fraction;
     }
     if (form.querySelector("#export_merged").checked) job.export_merged = true;
+    const policy = form.querySelector("input[name=data_policy]:checked")?.value;
+    if (policy && policy !== "warn") job.data_policy = policy;
+    const hub = form.querySelector("#hub_repo").value.trim();
+    if (hub) job.hub_repo = hub;
     return job;
   };
 
@@ -1192,31 +975,95 @@ function estimateView(result) {
 
 // -- models -----------------------------------------------------------------------------------------
 
+function formatParameters(n) {
+  if (n == null) return "—";
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)}B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`;
+  return `${(n / 1e3).toFixed(0)}K`;
+}
+
+// The catalog: each base model's size, context length, licence and what it can be trained for, and
+// whether a LoRA job on it fits each GPU class (an evaluator reads the model's files to say; asked once
+// per model, in the background).
 async function modelsPage(signal) {
   heading("Models");
   const models = await api.get("/v1/models", { signal });
-  const rows = models.data.map((m) =>
-    h(
+  const catalog = models.data.filter((m) => !m.fine_tuned);
+  const tuned = models.data.filter((m) => m.fine_tuned);
+  const fitCells = new Map();
+  const rows = catalog.map((m) => {
+    const size = h("td", { class: "num", "data-label": "Size" }, h("span", { class: "muted" }, "…"));
+    const fits = h("td", { "data-label": "Fits (LoRA)" }, h("span", { class: "muted" }, "asking a worker…"));
+    fitCells.set(m.id, { size, fits });
+    return h(
       "tr",
-      {},
-      h("th", { scope: "row" }, h("code", {}, m.id)),
-      h("td", {}, m.fine_tuned ? h("a", { href: `#/jobs/${encodeURIComponent(m.fine_tuning_job)}` }, "fine-tuned") : m.description || "—"),
-      h("td", {}, m.license || "—"),
-      h("td", { class: "num" }, m.max_seq_length ? formatNumber(m.max_seq_length) : "—"),
-      h("td", {}, (m.tasks || []).join(", ") || "—"),
-    ),
-  );
+      { dataset: { model: m.id } },
+      h("th", { scope: "row", "data-label": "Model" }, h("code", {}, m.id), m.description ? h("p", { class: "hint" }, m.description) : null),
+      size,
+      h("td", { class: "num", "data-label": "Context" }, m.max_seq_length ? `${formatNumber(m.max_seq_length)} tokens` : "—"),
+      h("td", { "data-label": "Licence" }, m.license || "—"),
+      h("td", { "data-label": "Methods" }, (m.tasks || []).join(", ") || "—"),
+      fits,
+    );
+  });
   append(
     view(),
     tableWrap(
       h(
         "table",
-        { id: "models-table" },
-        h("caption", { class: "visually-hidden" }, "Base models of the catalog and your fine-tuned models"),
-        h("thead", {}, h("tr", {}, ["Model", "About", "Licence", "Context", "Methods"].map((t) => h("th", { scope: "col" }, t)))),
+        { id: "models-table", class: "stack" },
+        h("caption", {}, "Base models of the catalog"),
+        h("thead", {}, h("tr", {}, ["Model", "Size", "Context", "Licence", "Methods", "Fits (LoRA)"].map((t) => h("th", { scope: "col" }, t)))),
         h("tbody", {}, rows),
       ),
     ),
+    h("p", { class: "hint" }, "Fits: the peak memory of a LoRA job (one example per step at the full context length, rank 8) against each GPU class's memory."),
+    tuned.length
+      ? tableWrap(
+          h(
+            "table",
+            { id: "tuned-models-table", class: "stack" },
+            h("caption", {}, "Your fine-tuned models"),
+            h("thead", {}, h("tr", {}, ["Model", "Job", "Created"].map((t) => h("th", { scope: "col" }, t)))),
+            h(
+              "tbody",
+              {},
+              tuned.map((m) =>
+                h(
+                  "tr",
+                  {},
+                  h("th", { scope: "row", "data-label": "Model" }, h("code", {}, m.id)),
+                  h("td", { "data-label": "Job" }, h("a", { href: `#/jobs/${encodeURIComponent(m.fine_tuning_job)}` }, m.fine_tuning_job)),
+                  h("td", { "data-label": "Created" }, formatTime(m.created)),
+                ),
+              ),
+            ),
+          ),
+        )
+      : null,
+  );
+  await Promise.all(
+    catalog.map(async (m) => {
+      const { size, fits } = fitCells.get(m.id);
+      try {
+        const fit = await api.get(`/v1/models/${m.id.split("/").map(encodeURIComponent).join("/")}/fit`, { signal });
+        replace(size, formatParameters(fit.parameters));
+        replace(
+          fits,
+          h(
+            "ul",
+            { class: "fits" },
+            Object.entries(fit.gpu_classes).map(([name, c]) =>
+              h("li", { class: c.fits ? "fits-yes" : "fits-no" }, h("strong", {}, name), `: ${c.fits ? "fits" : "does not fit"} (${c.peak_memory_gib} of ${c.memory_gb} GiB)`),
+            ),
+          ),
+        );
+      } catch (error) {
+        if (signal.aborted) return;
+        replace(size, "—");
+        replace(fits, h("span", { class: "muted" }, error.message));
+      }
+    }),
   );
 }
 

@@ -42,3 +42,41 @@ const announcer = () => document.getElementById("announcer");
 export function announce(text) {
   announcer().textContent = text;
 }
+
+export const view = () => document.getElementById("view");
+
+// A page's heading. Focus moves to each new page's heading, so keyboard and screen-reader users land on it.
+export function heading(text, ...extra) {
+  const h1 = h("h1", { tabindex: "-1" }, text);
+  document.title = `${text} · Tunery`;
+  const header = h("div", { class: "page-header" }, h1, ...extra);
+  append(view(), header);
+  h1.focus({ preventScroll: true });
+  return header;
+}
+
+// Terms and their values as a grid.
+export function stats(items, props = {}) {
+  return h("dl", { class: "stats", ...props }, items.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+}
+
+// A small bar chart in HTML, readable as a list by screen readers: each bar's length is its share of the
+// largest value. Widths are set through the CSSOM, which the Content-Security-Policy allows (style
+// attributes it does not).
+export function bars(title, items, { unit = "", id = null, format = (v) => Number(v).toLocaleString() } = {}) {
+  const max = Math.max(...items.map(([, v]) => v), 1);
+  return h(
+    "figure",
+    { class: "bars", id },
+    h("figcaption", {}, title),
+    h(
+      "dl",
+      {},
+      items.map(([label, value]) => {
+        const bar = h("span", { class: "bar" });
+        bar.style.width = `${Math.max(1, (100 * value) / max)}%`;
+        return h("div", { class: "bar-row" }, h("dt", {}, label), h("dd", {}, h("span", { class: "bar-track" }, bar), h("span", { class: "bar-value" }, `${format(value)}${unit}`)));
+      }),
+    ),
+  );
+}

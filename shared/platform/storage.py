@@ -1,0 +1,485 @@
+"""Object storage: one small interface, a local-directory backend and an S3 backend.
+
+The API streams uploads into it, the trainer and evaluator read datasets and write
+adapters through it. Keys are built by the server (`tenants/<org>/files/<id>`), but every
+key is still validated so that no client-influenced string can make a backend touch a
+path outside its root or bucket prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from shared.platform.settings import Settings
+
+CHUNK_SIZE = 1 << 20
+S3_PART_SIZE = 8 << 20
+S3_DELETE_BATCH = 1000
+# Local temp files share the target's directory (so os.replace is atomic) and are hidden from listings.
+_TMP_PREFIX = ".tmp-"
+_TMP_SUFFIX = ".partial"
+
+
+class StorageError(Exception):
+    """Any storage failure the caller may want to report as a server error."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist."""
+
+
+class StorageUnavailable(StorageError):
+    """The backend cannot be reached (used by readiness checks)."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+def validate_key(key: str) -> str:
+    """Refuse keys that could escape the storage root; both backends call this before any I/O."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("storage key must be a non-empty string")
+    if "\x00" in key:
+        raise ValueError(f"storage key contains NUL: {key!r}")
+    if "\\" in key:
+        raise ValueError(f"storage key contains a backslash: {key!r}")
+    if key.startswith("/"):
+        raise ValueError(f"storage key must be relative: {key!r}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"storage key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+def normalise_prefix(prefix: str) -> str:
+    """Turn a prefix into `a/b/` (or `` for everything) so `a` never matches `ab/...`."""
+    if prefix == "":
+        return ""
+    stripped = prefix[:-1] if prefix.endswith("/") else prefix
+    return validate_key(stripped) + "/"
+
+
+class _HashingReader:
+    """Read-only wrapper that hashes and counts bytes as the uploader pulls them.
+
+    It deliberately has no seek/tell, so boto3 treats it as a one-pass stream. `read(n)`
+    fills up to n bytes even if the underlying stream returns short reads, because S3
+    rejects non-final multipart parts under 5 MiB.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            data = self._stream.read() or b""
+        else:
+            parts: list[bytes] = []
+            remaining = size
+            while remaining > 0:
+                chunk = self._stream.read(remaining)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                remaining -= len(chunk)
+            data = b"".join(parts)
+        self._hash.update(data)
+        self.size += len(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Storage(ABC):
+    """What services need from object storage; keys use forward slashes on every backend."""
+
+    @abstractmethod
+    def put_stream(self, key: str, stream: BinaryIO) -> StoredObject:
+        """Store everything readable from `stream` without holding it all in memory."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Open the object now (raising ObjectNotFound here, not on first next()) and stream it."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the key; a missing key is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key below `prefix` and return how many were removed."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Full keys below `prefix` (recursive), sorted."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StorageUnavailable when the backend cannot be used."""
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.put_stream(key, BytesIO(data))
+
+    def upload_file(self, path: Path, key: str) -> None:
+        validate_key(key)
+        with open(path, "rb") as f:
+            self.put_stream(key, f)
+
+    def download_file(self, key: str, path: Path) -> None:
+        """Stream to a temp file next to `path`, then rename, so readers never see half a file."""
+        chunks = self.iter_chunks(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def download_prefix(self, prefix: str, directory: Path) -> list[Path]:
+        """Copy every key below `prefix` into `directory`, keeping the layout below the prefix."""
+        base = normalise_prefix(prefix)
+        paths: list[Path] = []
+        for key in self.list_keys(prefix):
+            target = directory.joinpath(*key[len(base) :].split("/"))
+            self.download_file(key, target)
+            paths.append(target)
+        return paths
+
+    def upload_directory(self, directory: Path, prefix: str) -> list[str]:
+        """Upload every file below `directory` to `prefix/<relative path>`; returns the keys, sorted."""
+        base = normalise_prefix(prefix)
+        keys: list[str] = []
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            key = validate_key(base + path.relative_to(directory).as_posix())
+            self.upload_file(path, key)
+            keys.append(key)
+        return keys
+
+
+class LocalStorage(Storage):
+    """Files under a root directory: the embedded single-machine default."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def put_stream(self, key: str, stream: BinaryIO) -> StoredObject:
+        path = self._path(key)
+        fd, tmp_name = self._make_temp(path.parent)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK_SIZE):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return StoredObject(key=key, size=size, sha256=digest.hexdigest())
+
+    @staticmethod
+    def _make_temp(directory: Path) -> tuple[int, str]:
+        """Create the temp file, retrying if a concurrent delete_prefix pruned the directory."""
+        for _ in range(3):
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+            except FileNotFoundError:
+                continue
+        raise StorageError(f"could not create a temporary file in {directory}")
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(key) from exc
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise ObjectNotFound(key) from exc
+        return self._read_chunks(f, chunk_size)
+
+    @staticmethod
+    def _read_chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+        with f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(key)
+        return path.stat().st_size
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        base = normalise_prefix(prefix)
+        if not base:
+            raise ValueError("refusing to delete the whole store: give a non-empty prefix")
+        keys = self.list_keys(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        # Prune the now-empty directories, deepest first; rmdir leaves non-empty ones alone.
+        top = self.root.joinpath(*base.rstrip("/").split("/"))
+        if top.is_dir():
+            for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
+                with suppress(OSError):
+                    os.rmdir(dirpath)
+        return len(keys)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = normalise_prefix(prefix)
+        top = self.root.joinpath(*base.rstrip("/").split("/")) if base else self.root
+        if not top.is_dir():
+            return []
+        keys: list[str] = []
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX):
+                    continue
+                keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def ping(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create storage root {self.root}: {exc}") from exc
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"storage root {self.root} is not a writable directory")
+
+
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_CONNECTION_ERRORS = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+
+
+@contextmanager
+def _s3_errors(what: str) -> Iterator[None]:
+    """Translate botocore exceptions into the storage error hierarchy."""
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING_CODES:
+            raise ObjectNotFound(what) from exc
+        raise StorageError(f"S3 error on {what}: {exc}") from exc
+    except _CONNECTION_ERRORS as exc:
+        raise StorageUnavailable(f"S3 unreachable ({what}): {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"S3 error on {what}: {exc}") from exc
+
+
+class S3Storage(Storage):
+    """Objects in an S3 (or S3-compatible) bucket, under an optional key prefix."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = normalise_prefix(prefix)
+        self.region = region
+        # "when_required" checksums: S3-compatible stores (MinIO, older Ceph, moto) reject or
+        # ignore the CRC trailers newer botocore sends by default.
+        config = Config(
+            region_name=region,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            retries={"mode": "standard", "max_attempts": 5},
+            connect_timeout=5,
+            read_timeout=60,
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key
+        )
+        self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # Readiness probes must answer quickly, so ping does not retry with backoff.
+        ping_config = config.merge(Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10))
+        self._ping_client: Any = session.client("s3", endpoint_url=endpoint_url, config=ping_config)
+        self._transfer = TransferConfig(multipart_threshold=S3_PART_SIZE, multipart_chunksize=S3_PART_SIZE)
+
+    def _full(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if missing; only tests and `tunery up` dev setups call this."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) not in _MISSING_CODES:
+                raise StorageError(f"cannot check bucket {self.bucket}: {exc}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"S3 unreachable: {exc}") from exc
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise StorageError(f"cannot create bucket {self.bucket}: {exc}") from exc
+
+    def put_stream(self, key: str, stream: BinaryIO) -> StoredObject:
+        full = self._full(key)
+        reader = _HashingReader(stream)
+        with _s3_errors(key):
+            self._client.upload_fileobj(reader, self.bucket, full, Config=self._transfer)
+        return StoredObject(key=key, size=reader.size, sha256=reader.hexdigest())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        with _s3_errors(key):
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        full = self._full(key)
+        with _s3_errors(key):
+            body = self._client.get_object(Bucket=self.bucket, Key=full)["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        full = self._full(key)
+        with _s3_errors(key):
+            body = self._client.get_object(Bucket=self.bucket, Key=full)["Body"]
+        return self._read_chunks(body, key, chunk_size)
+
+    @staticmethod
+    def _read_chunks(body: Any, key: str, chunk_size: int) -> Iterator[bytes]:
+        try:
+            with _s3_errors(key):
+                yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        full = self._full(key)
+        with _s3_errors(key):
+            return int(self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with _s3_errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=full)
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not normalise_prefix(prefix):
+            raise ValueError("refusing to delete the whole store: give a non-empty prefix")
+        keys = self.list_keys(prefix)
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = [{"Key": self.prefix + k} for k in keys[start : start + S3_DELETE_BATCH]]
+            with _s3_errors(prefix):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            if response.get("Errors"):
+                raise StorageError(f"S3 refused to delete some keys below {prefix}: {response['Errors'][:3]}")
+        return len(keys)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full_prefix = self.prefix + normalise_prefix(prefix)
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        with _s3_errors(prefix or "<root>"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def ping(self) -> None:
+        try:
+            self._ping_client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageUnavailable(f"S3 bucket {self.bucket} not usable: {exc}") from exc
+
+
+def storage_from_settings(settings: Settings) -> Storage:
+    """S3 when a bucket is configured, otherwise the local directory."""
+    if settings.s3_bucket:
+        return S3Storage(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+        )
+    return LocalStorage(settings.resolved_storage_path)

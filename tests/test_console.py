@@ -8,6 +8,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Page, expect
@@ -30,11 +31,13 @@ def test_the_api_docs_load_swagger_ui_from_the_service_itself(api):
         "swagger-ui.css",
         "swagger-ui-bundle.js",
         "favicon-32x32.png",
+        "docs.js",  # starts Swagger UI: no inline script, so the page's CSP can refuse them all
     }
     for asset in assets:
         assert api.get(asset).status_code == 200, asset
     # The spec it shows, and no validator badge that would post the spec to validator.swagger.io.
-    assert "'/openapi.json'" in html and '"validatorUrl": null' in html
+    start = api.get("/console/docs.js").text
+    assert 'url: "/openapi.json"' in start and "validatorUrl: null" in start
     assert api.get("/openapi.json").status_code == 200
 
 
@@ -214,9 +217,18 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     example = page.get_by_role("article", name="Example 1")
     for message in first:
         expect(example).to_contain_text(message["content"])
-    expect(page.locator("#report")).to_contain_text("Characters per example")
-    expect(page.locator("#report")).to_contain_text("82 examples")  # the suggested training split of 91
+    report = page.locator("#report")
+    expect(report.locator("#length-chart")).to_contain_text("Length distribution")
+    with live.client() as client:
+        good = next(f for f in client.get("/v1/files").json()["data"] if f["filename"] == GOOD_FILE.name)
+    bins = good["report"]["stats"]["characters"]["histogram"]["counts"]
+    expect(report.locator("#length-chart .bar-row")).to_have_count(len(bins))
+    expect(report.locator("#duplicates-chart")).to_contain_text("exact duplicates")
+    expect(report).to_contain_text("82 examples")  # the suggested training split of 91
     expect(page.locator("#upload-progress")).to_have_js_property("value", 1)
+    # Token counts with the chosen model's tokenizer and chat template, counted by an evaluator.
+    page.get_by_role("button", name="Count tokens").click()
+    expect(page.locator("#tokens-stats")).to_contain_text("Tokens in all")
     journey.look("upload-preview")
 
     # A new job on that file: the catalog's models, and the estimate with the values it chose.
@@ -320,10 +332,18 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     )
     journey.look("job-playground")
 
-    # Export: the adapter alone, cut out of the archive; the model card; no merged model was asked for.
+    # Export: the model card rendered (from its Markdown, sanitized), the adapter alone cut out of the
+    # archive, one file on its own; no merged model and no Hub repository were asked for.
     page.get_by_role("tab", name="Export").click()
-    expect(page.locator("#model-card pre")).to_contain_text(job_id)
+    expect(page.locator("#model-card-rendered h1")).to_contain_text(
+        f"ft:tunery/tiny-chat:org-default::{job_id}"
+    )
+    expect(page.locator("#model-card-rendered table").first).to_be_visible()  # the card's metrics table
     expect(page.locator("#merged-note")).to_contain_text("export_merged")
+    expect(page.locator("#hub-status")).to_contain_text("Not published")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download README.md").click()
+    assert Path(download.value.path()).read_text().startswith("---\nbase_model: tunery/tiny-chat")
     with page.expect_download() as download:
         page.get_by_role("button", name="Download adapter (.tar)").click()
     with tarfile.open(download.value.path()) as archive:
@@ -344,6 +364,7 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     page.get_by_label("Learning-rate multiplier").fill("2")
     page.get_by_text("Advanced: budget, learning-rate sweep, export").click()
     page.get_by_label("Max cost (USD)").fill("5")
+    page.get_by_role("radio", name=re.compile("^Redact")).check()
     second_settings = page.get_by_role("table", name="Settings and why")
     expect(second_settings.get_by_role("row", name=re.compile("^batch size"))).to_contain_text("16")
     expect(second_settings.get_by_role("row", name=re.compile("^learning rate multiplier"))).to_contain_text(
@@ -383,7 +404,14 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(page.get_by_role("heading", name="Compare jobs")).to_be_visible()
     expect(page.locator("#compare-chart")).to_have_attribute("data-series", "2")
     settings = page.get_by_role("table", name="Settings of the compared jobs")
-    for differing in ("Epochs", "Batch size", "Learning-rate multiplier", "Validation file", "Budget"):
+    for differing in (
+        "Epochs",
+        "Batch size",
+        "Learning-rate multiplier",
+        "Validation file",
+        "Budget",
+        "Data policy",
+    ):
         expect(settings.locator(f"tr[data-setting='{differing}']")).to_have_class("differs")
     for same in ("Model", "Method", "Training file"):
         expect(settings.locator(f"tr[data-setting='{same}']")).not_to_have_class("differs")
@@ -399,20 +427,59 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
     expect(row).to_contain_text("succeeded")
     expect(row).to_contain_text(f"{steps}/{steps}")
     journey.look("jobs")
+    # The catalog: each model's size, context, licence and whether a job on it fits each GPU class.
     journey.open("models")
-    expect(page.get_by_role("table")).to_contain_text("tunery/tiny-chat")
+    tiny = page.locator("#models-table tr[data-model='tunery/tiny-chat']")
+    expect(tiny).to_contain_text("512 tokens")
+    expect(tiny).to_contain_text("apache-2.0")
+    expect(tiny.locator("li.fits-yes")).to_contain_text("cpu: fits")
+    expect(page.locator("#tuned-models-table")).to_contain_text(job_id)
     journey.look("models")
+
+    # A standalone evaluation: the catalog model alone on the grouped validation file.
+    journey.open("evaluations")
+    choose_option(page, "Validation file", "grouped_validation.jsonl")
+    page.get_by_label("Replies to generate").fill("2")
+    page.get_by_role("button", name="Evaluate").click()
+    expect(page.get_by_role("heading", name=re.compile(r"^Evaluation eval"))).to_be_visible()
+    expect(page.locator("#evaluation-status")).to_have_attribute("data-status", "succeeded", timeout=180_000)
+    expect(
+        page.get_by_role("table", name="The model's figures").get_by_role("row", name=re.compile("^Loss"))
+    ).to_be_visible()
+    evaluation_path = page.url.split("#/", 1)[1]
+    journey.look("evaluation")
+
+    # Keys: an admin makes a member key (its secret shown once), then revokes it; the API refuses it after.
+    journey.open("keys")
+    page.get_by_label("Name").fill("journey-member")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.locator("#new-key")
+    expect(secret).to_have_value(re.compile(r"^tun_"))
+    member_key = secret.input_value()
+    member_id = member_key.split("_")[1]
+    row = page.locator(f"#keys-table tr[data-key='{member_id}']")
+    expect(row).to_contain_text("member")
+    journey.look("keys")
+    row.get_by_role("button", name=f"Revoke {member_id}").click()
+    page.get_by_role("button", name=f"Yes, revoke {member_id}").click()
+    expect(row).to_contain_text("revoked")
+    with httpx.Client(base_url=journey.base_url) as client:
+        refused = client.get("/v1/files", headers={"Authorization": f"Bearer {member_key}"})
+    assert refused.status_code == 401
     page.set_viewport_size({"width": 390, "height": 844})
     for shot, name, shown in [
         ("jobs", "jobs", "#jobs-table"),
         ("job", f"jobs/{job_id}", f"#loss-chart[data-points='{steps}']"),
         ("files", "files", "#files-table"),
         ("new", "new", "#estimate-result"),
-        ("models", "models", "#models-table"),
+        ("models", "models", "#models-table li.fits-yes"),
+        ("file", f"files/{good['id']}", "#length-chart"),
+        ("evaluation", evaluation_path, "#evaluation-metrics"),
+        ("keys", "keys", "#keys-table"),
         ("compare", compare_path, "#compare-chart[data-series='2']"),
         ("job-groups", f"jobs/{second_id}?tab=evaluation", "#group-metrics"),
         ("job-playground", f"jobs/{job_id}?tab=playground", "#playground"),
-        ("job-export", f"jobs/{job_id}?tab=export", "#model-card pre"),
+        ("job-export", f"jobs/{job_id}?tab=export", "#model-card-rendered h1"),
     ]:
         journey.open(name)
         expect(page.locator(shown)).to_be_visible()

@@ -831,7 +831,13 @@ def test_stats_count_duplicates_empty_turns_and_lengths() -> None:
         "compared_examples": 11,
         "similarity_threshold": 0.8,
         "empty_turns": 2,
-        "characters": {"p50": 6, "p95": 12, "max": 12},
+        "characters": {
+            "p50": 6,
+            "p95": 12,
+            "max": 12,
+            # lengths 3 (four times: "Hi" + "x", twice more the same, "  " + "\n") and 4 to 12 once each
+            "histogram": {"edges": list(range(3, 14)), "counts": [4] + [1] * 9},
+        },
     }
 
 

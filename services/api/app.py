@@ -20,10 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis.exceptions import RedisError
 
 from services.api import (
+    routes_artifacts,
     routes_evaluations,
     routes_files,
     routes_inference,
     routes_jobs,
+    routes_keys,
+    routes_model_fit,
     routes_models,
     routes_uploads,
     routes_usage,
@@ -163,7 +166,10 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
 
     app.include_router(routes_files.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_artifacts.router)
+    app.include_router(routes_model_fit.router)  # before routes_models: its /{model_id:path} takes any path
     app.include_router(routes_models.router)
+    app.include_router(routes_keys.router)
     app.include_router(routes_uploads.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_inference.router)

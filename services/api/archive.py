@@ -26,7 +26,7 @@ class _PipeWriter:
         return len(data)
 
 
-class _ChunkReader:
+class ChunkReader:
     def __init__(self, chunks: Iterator[bytes]):
         self.chunks = chunks
         self.pending = b""
@@ -55,7 +55,7 @@ def tar_stream(storage: Storage, files: list[tuple[str, str]]) -> Iterator[bytes
                 for name, key in files:
                     info = tarfile.TarInfo(name)
                     info.size = storage.size(key)
-                    tar.addfile(info, _ChunkReader(storage.iter_chunks(key)))
+                    tar.addfile(info, ChunkReader(storage.iter_chunks(key)))
         except BaseException as exc:  # reported to the reader: the response cannot end cleanly
             failure.append(exc)
         finally:

@@ -82,6 +82,9 @@ def ingest(
         task=check.task,
         n_examples=check.n_examples,
         report={
+            # The first problems as rows (place, line, field, reason); GET /v1/files/{id} shows them.
+            "problems": check.problem_list(),
+            "total_problems": check.total_problems,
             "stats": check.stats,
             "personal_data": check.pii,
             # Used when a job names no validation file (shared/data/splits.py).

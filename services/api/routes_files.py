@@ -1,7 +1,9 @@
-"""/v1/files: upload (validated in a worker process, then stored), list, retrieve, delete."""
+"""/v1/files: upload (validated in a worker process, then stored), list, retrieve, preview, delete."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,12 +14,13 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from services.api.archive import ChunkReader
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
-from services.api.schemas import Deleted, FileList, FileObject, file_object, list_object
-from shared.data.formats import FORMATS
+from services.api.schemas import Deleted, FileList, FileObject, FilePreview, file_object, list_object
+from shared.data.formats import FORMATS, DataFormatError, DataLimits, read_examples
 from shared.platform.queue import TOKEN_REPORT_TASK, run_estimate
 from shared.platform.records import FileRecord
 
@@ -117,6 +120,56 @@ def delete_file(
     ctx.files.delete(record)
     ctx.storage.delete(record.storage_key)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+@router.get(
+    "/{file_id}/preview",
+    summary="The first examples of a file, as Tunery reads them",
+    response_model=FilePreview,
+    responses={
+        400: {"description": "The file was not accepted (status `error`): it has problems, not examples"}
+    },
+    description="Whatever the container (JSONL, JSON, CSV, Parquet, gzip) and format (chat, prompt/completion, "
+    "Alpaca, ShareGPT, preference pairs, text/label rows), each example in Tunery's internal form: the "
+    "conversation, the preference pair, or the labelled text, and where in the file it is. Reads only as "
+    "far as it needs (a Parquet file is fetched whole: its index is at its end).",
+)
+def file_preview(
+    file_id: str,
+    limit: Annotated[int, Query(ge=1, le=20)] = 3,
+    ctx: Context = Depends(get_context),
+    tenant: str = Depends(caller_tenant),
+) -> dict:
+    record = _require_file(ctx, tenant, file_id)
+    if record.status != "processed":
+        raise APIError(
+            400, f"{file_id} was not accepted ({record.status_details}); it has no examples to preview",
+            code="file_not_processed",
+        )  # fmt: skip
+    limits = DataLimits(max_line_bytes=ctx.settings.max_line_bytes)
+    with tempfile.TemporaryFile() as local:
+        if record.container == "parquet":
+            for chunk in ctx.storage.iter_chunks(record.storage_key):
+                local.write(chunk)
+            local.seek(0)
+            source: BinaryIO = local
+        else:
+            source = ChunkReader(ctx.storage.iter_chunks(record.storage_key))  # type: ignore[assignment]
+        try:
+            examples = list(
+                itertools.islice(
+                    read_examples(source, filename=record.filename, format=record.format, limits=limits),
+                    limit,
+                )
+            )
+        except DataFormatError as exc:  # the stored bytes no longer read as they did at upload
+            raise APIError(400, f"{file_id}: {exc}", code="invalid_file") from None
+    return {
+        "object": "list",
+        "file_id": file_id,
+        "format": record.format,
+        "data": [dataclasses.asdict(example) for example in examples],
+    }
 
 
 @router.get(

@@ -256,6 +256,10 @@ class JobCreate(BaseModel):
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
+    report = dict(record.report or {})
+    # Files stored before problems were kept as rows have only status_details.
+    problems = report.pop("problems", None)
+    total_problems = report.pop("total_problems", None)
     return {
         "id": record.id,
         "object": "file",
@@ -271,7 +275,9 @@ def file_object(record: FileRecord) -> dict[str, Any]:
         "format": record.format,
         "task": record.task,
         "n_examples": record.n_examples,
-        "report": record.report,
+        "report": report if record.report is not None else None,
+        "problems": problems,
+        "total_problems": total_problems,
         "sha256": record.sha256,
     }
 
@@ -330,6 +336,7 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "checkpoint_every_seconds": record.checkpoint_every_seconds,
         "resume_checkpoint": record.resume_checkpoint.model_dump() if record.resume_checkpoint else None,
         "hub_repo": record.hub_repo,
+        "data_policy": record.data_policy,
     }
 
 
@@ -375,6 +382,16 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class FileProblem(BaseModel):
+    place: Literal["line", "item", "row"] | None = Field(
+        description="What `line` counts: a JSONL line, a JSON array's item, a CSV or Parquet row; null for "
+        "the whole file"
+    )
+    line: int | None
+    field: str | None = Field(description="The field it is about (`messages[2].role`), when it names one")
+    reason: str
+
+
 class FileObject(_Open):
     id: str
     object: Literal["file"]
@@ -388,6 +405,22 @@ class FileObject(_Open):
     format: str | None = Field(description="Tunery: the detected data format")
     n_examples: int | None = Field(description="Tunery: valid examples in the file")
     sha256: str = Field(description="Tunery: SHA-256 of the bytes")
+    problems: list[FileProblem] | None = Field(
+        default=None,
+        description="Tunery: the first 20 problems validation found (none for a processed file); null for "
+        "files stored before problems were listed",
+    )
+    total_problems: int | None = Field(default=None, description="Tunery: every problem found, shown or not")
+
+
+class FilePreview(_Open):
+    object: Literal["list"]
+    file_id: str
+    format: str | None
+    data: list[dict[str, Any]] = Field(
+        description="The first examples as Tunery reads them: {source (line, item or row N), kind (chat, "
+        "text, preference or classification), messages, chosen, rejected, text, label, tools, fields}"
+    )
 
 
 class Deleted(_Open):

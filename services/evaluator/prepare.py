@@ -40,7 +40,7 @@ from shared.ml.task_data import read_rows
 from shared.planning import hyperparams
 from shared.planning.calibration import calibrated_flops
 from shared.planning.catalog import load_catalog
-from shared.planning.estimate import DataStats, Workload, build_estimate, token_summary
+from shared.planning.estimate import DataStats, Workload, build_estimate, peak_memory_gib, token_summary
 from shared.planning.gpu_classes import load_gpu_classes
 from shared.planning.model_facts import read_model_facts
 from shared.platform import metrics
@@ -469,3 +469,44 @@ def token_report(spec: dict[str, Any], settings: Settings | None = None) -> dict
         tokens["skipped_examples"] = skipped.count
         report["skipped_examples"] = skipped.summary()
     return report
+
+
+def model_fit(spec: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """RQ entry point for GET /v1/models/{id}/fit: a catalog model's size and context length, read from its
+    files, and whether a LoRA job on it fits each GPU class: the estimate's memory model for one example
+    per step at the full context length and the default rank (what any job needs at least)."""
+    settings = settings or get_settings()
+    entry = load_catalog(settings).get(spec["model"])
+    if entry is None:
+        return {
+            "error": {
+                "code": "model_not_found",
+                "message": f"{spec['model']} is not in the catalog",
+                "param": "model",
+            }
+        }
+    try:
+        model_dir = materialize(entry, settings)
+    except Exception as exc:
+        error, _ = classify(exc)
+        return {"error": error.model_dump()}
+    facts = read_model_facts(model_dir)
+    context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
+    encoder = entry.tasks == ("classification",)
+    workload = Workload.of("classification" if encoder else "supervised")
+    rank = LoraSettings().r
+    classes = {}
+    for name, gpu_class in load_gpu_classes(settings.gpu_classes).items():
+        memory = peak_memory_gib(facts, 1, context, rank, name != "cpu", workload)
+        classes[name] = {
+            "memory_gb": gpu_class.memory_gb,
+            "peak_memory_gib": round(memory, 2),
+            "fits": memory <= gpu_class.memory_gb,
+        }
+    return {
+        "parameters": facts.n_params,
+        "context_length": context,
+        "micro_batch_size": 1,
+        "lora_r": rank,
+        "gpu_classes": classes,
+    }

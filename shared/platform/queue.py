@@ -25,6 +25,7 @@ EVAL_TASK = "services.evaluator.task.run_evaluation"
 PREPARE_TASK = "services.evaluator.prepare.prepare_job"
 ESTIMATE_TASK = "services.evaluator.prepare.estimate_request"
 TOKEN_REPORT_TASK = "services.evaluator.prepare.token_report"
+MODEL_FIT_TASK = "services.evaluator.prepare.model_fit"
 STANDALONE_EVAL_TASK = "services.evaluator.standalone.run_standalone_evaluation"
 # Smoke-test inference on fine-tuned models, served by `tunery inference` (one process that keeps models
 # loaded between requests).

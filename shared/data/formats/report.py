@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -37,6 +39,10 @@ class DatasetCheck:
     def ok(self) -> bool:
         return self.total_problems == 0
 
+    def problem_list(self) -> list[dict[str, Any]]:
+        """The problems shown, each as {place, line, field, reason} (problem_parts)."""
+        return [problem_parts(text) for text in self.problems]
+
     def summary(self) -> str:
         if self.ok:
             return f"{self.n_examples} {self.format} examples"
@@ -45,6 +51,32 @@ class DatasetCheck:
         tail = f" (and {more} more)" if more > 0 else ""
         noun = "problem" if self.total_problems == 1 else "problems"
         return f"{self.total_problems} {noun}: {shown}{tail}"
+
+
+# Every problem reads "<place> <n>: <field>: <reason>" (place and field where there is one), as the
+# containers and converters word them: `line 11: messages[2].role: "assitant" is not one of ...`.
+_PLACE = re.compile(r"^(line|item|row) (\d+): ")
+_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\])*(?:\.[A-Za-z_]\w*(?:\[\d+\])*)*): ")
+_MISSING = re.compile(r'^missing "([^"]+)"')
+
+
+def problem_parts(text: str) -> dict[str, Any]:
+    """A problem as a table row: where (place "line", "item" or "row" and its number, both None for the whole
+    file), the field it is about (None when it names none) and the reason, so clients need not parse it."""
+    place = _PLACE.match(text)
+    reason = text[place.end() :] if place else text
+    field = _FIELD.match(reason)
+    name = None
+    if field:
+        name, reason = field.group(1), reason[field.end() :]
+    elif missing := _MISSING.match(reason):
+        name = missing.group(1)
+    return {
+        "place": place.group(1) if place else None,
+        "line": int(place.group(2)) if place else None,
+        "field": name,
+        "reason": reason,
+    }
 
 
 def check_dataset(
@@ -231,8 +263,32 @@ class _Stats:
             "exact_duplicates": self._duplicates,
             **self._near.result(),
             "empty_turns": self._empty_turns,
-            "characters": {"p50": percentile(0.50), "p95": percentile(0.95), "max": self._longest},
+            "characters": {
+                "p50": percentile(0.50),
+                "p95": percentile(0.95),
+                "max": self._longest,
+                "histogram": _histogram(lengths),
+            },
         }
         if classification:
             stats["labels"] = dict(sorted(self._labels.items(), key=lambda item: (-item[1], item[0])))
         return stats
+
+
+_HISTOGRAM_BINS = 10
+
+
+def _histogram(lengths: list[int]) -> dict[str, list[int]]:
+    """Example lengths (sorted; a uniform sample beyond 100,000 examples) in about ten bins of a round width
+    (1, 2 or 5 × a power of ten): `counts[i]` examples have a length in [edges[i], edges[i + 1])."""
+    if not lengths:
+        return {"edges": [], "counts": []}
+    low, high = lengths[0], lengths[-1]
+    raw = max(1, math.ceil((high - low + 1) / _HISTOGRAM_BINS))
+    power = 10 ** (len(str(raw)) - 1)
+    width = next(step * power for step in (1, 2, 5, 10) if step * power >= raw)
+    start = low // width * width
+    counts = [0] * ((high - start) // width + 1)
+    for length in lengths:
+        counts[(length - start) // width] += 1
+    return {"edges": [start + i * width for i in range(len(counts) + 1)], "counts": counts}

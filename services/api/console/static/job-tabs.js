@@ -3,22 +3,43 @@
 // Each builds its panel when first opened; `ctx` gives the job, the page's AbortSignal and the job's
 // artifact archive (fetched once, read in the browser: see tar.js).
 import * as api from "./api.js";
-import { append, errorBox, h, replace, tableWrap } from "./dom.js";
+import { append, bars, errorBox, h, replace, stats, tableWrap } from "./dom.js";
 import { formatBytes, formatNumber } from "./data.js";
-import { fileText, subTar } from "./tar.js";
+import { subTar } from "./tar.js";
+import DOMPurify from "./vendor/dompurify/purify.es.mjs";
+import { marked } from "./vendor/marked/marked.esm.js";
 
-// [key in the report, name, which way is better]
-const METRICS = [
-  ["loss", "Loss", "low"],
-  ["perplexity", "Perplexity", "low"],
-  ["mean_token_accuracy", "Token accuracy", "high"],
-  ["exact_match", "Exact match", "high"],
-  ["rouge_l", "ROUGE-L F1", "high"],
-  ["bleu", "BLEU", "high"],
-  ["chrf", "chrF", "high"],
-];
-const NAMES = Object.fromEntries(METRICS.map(([key, name]) => [key, name]));
-const LOWER_IS_BETTER = new Set(METRICS.filter(([, , way]) => way === "low").map(([key]) => key));
+// [key in the report, name, which way is better], per task: what its evaluation measures.
+const METRICS_OF_TASK = {
+  supervised: [
+    ["loss", "Loss", "low"],
+    ["perplexity", "Perplexity", "low"],
+    ["mean_token_accuracy", "Token accuracy", "high"],
+    ["exact_match", "Exact match", "high"],
+    ["rouge_l", "ROUGE-L F1", "high"],
+    ["bleu", "BLEU", "high"],
+    ["chrf", "chrF", "high"],
+  ],
+  classification: [
+    ["accuracy", "Accuracy", "high"],
+    ["macro_f1", "Macro-F1", "high"],
+    ["loss", "Loss", "low"],
+  ],
+  dpo: [
+    ["preference_accuracy", "Preference accuracy", "high"],
+    ["logp_margin", "Log-prob margin (chosen − rejected)", "high"],
+    ["loss", "DPO loss", "low"],
+    ["reward_accuracy", "Reward accuracy", "high"],
+    ["reward_margin", "Reward margin", "high"],
+    ["chosen_reward", "Chosen reward", "high"],
+    ["rejected_reward", "Rejected reward", "low"],
+  ],
+};
+const ALL_METRICS = Object.values(METRICS_OF_TASK).flat();
+const NAMES = Object.fromEntries(ALL_METRICS.map(([key, name]) => [key, name]));
+const LOWER_IS_BETTER = new Set(ALL_METRICS.filter(([, , way]) => way === "low").map(([key]) => key));
+// The figure per-group rows compare besides the loss.
+const MAIN_OF_TASK = { classification: "accuracy", dpo: "preference_accuracy" };
 
 function num(v) {
   if (typeof v !== "number" || !Number.isFinite(v)) return "—";
@@ -41,10 +62,6 @@ function tag(kind, text = kind) {
   return h("span", { class: `tag tag-${kind}` }, text);
 }
 
-function stats(items) {
-  return h("dl", { class: "stats" }, items.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
-}
-
 function saveBlob(blob, name) {
   const url = URL.createObjectURL(blob);
   const link = h("a", { href: url, download: name });
@@ -58,15 +75,41 @@ function saveBlob(blob, name) {
 
 export async function evaluationPanel(panel, ctx) {
   const job = ctx.job();
-  const ev = job.evaluation;
-  const verdictClass = ev.verdict === "improved" ? "notice-ok" : ev.verdict === "regressed" ? "notice-error" : "";
-  append(
-    panel,
-    h("p", { class: `notice ${verdictClass}`, id: "verdict" }, h("strong", {}, `Verdict: ${ev.verdict}.`), " ", ev.verdict_summary || ""),
-    h("p", { class: "hint" }, `Both models scored on the same ${formatNumber(ev.n_examples)} ${String(ev.validation_source || "validation").replaceAll("_", " ")} rows (${formatNumber(ev.n_tokens)} tokens)${ev.generation ? `; ${ev.generation.n_examples} replies generated (${ev.generation.decoding})` : ""}.`),
-  );
+  await evaluationReport(panel, job.evaluation, {
+    signal: ctx.signal,
+    generations: async () => {
+      const listing = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/artifacts`, { signal: ctx.signal });
+      if (!listing.data.some((f) => f.path === "generations.jsonl")) return null;
+      return (await artifactFile(job.id, "generations.jsonl", ctx.signal)).text();
+    },
+  });
+}
 
-  const rows = METRICS.filter(([key]) => ev.base?.[key] != null || ev.fine_tuned?.[key] != null).map(([key, name]) => {
+// An evaluation report (a job's, or a standalone evaluation's) into `holder`: the verdict, base against
+// tuned on the task's figures (a catalog model evaluated alone has one column), the task's own views
+// (a classifier's confusion matrices and per-class scores, DPO's margins), the per-group figures, and the
+// generated replies (`generations()` resolves to the JSONL text, or null when there are none).
+export async function evaluationReport(holder, ev, { signal, generations = null }) {
+  const task = ev.task || "supervised";
+  const alone = !ev.fine_tuned;
+  const verdictClass = ev.verdict === "improved" ? "notice-ok" : ev.verdict === "regressed" ? "notice-error" : "";
+  const rows = ev.generation?.n_examples;
+  append(
+    holder,
+    alone
+      ? h("p", { class: "notice", id: "verdict" }, h("strong", {}, "The model alone"), " (a catalog model: no base to compare with).")
+      : h("p", { class: `notice ${verdictClass}`, id: "verdict" }, h("strong", {}, `Verdict: ${ev.verdict}.`), " ", ev.verdict_summary || ""),
+    h(
+      "p",
+      { class: "hint" },
+      `Scored on ${formatNumber(ev.n_examples)} ${String(ev.validation_source || "validation").replaceAll("_", " ")} ${task === "dpo" ? "pairs" : "rows"}`,
+      ev.n_tokens ? ` (${formatNumber(ev.n_tokens)} tokens)` : "",
+      rows ? `; ${rows} replies generated (${ev.generation.decoding})` : "",
+      ".",
+    ),
+  );
+  const metrics = (METRICS_OF_TASK[task] || METRICS_OF_TASK.supervised).filter(([key]) => ev.base?.[key] != null || ev.fine_tuned?.[key] != null);
+  const metricRows = metrics.map(([key, name]) => {
     const base = ev.base?.[key];
     const tuned = ev.fine_tuned?.[key];
     const how = compare(key, base, tuned);
@@ -75,53 +118,148 @@ export async function evaluationPanel(panel, ctx) {
       { class: how === "worse" ? "worse" : null },
       h("th", { scope: "row" }, name),
       h("td", { class: "num" }, num(base)),
-      h("td", { class: "num" }, num(tuned)),
-      h("td", { class: "num" }, signed(typeof tuned === "number" && typeof base === "number" ? tuned - base : null), " ", how && how !== "same" ? tag(how) : null),
+      alone ? null : h("td", { class: "num" }, num(tuned)),
+      alone ? null : h("td", { class: "num" }, signed(typeof tuned === "number" && typeof base === "number" ? tuned - base : null), " ", how && how !== "same" ? tag(how) : null),
     );
   });
   append(
-    panel,
+    holder,
     tableWrap(
       h(
         "table",
         { id: "evaluation-metrics" },
-        h("caption", {}, "Base and tuned model"),
-        h("thead", {}, h("tr", {}, ["Metric", "Base", "Tuned", "Change"].map((t) => h("th", { scope: "col" }, t)))),
-        h("tbody", {}, rows),
+        h("caption", {}, alone ? "The model's figures" : "Base and tuned model"),
+        h("thead", {}, h("tr", {}, (alone ? ["Metric", "Model"] : ["Metric", "Base", "Tuned", "Change"]).map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, metricRows),
       ),
     ),
   );
-  append(panel, groupsSection(ev));
+  if (task === "classification") append(holder, classificationViews(ev));
+  if (task === "dpo" && !alone) append(holder, preferenceViews(ev));
+  if (!alone) append(holder, groupsSection(ev, task));
+  if (task !== "supervised" || !generations) return;
 
-  const generations = h(
+  const section = h(
     "section",
     { class: "card", id: "generations", "aria-labelledby": "generations-heading", "aria-busy": "true" },
     h("h2", { id: "generations-heading" }, "Generated replies"),
-    h("p", { class: "hint" }, "Reading the replies from the job's artifacts…"),
+    h("p", { class: "hint" }, "Reading the replies…"),
   );
-  append(panel, generations);
+  append(holder, section);
   try {
-    const archive = await ctx.archive();
-    const body = fileText(archive, "generations.jsonl");
+    const body = await generations();
     const lines = body ? body.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line)) : [];
-    generations.removeAttribute("aria-busy");
+    section.removeAttribute("aria-busy");
     if (!lines.length) {
-      replace(generations, generations.firstChild, h("p", { class: "hint" }, "This evaluation generated no replies."));
+      replace(section, section.firstChild, h("p", { class: "hint" }, "This evaluation generated no replies."));
       return;
     }
     const shown = lines.slice(0, 12);
     replace(
-      generations,
-      generations.firstChild,
-      h("p", { class: "hint" }, `The prompt, the reference reply and both models' replies (greedy), with each reply's chrF against the reference; ${shown.length} of ${lines.length}.`),
+      section,
+      section.firstChild,
+      h("p", { class: "hint" }, `The prompt, the reference reply and ${alone ? "the model's reply" : "both models' replies"} (greedy), with each reply's chrF against the reference; ${shown.length} of ${lines.length}.`),
       shown.map(generationCard),
     );
   } catch (error) {
-    if (!ctx.signal.aborted) replace(generations, generations.firstChild, errorBox(error));
+    if (!signal?.aborted) replace(section, section.firstChild, errorBox(error));
   }
 }
 
-function groupsSection(ev) {
+// A classifier's confusion matrices (rows: the true label, columns: the predicted one) and per-class scores.
+function classificationViews(ev) {
+  const labels = ev.labels || [];
+  const matrix = (name, figures) => {
+    const m = figures?.confusion_matrix;
+    if (!m) return null;
+    const largest = Math.max(1, ...m.flat());
+    return tableWrap(
+      h(
+        "table",
+        { class: "confusion", id: `confusion-${name.toLowerCase()}` },
+        h("caption", {}, `Confusion matrix, ${name.toLowerCase()} model (rows: true label, columns: predicted)`),
+        h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "true \\ predicted"), labels.map((l) => h("th", { scope: "col" }, l)))),
+        h(
+          "tbody",
+          {},
+          m.map((row, i) =>
+            h(
+              "tr",
+              {},
+              h("th", { scope: "row" }, labels[i]),
+              row.map((n, j) => {
+                const cell = h("td", { class: `num ${i === j ? "diagonal" : n ? "confused" : ""}` }, formatNumber(n));
+                // Shade by count (through the CSSOM: the page's CSP forbids style attributes).
+                cell.style.setProperty("--share", (n / largest).toFixed(3));
+                return cell;
+              }),
+            ),
+          ),
+        ),
+      ),
+    );
+  };
+  const perClass = ev.fine_tuned?.per_class || ev.base?.per_class || {};
+  const base = ev.base?.per_class || {};
+  return h(
+    "section",
+    { class: "card", id: "classification", "aria-labelledby": "classification-heading" },
+    h("h2", { id: "classification-heading" }, "Per class"),
+    h("div", { class: "matrices" }, matrix("Base", ev.fine_tuned ? ev.base : null), matrix(ev.fine_tuned ? "Tuned" : "Model", ev.fine_tuned || ev.base)),
+    tableWrap(
+      h(
+        "table",
+        { id: "per-class" },
+        h("caption", {}, "Precision, recall and F1 per class"),
+        h("thead", {}, h("tr", {}, ["Label", "Rows", "Precision", "Recall", "F1", ev.fine_tuned ? "Base F1" : null].filter(Boolean).map((t) => h("th", { scope: "col" }, t)))),
+        h(
+          "tbody",
+          {},
+          Object.entries(perClass).map(([label, c]) => {
+            const how = ev.fine_tuned ? compare("f1", base[label]?.f1, c.f1) : null;
+            return h(
+              "tr",
+              { class: how === "worse" ? "worse" : null },
+              h("th", { scope: "row" }, label),
+              h("td", { class: "num" }, formatNumber(c.support)),
+              h("td", { class: "num" }, num(c.precision)),
+              h("td", { class: "num" }, num(c.recall)),
+              h("td", { class: "num" }, num(c.f1), " ", how && how !== "same" ? tag(how) : null),
+              ev.fine_tuned ? h("td", { class: "num" }, num(base[label]?.f1)) : null,
+            );
+          }),
+        ),
+      ),
+    ),
+  );
+}
+
+// DPO: how far the tuned model prefers the chosen reply over the rejected one, against the base.
+function preferenceViews(ev) {
+  const b = ev.base || {};
+  const t = ev.fine_tuned || {};
+  const items = [
+    ["base: log-prob margin", b.logp_margin],
+    ["tuned: log-prob margin", t.logp_margin],
+    ["tuned: chosen reward", t.chosen_reward],
+    ["tuned: rejected reward", t.rejected_reward],
+  ].filter(([, v]) => typeof v === "number");
+  return h(
+    "section",
+    { class: "card", id: "preference", "aria-labelledby": "preference-heading" },
+    h("h2", { id: "preference-heading" }, "Margins"),
+    h("p", { class: "hint" }, `How much more likely each model finds the chosen reply than the rejected one (mean log-probability margin), and the tuned model's implicit rewards (β = ${ev.beta}). Preference accuracy is the share of pairs whose margin is positive.`),
+    stats([
+      ["Preference accuracy", `${num(b.preference_accuracy)} → ${num(t.preference_accuracy)}`],
+      ["Log-prob margin", `${signed(b.logp_margin)} → ${signed(t.logp_margin)}`],
+      ["Reward accuracy (chance 0.5)", num(t.reward_accuracy)],
+      ["Reward margin", signed(t.reward_margin)],
+    ], { id: "preference-figures" }),
+    bars("Margins and rewards (absolute values)", items.map(([k, v]) => [`${k} (${signed(v)})`, Math.abs(v)]), { id: "margins-chart", format: num }),
+  );
+}
+
+function groupsSection(ev, task) {
   const section = h("section", { class: "card", id: "groups", "aria-labelledby": "groups-heading" }, h("h2", { id: "groups-heading" }, "Per group"));
   const by = ev.by_group;
   if (!by?.groups || !Object.keys(by.groups).length) {
@@ -131,7 +269,7 @@ function groupsSection(ev) {
     );
     return section;
   }
-  const main = ev.generation?.main_metric;
+  const main = ev.generation?.main_metric || MAIN_OF_TASK[task];
   const worse = [];
   const rows = Object.entries(by.groups).map(([group, g]) => {
     const lossHow = compare("loss", g.base?.loss, g.fine_tuned?.loss);
@@ -371,6 +509,12 @@ export async function exportPanel(panel, ctx) {
   everything.addEventListener("click", () =>
     download(everything, `${job.id}.tar`, async () => (await api.download(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/artifacts/archive`, { signal: ctx.signal })).blob()),
   );
+  const fileButton = (f) => {
+    const button = h("button", { type: "button", class: "small", "aria-label": `Download ${f.path}` }, "Download");
+    const name = `${job.id}-${f.path.replaceAll("/", "-")}`;
+    button.addEventListener("click", () => download(button, name, async () => (await artifactFile(job.id, f.path, ctx.signal)).blob()));
+    return button;
+  };
   append(
     panel,
     h(
@@ -388,6 +532,7 @@ export async function exportPanel(panel, ctx) {
         : h("p", { class: "hint", id: "merged-note" }, "No merged model: it is exported only when the job is created with ", h("code", {}, '"export_merged": true'), " (the new-job form's advanced settings)."),
       feedback,
     ),
+    await hubSection(job, ctx.signal),
   );
   const card = h(
     "section",
@@ -403,29 +548,62 @@ export async function exportPanel(panel, ctx) {
         "table",
         { id: "artifacts-table" },
         h("caption", {}, "Artifacts"),
-        h("thead", {}, h("tr", {}, ["Path", "Size"].map((t) => h("th", { scope: "col" }, t)))),
+        h("thead", {}, h("tr", {}, ["Path", "Size", h("span", { class: "visually-hidden" }, "Download")].map((t) => h("th", { scope: "col" }, t)))),
         h(
           "tbody",
           {},
-          listing.data.map((f) => h("tr", {}, h("td", {}, h("code", {}, f.path)), h("td", { class: "num" }, formatBytes(f.bytes)))),
+          listing.data.map((f) => h("tr", {}, h("td", {}, h("code", {}, f.path)), h("td", { class: "num" }, formatBytes(f.bytes)), h("td", {}, fileButton(f)))),
         ),
       ),
     ),
   );
   try {
-    const text = fileText(await ctx.archive(), "README.md");
-    replace(
-      card,
-      card.firstChild,
-      text
-        ? h("pre", { class: "model-card", tabindex: "0", role: "region", "aria-label": "Model card text" }, text)
-        : h("p", { class: "hint" }, "This job has no model card."),
-    );
+    const text = listing.data.some((f) => f.path === "README.md") ? await (await artifactFile(job.id, "README.md", ctx.signal)).text() : null;
+    replace(card, card.firstChild, text ? modelCard(text) : h("p", { class: "hint" }, "This job has no model card."));
   } catch (error) {
     if (!ctx.signal.aborted) replace(card, card.firstChild, errorBox(error));
   } finally {
     card.removeAttribute("aria-busy");
   }
+}
+
+// One artifact's bytes (GET …/artifacts/files/{path}).
+export function artifactFile(jobId, path, signal) {
+  const encoded = path.split("/").map(encodeURIComponent).join("/");
+  return api.download(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/artifacts/files/${encoded}`, { signal });
+}
+
+// The model card rendered: its metadata (the YAML front matter) as terms, its Markdown through marked,
+// then DOMPurify (the card quotes names users chose, such as the training file's: no HTML of theirs runs
+// or loads anything), and the source a click away.
+function modelCard(text) {
+  const front = text.match(/^---\n([\s\S]*?)\n---\n/);
+  const body = front ? text.slice(front[0].length) : text;
+  const meta = front ? front[1].split("\n").filter((line) => line.includes(":")).map((line) => [line.slice(0, line.indexOf(":")).trim(), line.slice(line.indexOf(":") + 1).trim()]) : [];
+  const rendered = h("div", { class: "markdown", id: "model-card-rendered" });
+  rendered.append(DOMPurify.sanitize(marked.parse(body, { async: false }), { RETURN_DOM_FRAGMENT: true, FORBID_TAGS: ["style", "form", "input"], FORBID_ATTR: ["style"] }));
+  for (const table of rendered.querySelectorAll("table")) table.replaceWith(tableWrap(table.cloneNode(true)));
+  for (const link of rendered.querySelectorAll("a[href]")) link.setAttribute("rel", "noopener noreferrer");
+  return [
+    meta.length ? stats(meta, { id: "model-card-meta" }) : null,
+    rendered,
+    h("details", {}, h("summary", {}, "Markdown source"), h("pre", { class: "model-card", tabindex: "0", role: "region", "aria-label": "Model card source" }, text)),
+  ];
+}
+
+// Where the job's artifacts were published (hub_repo): the outcome from its events.
+async function hubSection(job, signal) {
+  const section = h("section", { class: "card", id: "hub", "aria-labelledby": "hub-heading" }, h("h2", { id: "hub-heading" }, "Hugging Face Hub"));
+  if (!job.hub_repo) {
+    append(section, h("p", { class: "hint", id: "hub-status" }, "Not published: a job publishes its artifacts and model card to a Hub repository when created with ", h("code", {}, "hub_repo"), " (the new-job form's advanced settings) on a server with a Hub token."));
+    return section;
+  }
+  const events = await api.get(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/events?limit=100`, { signal });
+  const published = events.data.find((e) => e.message.startsWith("Published to the Hugging Face Hub"));
+  const failed = events.data.find((e) => e.message.startsWith("Publishing to the Hugging Face Hub"));
+  const status = published ? ["notice-ok", published.message] : failed ? ["notice-error", failed.message] : ["", job.stage === "succeeded" ? "Publishing…" : "Published once the job succeeds."];
+  append(section, h("p", {}, "Repository: ", h("code", {}, job.hub_repo)), h("p", { class: `notice ${status[0]}`, id: "hub-status" }, status[1]));
+  return section;
 }
 
 // -- learning-rate sweep ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-// Reading a job's artifact archive in the browser. The API serves a job's artifacts as one tar
-// (GET …/artifacts/archive) and no single file, so the console reads the generated replies and the model
-// card out of it, and cuts the adapter or the merged model out of it as a smaller tar of their own.
+// Reading a job's artifact archive in the browser. The API serves a job's artifacts one by one
+// (GET …/artifacts/files/{path}) or all as one tar (GET …/artifacts/archive); the console cuts the adapter
+// or the merged model out of the archive as a smaller tar of their own, one folder in one download.
 // The archive is Python's tarfile (PAX format): 512-byte headers, data padded to 512 bytes, PAX
 // extended headers for long names.
 
@@ -70,9 +70,4 @@ export function subTar(archive, prefix) {
   const picked = archive.entries.filter((entry) => entry.name.startsWith(prefix));
   const parts = picked.map((entry) => archive.bytes.subarray(entry.start, entry.end));
   return new Blob([...parts, new Uint8Array(2 * BLOCK)], { type: "application/x-tar" });
-}
-
-export function fileText(archive, name) {
-  const entry = archive.entries.find((e) => e.name === name);
-  return entry ? text.decode(entry.data) : null;
 }

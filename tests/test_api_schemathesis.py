@@ -22,6 +22,7 @@ MAX_EXAMPLES = 6
 WORKER_OPERATIONS = (
     "/v1/fine_tuning/jobs/estimate",
     "/v1/files/{file_id}/report",
+    "/v1/models/{model_id}/fit",
     "/v1/chat/completions",
     "/v1/classifications",
 )

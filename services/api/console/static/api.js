@@ -79,7 +79,7 @@ export async function download(path, { signal } = {}) {
 
 // Files up to this size go in one request (POST /v1/files); larger ones through the Uploads API in parts
 // of this size, so no single request is large (the server's part limit is 64 MiB by default).
-export const PART_BYTES = 16 * 1024 * 1024;
+export const PART_BYTES = 16_000_000;
 
 // Upload a file with progress (onProgress(share) from 0 to 1); resolves with the file object. Small files
 // go in one multipart POST /v1/files; large ones through POST /v1/uploads, its parts, and complete.

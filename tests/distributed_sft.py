@@ -14,7 +14,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from services.trainer.sft import train_sft
+from services.trainer.recipes.sft import train_sft
 from tests.test_checkpoints import FolderSink
 from tests.test_sft import RecordingHooks, make_config
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.trainer.checkpointing import LOOP_STATE, MODEL_WEIGHTS, LoopState
-from services.trainer.sft import train_sft
+from services.trainer.recipes.sft import train_sft
 from shared.ml.builtin_models import build_tiny_chat_model
 from tests.test_sft import RecordingHooks, make_config
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from services.trainer.classification import (
+from services.trainer.driver import StepMetrics
+from services.trainer.recipes.classification import (
     ClassificationConfig,
     ClassificationResult,
-    StepMetrics,
     train_classification,
 )
 from shared.data.formats import Example

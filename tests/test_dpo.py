@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.trainer.dpo import DPOConfig, train_dpo
-from services.trainer.loop import StepMetrics
+from services.trainer.driver import StepMetrics
+from services.trainer.recipes.dpo import DPOConfig, train_dpo
 from shared.data.formats import Example
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.preference_data import iter_preference_batches, read_preference_examples, tokenize_preferences

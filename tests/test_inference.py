@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.api.app import create_app
 from services.inference.task import ModelCache, chat_completion, classify
-from services.trainer.classification import ClassificationConfig, train_classification
+from services.trainer.recipes.classification import ClassificationConfig, train_classification
 from shared.data.formats import Example
 from shared.ml.classification_data import load_sequence_classifier, read_labels
 from shared.ml.materialize import materialize

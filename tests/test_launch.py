@@ -14,7 +14,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
 from services.trainer.launch import accelerate_config, launch_env
-from services.trainer.sft import train_sft
+from services.trainer.recipes.sft import train_sft
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.platform.records import Hyperparameters, JobRecord, LoraSettings
 from tests.test_sft import RecordingHooks, make_config

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.trainer.classification import train_classification
-from services.trainer.dpo import train_dpo
+from services.trainer.recipes.classification import train_classification
+from services.trainer.recipes.dpo import train_dpo
 from shared.ml.builtin_models import build_tiny_chat_model
 from tests.test_checkpoints import FolderSink
 from tests.test_classification import RecordingHooks, llama_config

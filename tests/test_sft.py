@@ -11,9 +11,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.trainer import sft
-from services.trainer.loop import StepMetrics
-from services.trainer.sft import SFTConfig, train_sft
+from services.trainer.driver import StepMetrics
+from services.trainer.recipes import sft
+from services.trainer.recipes.sft import SFTConfig, train_sft
 from shared.ml import token_cache
 from shared.ml.builtin_models import ARCHITECTURES, build_tiny_chat_model
 from shared.ml.chat_data import DataError, iter_batches, tokenize_chat
@@ -362,7 +362,7 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(sft, "tokenize_dataset", no_tokenizing)
-    monkeypatch.setattr(sft, "tokenize_all", no_tokenizing)
+    monkeypatch.setattr(token_cache, "tokenize_all", no_tokenizing)
     second = train_sft(config, RecordingHooks())
 
     assert second.metrics_rows == first.metrics_rows

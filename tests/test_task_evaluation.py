@@ -15,8 +15,8 @@ from redis import Redis
 
 from services.evaluator import classification_eval, preference_eval
 from services.evaluator.cancellation import CancelWatch, EvaluationCancelled
-from services.trainer.classification import ClassificationConfig, train_classification
-from services.trainer.dpo import DPOConfig, train_dpo
+from services.trainer.recipes.classification import ClassificationConfig, train_classification
+from services.trainer.recipes.dpo import DPOConfig, train_dpo
 from shared.data.formats import Example
 from shared.ml.classification_data import LABELS_FILE
 from shared.ml.materialize import materialize

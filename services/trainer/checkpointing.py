@@ -1,4 +1,4 @@
-"""Full training-state checkpoints: what a recipe's loop saves so another worker can carry on from it.
+"""Full training-state checkpoints: what the driver's loop saves so another worker can carry on from it.
 
 A checkpoint is accelerate's own `save_state` (model or adapter weights, optimizer, scheduler, every
 process's RNG states; FSDP and DeepSpeed shard theirs) plus `loop_state.json`: the step, the epoch and
@@ -24,8 +24,6 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from services.trainer.loop import StopAction
-
 log = logging.getLogger(__name__)
 
 LOOP_STATE = "loop_state.json"
@@ -47,7 +45,7 @@ class CheckpointSink(Protocol):
 
 @dataclass
 class LoopState:
-    """Where a recipe's loop stands after an optimizer step: enough to continue it exactly."""
+    """Where the driver's loop stands after an optimizer step: enough to continue it exactly."""
 
     step: int = 0
     epoch: int = 1  # the epoch in progress (1-based)
@@ -79,11 +77,11 @@ class Checkpoints:
         self.accelerator.register_save_state_pre_hook(self._keep_trainable)
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
 
-    def due(self, step: int, stop: StopAction | None) -> bool:
-        """Agreed by all processes: save now? Always when stopping to carry on later ("suspend")."""
+    def due(self, step: int, suspend: bool) -> bool:
+        """Agreed by all processes: save now? Always when stopping to carry on later (`suspend`)."""
         if self.sink is None:
             return False
-        wanted = stop == "suspend" or (self.accelerator.is_main_process and self.sink.due(step))
+        wanted = suspend or (self.accelerator.is_main_process and self.sink.due(step))
         flag = torch.tensor(float(wanted), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="max").item())
 

@@ -131,7 +131,7 @@ class LaunchSpec:
 
     job_id: str
     attempt: int
-    recipe: str  # "module:function", e.g. "services.trainer.sft:train_sft"
+    recipe: str  # "module:function", e.g. "services.trainer.recipes.sft:train_sft"
     config: Any  # the recipe's config, without the objects each process makes itself (storage, sink)
     total_steps: int
     workdir: Path

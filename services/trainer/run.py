@@ -14,7 +14,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from services.trainer.loop import StepMetrics, StopAction
+from services.trainer.driver import StepMetrics, StopAction
 from shared.planning.cost import cost_usd
 from shared.planning.gpu_classes import load_gpu_classes
 from shared.platform import metrics

@@ -13,16 +13,17 @@ import io
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.trainer.classification import ClassificationConfig, ClassificationResult, train_classification
-from services.trainer.dpo import DPOConfig, DPOResult, train_dpo
+from services.trainer.driver import StepMetrics, StopAction, TrainConfig, TrainingHooks, TrainResult
 from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
 from services.trainer.launch import run_launched, world_size
-from services.trainer.loop import StepMetrics, StopAction
+from services.trainer.recipes.classification import ClassificationConfig, train_classification
+from services.trainer.recipes.dpo import DPOConfig, train_dpo
+from services.trainer.recipes.sft import SFTConfig, train_sft
 from services.trainer.run import Preemption, ProgressHooks, RunContext
-from services.trainer.sft import SFTConfig, SFTResult, train_sft
 from shared.data.splits import holdout_split
 from shared.ml.chat_data import ChatTemplateError, DataError, read_chat_examples
 from shared.ml.classification_data import LABELS_FILE
@@ -46,8 +47,12 @@ from shared.platform.runtime import connect
 
 log = logging.getLogger(__name__)
 
-RecipeConfig = SFTConfig | ClassificationConfig | DPOConfig
-RecipeResult = SFTResult | ClassificationResult | DPOResult
+# The recipe (services/trainer/recipes/) of each method.
+RECIPES: dict[str, Callable[[Any, TrainingHooks], TrainResult]] = {
+    "supervised": train_sft,
+    "classification": train_classification,
+    "dpo": train_dpo,
+}
 
 # The per-step metrics CSV by method: OpenAI's columns for supervised jobs, each recipe's own figures else.
 RESULT_COLUMNS = {
@@ -148,14 +153,10 @@ class TrainingRun(RunContext):
             metrics.TASKS_FINISHED.labels("trainer", "budget" if hooks.budget_reason else "trained").inc()
             return "budget reached" if hooks.budget_reason else "trained"
 
-    def _train(self, config: RecipeConfig, hooks: ProgressHooks) -> RecipeResult:
-        """The one place a job's recipe runs: the one its config is for, in this process, or in one
-        process per device under `accelerate launch` when the job has several (services.trainer.launch)."""
-        recipe = (
-            train_classification if isinstance(config, ClassificationConfig)
-            else train_dpo if isinstance(config, DPOConfig)
-            else train_sft
-        )  # fmt: skip
+    def _train(self, config: TrainConfig, hooks: ProgressHooks) -> TrainResult:
+        """The one place a job's recipe runs: its method's, in this process, or in one process per device
+        under `accelerate launch` when the job has several (services.trainer.launch)."""
+        recipe = RECIPES[self.record.method_type]
         if world_size(self.record) > 1:
             return run_launched(
                 self, f"{recipe.__module__}:{recipe.__name__}", config, hooks, hooks.total_steps
@@ -283,7 +284,7 @@ class TrainingRun(RunContext):
         skipped = (self.record.estimate or {}).get("skipped_examples") or {}
         return skipped.get(dataset, {}).get("count", 0)
 
-    def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> RecipeConfig:
+    def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> TrainConfig:
         """The config of the job's recipe: what all three share, then each method's own settings."""
         hp = self.record.hyperparameters
         lora = self.record.lora
@@ -339,7 +340,7 @@ class TrainingRun(RunContext):
             return "preempted"
         return "stopped"
 
-    def _calibrate(self, hooks: ProgressHooks, result: RecipeResult) -> None:
+    def _calibrate(self, hooks: ProgressHooks, result: TrainResult) -> None:
         """Feed the measured speed back into the estimates of this GPU class."""
         estimate = self.record.estimate or {}
         if not estimate.get("train_flops") or not result.total_steps:
@@ -366,7 +367,7 @@ class TrainingRun(RunContext):
             self.storage.upload_file(output / LABELS_FILE, artifacts["labels"])
         return artifacts
 
-    def _publish(self, result: RecipeResult, model_dir: Path, budget_reason: str | None = None) -> None:
+    def _publish(self, result: TrainResult, model_dir: Path, budget_reason: str | None = None) -> None:
         tenant = self.record.tenant
         output = self.workdir / "output"
         uploaded = self._upload_artifacts()
@@ -413,7 +414,7 @@ class TrainingRun(RunContext):
         enqueue_evaluation(self.redis, self.job_id, attempt, self.settings.eval_timeout_seconds)
         withdraw_if_cancelled(self.jobs, self.redis, self.job_id)
 
-    def _record_checkpoint(self, result: RecipeResult, artifacts: dict[str, str]) -> None:
+    def _record_checkpoint(self, result: TrainResult, artifacts: dict[str, str]) -> None:
         """The final adapter (or model), listed as OpenAI lists a job's checkpoints."""
         last = result.metrics_rows[-1]
         weights = "adapter" if "adapter" in artifacts else "model"

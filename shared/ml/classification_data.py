@@ -13,16 +13,18 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from shared.data.formats import Example, read_examples
 from shared.ml.chat_data import DataError
+from shared.planning.hyperparams import FULL_FINE_TUNE_MAX_PARAMS
 
 LABELS_FILE = "labels.json"
 DEFAULT_GROUP_FIELD = "group"  # Example.fields key whose values `evaluate_classifier` reports by_group
+HEAD_NAMES = ("classifier", "score")  # transformers' names for the classification head
 
 
 @dataclass
@@ -138,6 +140,40 @@ def is_encoder(config: PretrainedConfig) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def resolve_method(
+    method: str, model_dir: Path, model: torch.nn.Module | None, *, trust_remote_code: bool
+) -> Literal["full", "lora"]:
+    """The training method "auto" stands for: full for encoders up to FULL_FINE_TUNE_MAX_PARAMS, else
+    LoRA. Before the model is loaded (model None), "auto" answers from its config alone whether weights
+    will be fully trained (an encoder architecture)."""
+    if method in ("full", "lora"):
+        return method
+    if method != "auto":
+        raise ValueError(f"method must be 'auto', 'full' or 'lora', not {method!r}")
+    config = (
+        model.config
+        if model is not None
+        else AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    )
+    if not is_encoder(config):
+        return "lora"
+    if model is None:
+        return "full"  # provisional: the size is known once loaded
+    n_params = sum(p.numel() for p in model.parameters())
+    return "full" if n_params <= FULL_FINE_TUNE_MAX_PARAMS else "lora"
+
+
+def classification_head(model: torch.nn.Module) -> list[str]:
+    """The name of the model's classification head, which trains whole beside a LoRA adapter."""
+    head = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
+    if not head:
+        raise ValueError(
+            f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}; "
+            "train it with method 'full'"
+        )
+    return head
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -34,8 +34,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from torch.utils.data import Dataset
 
 from shared.ml.chat_data import IGNORE_INDEX, TokenizedExample
+from shared.planning.packing import epoch_rows, packing_stats
 
 PackingMode = Literal["bool_mask", "float_mask", "position_ids"]
 
@@ -45,6 +47,29 @@ MODES: dict[str, PackingMode] = {
     "eager": "float_mask",
     "flash_attention_2": "position_ids",
 }
+
+
+class PackedEpochs(Dataset):
+    """The packed rows of the current epoch (`repack` before each): item i is row i's examples, in an
+    order already shuffled (new each epoch), which the loader keeps."""
+
+    def __init__(self, examples: list[TokenizedExample], max_seq_length: int, seed: int) -> None:
+        self.examples = examples
+        self.lengths = [len(example.input_ids) for example in examples]
+        self.max_seq_length = max_seq_length
+        self.seed = seed
+        self.stats = packing_stats(self.lengths, max_seq_length)  # the same every epoch
+        self.rows: list[list[int]] = []
+        self.repack(1)
+
+    def repack(self, epoch: int) -> None:
+        self.rows = epoch_rows(self.lengths, self.max_seq_length, self.seed, epoch)
+
+    def __len__(self) -> int:
+        return self.stats.rows
+
+    def __getitem__(self, i: int) -> list[TokenizedExample]:
+        return [self.examples[j] for j in self.rows[i]]
 
 
 def packing_mode(attn_implementation: str | None) -> PackingMode | None:

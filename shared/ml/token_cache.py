@@ -32,7 +32,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from transformers import PreTrainedTokenizerBase
 
-from shared.ml.chat_data import IGNORE_INDEX, Messages, TokenizedExample
+from shared.ml.chat_data import IGNORE_INDEX, Messages, TokenizedExample, keep_trainable, tokenize_all
 from shared.platform.storage import ObjectNotFound, Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,35 @@ def save(storage: Storage, key: str, examples: Sequence[TokenizedExample], *, pr
         storage.put_bytes(storage_key(key, prefix), encode(key, examples))
     except (StorageError, ValueError) as exc:
         log.warning("could not store token cache entry %s: %s", storage_key(key, prefix), exc)
+
+
+def tokenize_cached(
+    storage: Storage,
+    prefix: str,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Messages],
+    max_seq_length: int,
+    *,
+    eos_token_ids: Collection[int],
+    dataset: str,
+    train_on_inputs: bool,
+    sources: list[str] | None,
+) -> tuple[list[TokenizedExample], list[str]]:
+    """`chat_data.tokenize_dataset` through the cache: an entry holds every example, skipped ones too, so
+    the checks (`keep_trainable`) run either way."""
+    key = cache_key(
+        data_sha256(conversations), tokenizer, max_seq_length, train_on_inputs, eos_token_ids=eos_token_ids
+    )
+    examples = load(storage, key, prefix=prefix)
+    if examples is not None and len(examples) == len(conversations):
+        log.info("%s data: %d tokenized examples from the cache (%s)", dataset, len(examples), key)
+    else:
+        examples = tokenize_all(
+            tokenizer, conversations, max_seq_length, eos_token_ids=eos_token_ids, dataset=dataset,
+            train_on_inputs=train_on_inputs, sources=sources,
+        )  # fmt: skip
+        save(storage, key, examples, prefix=prefix)
+    return keep_trainable(examples, conversations, dataset=dataset, sources=sources)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

@@ -137,3 +137,59 @@ def test_replies_stop_at_eos_and_at_their_token_limit(tiny) -> None:
     assert generate_replies(silenced, tokenizer, cases, eos_token_ids={0}, **kwargs) == [""]
     (reply,) = generate_replies(silenced, tokenizer, cases, eos_token_ids=eos, **kwargs)
     assert reply == "\x00" * new_token_limit(13)
+
+
+def test_a_batch_stops_once_each_reply_has_its_own_limit_and_no_reply_exceeds_it(tiny) -> None:
+    model, tokenizer, _ = tiny
+    silenced = type(model)(model.config)  # every logit 0: greedy says token 0 forever, never EOS here
+    silenced.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        silenced.model.norm.weight.zero_()
+    references = ["ok", "Fine, thanks.", "x" * 40]  # 2, 13 and 40 byte tokens: limits 18, 29 and 60
+    cases = [GenerationCase(i, [{"role": "user", "content": "Hi"}], r) for i, r in enumerate(references)]
+    forward_passes = []
+    hook = silenced.register_forward_pre_hook(lambda module, args: forward_passes.append(1))
+    try:
+        replies = generate_replies(
+            silenced, tokenizer, cases, eos_token_ids={1}, pad_token_id=tokenizer.pad_token_id,
+            max_prompt_tokens=512, batch_size=3,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    assert [len(reply) for reply in replies] == [new_token_limit(len(r)) for r in references]
+    assert len(forward_passes) == new_token_limit(40)  # the longest limit, not MAX_NEW_TOKENS
+
+
+def test_bounded_generation_equals_unbounded_generation_where_the_reference_is_long_enough(tiny) -> None:
+    model, tokenizer, _ = tiny
+    from shared.ml.chat_data import render_generation_prompt
+
+    prompt = [{"role": "user", "content": "Hi"}]
+    ids = torch.tensor(
+        [tokenizer.encode(render_generation_prompt(tokenizer, prompt), add_special_tokens=False)]
+    )
+
+    def unbounded(eos: int, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+        """Plain transformers greedy decoding, by default with the whole MAX_NEW_TOKENS budget, cut at EOS."""
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()  # fmt: skip
+        return out[: out.index(eos)] if eos in out else out
+
+    # An "EOS" the model first says late: the token whose first appearance among its first 40 is last.
+    probe = unbounded(tokenizer.pad_token_id, max_new_tokens=40)
+    eos = max(set(probe), key=probe.index)
+    full = unbounded(eos)
+    assert 20 < len(full) < 40
+
+    def bounded(reference: str) -> str:
+        case = GenerationCase(0, prompt, reference)
+        kwargs = {"eos_token_ids": {eos}, "pad_token_id": tokenizer.pad_token_id, "max_prompt_tokens": 512}
+        return generate_replies(model, tokenizer, [case], **kwargs)[0]
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    assert bounded("x" * 30) == text(full)  # limit 46: the reply ends at EOS first
+    assert bounded("x" * 4) == text(full[: new_token_limit(4)])  # limit 20: cut there

@@ -23,6 +23,14 @@ import torch
 from redis import Redis
 
 from services.evaluator import classification_eval, preference_eval
+from services.evaluator.base_cache import (
+    CACHE_VERSION,
+    BaseCache,
+    ModelScores,
+    model_fingerprint,
+    rows_digest,
+    tokenizer_fingerprint,
+)
 from services.evaluator.cancellation import CancelWatch, EvaluationCancelled, watching
 from shared.data import pii
 from shared.data.formats import read_examples
@@ -33,6 +41,7 @@ from shared.ml.generation_metrics import (
     MAIN_METRIC,
     MAX_NEW_TOKENS,
     METRIC_NAMES,
+    NEW_TOKEN_RULE,
     GenerationCase,
     corpus_scores,
     generate_replies,
@@ -61,7 +70,9 @@ from shared.platform.storage import Storage
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 8
-GENERATION_ROWS = 64  # prompts both models answer: the first suitable validation rows, in file order
+# Prompts both models answer (the first suitable validation rows, in file order) unless
+# TUNERY_EVAL_GENERATION_ROWS says otherwise: per device class, since a CPU generates far more slowly.
+GENERATION_ROWS = {"cpu": 16, "cuda": 64}
 GENERATION_BATCH_SIZE = 16
 LOSS_TOLERANCE = 1e-3  # a loss change this small is "unchanged"
 TOKEN_METRICS: tuple[str, ...] = ("loss", "perplexity", "mean_token_accuracy")
@@ -137,7 +148,7 @@ def evaluate_job(
     record: JobRecord,
     *,
     group_field: str | None = DEFAULT_GROUP_FIELD,
-    generation_rows: int = GENERATION_ROWS,
+    generation_rows: int | None = None,
     generations_key: str | None = None,
     watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
@@ -163,15 +174,6 @@ class ValidationRows:
     conversations: list[Messages]
     groups: list[str | None]  # each row's group (its `group_field` value as a string), or None
     source: str  # validation_file or held_out_split
-
-
-@dataclass
-class ModelScores:
-    """One model's results: token metrics overall and per group, and its replies to the generation cases."""
-
-    tokens: dict[str, float]  # loss, perplexity, mean_token_accuracy, n_tokens
-    tokens_by_group: dict[str, dict[str, float] | None]  # None: the group has no trainable token
-    replies: list[str]
 
 
 def _validation_rows(
@@ -228,20 +230,24 @@ def evaluate(
     storage: Storage,
     record: JobRecord,
     *,
-    generation_rows: int = GENERATION_ROWS,
+    generation_rows: int | None = None,
     group_field: str | None = DEFAULT_GROUP_FIELD,
     generations_key: str | None = None,
     watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
     """Score the base model and the fine-tuned adapter on the job's validation rows; returns the report
     (`build_report`) and stores the replies both models generated (by default as the job's generations
-    artifact).
+    artifact). The base model's side comes from the base-results cache when an earlier evaluation
+    computed it from the same inputs (services.evaluator.base_cache).
 
-    `generation_rows`: how many prompts (the first suitable rows) both models answer; 0 skips generation.
+    `generation_rows`: how many prompts (the first suitable rows) both models answer; 0 skips generation;
+    None: `generation_plan`'s (the setting, else the default for this device class).
     `group_field`: the row field whose values are reported as groups (None: no groups).
-    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on.
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on; a job's evaluation (one
+    with a watch) also tells the job, in an event, what it generates and whether the base side was cached.
     """
     entry = _catalog_entry(settings, record.model)
+    plan = generation_plan(settings, generation_rows)
     with tempfile.TemporaryDirectory(prefix=f"tunery-eval-{record.id}-") as tmp:
         workdir = Path(tmp)
         adapter_dir = workdir / "adapter"
@@ -250,15 +256,40 @@ def evaluate(
         storage.download_prefix(storage_keys.tokenizer_prefix(record.tenant, record.id), tokenizer_dir)
         rows = _validation_rows(redis, storage, record, workdir, group_field)
         base, tuned, cases = _score(
-            settings, entry, tokenizer_dir, adapter_dir, rows, record.hyperparameters.max_seq_length,
-            generation_rows, watch,
+            settings, storage, record.tenant, entry, tokenizer_dir, adapter_dir, rows,
+            record.hyperparameters.max_seq_length, plan, watch,
         )  # fmt: skip
     assert tuned is not None
     if cases:
         lines = generation_records(cases, rows.groups, base.replies, tuned.replies)
         body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
         storage.put_bytes(generations_key or storage_keys.generations_key(record.tenant, record.id), body)
-    return build_report(rows.source, rows.groups, cases, base, tuned, group_field=group_field)
+    report = build_report(rows.source, rows.groups, cases, base, tuned, group_field=group_field)
+    if report["generation"]:
+        report["generation"]["prompt_limit"] = plan.describe()
+    return report
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How many prompts the models answer, and why that many."""
+
+    rows: int
+    origin: str  # "requested", "TUNERY_EVAL_GENERATION_ROWS" or "the default on <device class>"
+
+    def describe(self) -> str:
+        return f"at most {self.rows} prompts ({self.origin})"
+
+
+def generation_plan(settings: Settings, requested: int | None = None) -> GenerationPlan:
+    """The prompts to answer: as requested, else the operator's setting, else GENERATION_ROWS for the
+    device class this evaluator scores on (a CPU gets fewer: generation dominates its evaluation)."""
+    if requested is not None:
+        return GenerationPlan(requested, "requested")
+    if settings.eval_generation_rows is not None:
+        return GenerationPlan(settings.eval_generation_rows, "TUNERY_EVAL_GENERATION_ROWS")
+    device = default_device().type
+    return GenerationPlan(GENERATION_ROWS.get(device, GENERATION_ROWS["cpu"]), f"the default on {device}")
 
 
 def evaluate_base_model(
@@ -269,16 +300,20 @@ def evaluate_base_model(
     model: str,
     validation_file: str,
     *,
-    generation_rows: int = GENERATION_ROWS,
+    generation_rows: int | None = None,
     group_field: str | None = DEFAULT_GROUP_FIELD,
 ) -> dict[str, Any]:
-    """A catalog chat model alone on a validation file: the base side of `evaluate`'s report."""
+    """A catalog chat model alone on a validation file: the base side of `evaluate`'s report (from the
+    base-results cache when a job or an earlier evaluation computed it from the same inputs)."""
     entry = _catalog_entry(settings, model)
+    plan = generation_plan(settings, generation_rows)
     with tempfile.TemporaryDirectory(prefix="tunery-eval-base-") as tmp:
         workdir = Path(tmp)
         rows = _file_rows(redis, storage, tenant, validation_file, workdir, "warn", group_field)
         base_dir = materialize(entry, settings)
-        base, _, cases = _score(settings, entry, base_dir, None, rows, entry.max_seq_length, generation_rows)
+        base, _, cases = _score(
+            settings, storage, tenant, entry, base_dir, None, rows, entry.max_seq_length, plan
+        )
     generated = corpus_scores(base.replies, [case.reference for case in cases])
     return {
         "task": "supervised",
@@ -288,9 +323,8 @@ def evaluate_base_model(
         "base": _metrics(base.tokens, generated),
         "fine_tuned": None,
         "verdict": None,
-        "generation": {"n_examples": len(cases), "decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS}
-        if generated
-        else None,
+        "base_from_cache": base.from_cache,
+        "generation": _generation_settings(cases) | {"prompt_limit": plan.describe()} if generated else None,
     }
 
 
@@ -303,15 +337,19 @@ def _catalog_entry(settings: Settings, model: str) -> Any:
 
 def _score(
     settings: Settings,
+    storage: Storage,
+    tenant: str,
     entry: Any,
     tokenizer_dir: Path,
     adapter_dir: Path | None,
     rows: ValidationRows,
     max_length: int,
-    generation_rows: int,
+    plan: GenerationPlan,
     watch: CancelWatch | None = None,
 ) -> tuple[ModelScores, ModelScores | None, list[GenerationCase]]:
-    """The base model's scores, then (with an adapter) the fine-tuned model's, on the same rows."""
+    """The base model's scores (cached, or computed and then cached), then (with an adapter) the
+    fine-tuned model's, on the same rows."""
+    import transformers
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -319,11 +357,36 @@ def _score(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     trust = settings.allow_trust_remote_code
     device = default_device()
-    model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=weights_dtype(device)).to(device)
+    dtype = weights_dtype(device)
+    cases = generation_cases(rows.conversations, plan.rows)
+    cache = BaseCache(
+        storage,
+        tenant,
+        {
+            "cache_version": CACHE_VERSION,
+            "model": {"id": entry.id, "source": entry.source, "files": model_fingerprint(base_dir)},
+            "tokenizer": tokenizer_fingerprint(tokenizer, tokenizer_dir),
+            "rows": rows_digest(rows.conversations, rows.groups),
+            "max_seq_length": max_length,
+            "token_metrics": {"batch_size": EVAL_BATCH_SIZE},
+            "generation": {
+                "prompts": len(cases), "decoding": "greedy", "rule": NEW_TOKEN_RULE,
+                "batch_size": GENERATION_BATCH_SIZE,
+            },
+            "runtime": {
+                "device": device.type, "dtype": str(dtype), "trust_remote_code": trust,
+                "torch": torch.__version__, "transformers": transformers.__version__,
+            },
+        },
+    )  # fmt: skip
+    base = cache.load(sorted(group_members(rows.groups)), len(cases))
+    _tell(watch, _plan_event(plan, cases, base is not None))
+    if base is not None and adapter_dir is None:
+        return base, None, cases
+    model = load_causal_lm(base_dir, trust_remote_code=trust, dtype=dtype).to(device)
     eos_ids = generation_eos_ids(base_dir, tokenizer, trust_remote_code=trust)
     examples = [tokenize_chat(tokenizer, m, max_length, eos_token_ids=eos_ids) for m in rows.conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cases = generation_cases(rows.conversations, generation_rows)
 
     def score(m: torch.nn.Module) -> ModelScores:
         tokens, by_group = _token_metrics(m, examples, rows.groups, pad_id)
@@ -334,10 +397,28 @@ def _score(
         return ModelScores(tokens, by_group, replies)
 
     with watching(watch, model):
-        base = score(model)
+        if base is None:
+            base = score(model)
+            cache.store(base)
         # The adapter is injected into `model` in place: the base is scored first, without a second copy.
         tuned = score(PeftModel.from_pretrained(model, adapter_dir)) if adapter_dir is not None else None
     return base, tuned, cases
+
+
+def _plan_event(plan: GenerationPlan, cases: Sequence[GenerationCase], cached: bool) -> str:
+    base = "the base model's results from the cache" if cached else "the base model scored afresh"
+    if not cases:
+        return f"Evaluation: no replies generated ({plan.describe()}); {base}"
+    return (
+        f"Evaluation: greedy replies to {len(cases)} validation prompts per model, {plan.describe()}; "
+        f"{NEW_TOKEN_RULE}; {base}"
+    )
+
+
+def _tell(watch: CancelWatch | None, message: str) -> None:
+    """An event on the job being evaluated (only a job's own evaluation has a watch)."""
+    if watch is not None:
+        watch.jobs.add_event(watch.job_id, message)
 
 
 def _token_metrics(
@@ -389,10 +470,10 @@ def build_report(
 
     {validation_source, n_examples, n_tokens, base and fine_tuned {loss, perplexity, mean_token_accuracy,
     exact_match, rouge_l, bleu, chrf (None without generation)}, verdict (improved, unchanged or
-    regressed, by the loss), loss_change, loss_relative_change, generation {n_examples, decoding,
-    max_new_tokens, main_metric, main_metric_change} or None, verdict_summary (the numbers behind the
-    verdict in one line),
-    by_group (None unless some row has a group)}.
+    regressed, by the loss), loss_change, loss_relative_change, base_from_cache (the base side was read
+    from the base-results cache), generation {n_examples, decoding, max_new_tokens (the cap), new_tokens
+    (the rule bounding each reply), main_metric, main_metric_change} or None, verdict_summary (the numbers
+    behind the verdict in one line), by_group (None unless some row has a group)}.
     """
     references = [case.reference for case in cases]
     base_generated = corpus_scores(base.replies, references)
@@ -411,18 +492,25 @@ def build_report(
         "loss_change": change,
         "loss_relative_change": change / base.tokens["loss"] if base.tokens["loss"] else None,
         "generation": None,
+        "base_from_cache": base.from_cache,
     }
     if base_generated and tuned_generated:
-        report["generation"] = {
-            "n_examples": len(cases),
-            "decoding": "greedy",
-            "max_new_tokens": MAX_NEW_TOKENS,
+        report["generation"] = _generation_settings(cases) | {
             "main_metric": MAIN_METRIC,
             "main_metric_change": tuned_generated[MAIN_METRIC] - base_generated[MAIN_METRIC],
         }
     report["verdict_summary"] = verdict_summary(report)
     report["by_group"] = _by_group(groups, cases, base, tuned, group_field)
     return report
+
+
+def _generation_settings(cases: Sequence[GenerationCase]) -> dict[str, Any]:
+    return {
+        "n_examples": len(cases),
+        "decoding": "greedy",
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "new_tokens": NEW_TOKEN_RULE,
+    }
 
 
 def verdict_summary(report: dict[str, Any]) -> str:

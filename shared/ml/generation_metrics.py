@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from shared.ml.chat_data import Messages, render_generation_prompt
 
@@ -32,6 +32,10 @@ METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L", "bleu": "BLE
 
 MAX_NEW_TOKENS = 512  # the cap on any reply's length, whatever the reference's
 MIN_MARGIN_TOKENS = 16  # a reply may run this much (or half the reference, if more) past the reference
+NEW_TOKEN_RULE = (
+    f"each reply stops at EOS or at min({MAX_NEW_TOKENS}, r + max({MIN_MARGIN_TOKENS}, r // 2)) new tokens, "
+    "r being its reference reply's length in tokens"
+)
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,11 @@ def generate_replies(
     """Greedy replies to each case's prompt, rendered with the tokenizer's chat template and its
     generation prompt, in the order of `cases`.
 
-    Prompts are batched longest first and left-padded (generation continues every row from its last
-    token); a prompt longer than `max_prompt_tokens` keeps its end, where the question is. Each reply
-    stops at the first of `eos_token_ids` or at `new_token_limit` of its reference's length. Runs in
-    eval mode without gradients and restores the model's previous mode.
+    Prompts are batched longest first (similar lengths together: little padding) and left-padded
+    (generation continues every row from its last token); a prompt longer than `max_prompt_tokens` keeps
+    its end, where the question is. Each reply stops at the first of `eos_token_ids` or at
+    `new_token_limit` of its reference's length, and a batch stops once every reply has (NEW_TOKEN_RULE).
+    Runs in eval mode without gradients and restores the model's previous mode.
     """
     prompts = [
         tokenizer.encode(render_generation_prompt(tokenizer, case.prompt), add_special_tokens=False)[
@@ -108,10 +113,12 @@ def generate_replies(
                 for row, i in enumerate(rows):
                     input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                     attention_mask[row, width - len(prompts[i]) :] = 1
+                row_limits = torch.tensor([limits[i] for i in rows], device=device)
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=_greedy(max(limits[i] for i in rows), stop, pad_token_id),
+                    stopping_criteria=StoppingCriteriaList([_RowLimits(width, row_limits)]),
                 )
                 for row, i in enumerate(rows):
                     # Rows that finish early are padded; each row is cut at its own limit and first EOS.
@@ -121,6 +128,18 @@ def generate_replies(
     finally:
         model.train(was_training)
     return replies
+
+
+class _RowLimits(StoppingCriteria):
+    """Marks each row finished once it has its own number of new tokens: a batch no longer runs on to
+    its longest reference's limit for rows that are done (generate pads finished rows)."""
+
+    def __init__(self, prompt_width: int, limits: torch.Tensor) -> None:
+        self.prompt_width = prompt_width
+        self.limits = limits
+
+    def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.limits
 
 
 def _greedy(max_new_tokens: int, eos_token_ids: Collection[int], pad_token_id: int) -> GenerationConfig:

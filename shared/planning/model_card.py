@@ -134,9 +134,11 @@ def _generation_note(report: dict[str, Any]) -> str:
     generation = report.get("generation")
     if not generation:
         return ""
+    # Reports made before replies were bounded by their reference's length state the cap alone.
+    bound = generation.get("new_tokens") or f"at most {generation['max_new_tokens']} new tokens"
     return (
         f"Exact match, ROUGE-L, BLEU and chrF compare the {generation['decoding']} replies of each model to the "
-        f"first {generation['n_examples']} rows' prompts (at most {generation['max_new_tokens']} new tokens) "
+        f"first {generation['n_examples']} rows' prompts ({bound}) "
         "with the reference replies: exact match and ROUGE-L F1 from 0 to 1, BLEU and chrF from 0 to 100; "
         "higher is better. Loss and perplexity: lower is better.\n\n"
     )

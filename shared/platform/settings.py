@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # RQ job timeouts. RQ's own default (180 s) would kill every real training run.
     train_timeout_seconds: int = 48 * 3600
     eval_timeout_seconds: int = 6 * 3600
+    # Prompts a chat job's evaluation generates replies to, with the base and the fine-tuned model;
+    # None: the evaluator's default for its device class (services.evaluator.task.GENERATION_ROWS).
+    eval_generation_rows: int | None = Field(default=None, ge=0, le=512)
     # Workers heartbeat their running task this often; the janitor (in the API) treats a task silent
     # for worker_lost_after_seconds as lost and hands its job to another worker.
     worker_heartbeat_seconds: int = Field(default=10, ge=1)

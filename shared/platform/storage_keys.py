@@ -70,3 +70,9 @@ def validation_split_key(tenant: str, job_id: str) -> str:
     """Held-out rows the trainer set aside when the job had no validation file (JSONL in the job's task's
     format: chat messages, classification rows or preference pairs, each with its other fields)."""
     return job_prefix(tenant, job_id) + "data/validation_split.jsonl"
+
+
+def base_evaluation_key(tenant: str, digest: str) -> str:
+    """A base model's cached side of a chat evaluation (services.evaluator.base_cache), by the digest of
+    what it was computed from; kept per tenant, since the replies quote the tenant's data."""
+    return f"{tenant_prefix(tenant)}cache/base-evaluations/{digest}.json"

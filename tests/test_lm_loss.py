@@ -16,6 +16,7 @@ from shared.ml.chat_data import IGNORE_INDEX, TokenizedExample, collate, read_co
 from shared.ml.lm_loss import label_logits, label_token_stats, supports_kept_logits, trained_positions
 from shared.ml.lm_metrics import token_stats
 from shared.ml.packing import collate_packed
+from shared.ml.preference_metrics import pair_logps, sequence_logps
 from shared.planning.packing import pack
 
 PAD_ID = 258  # <|pad|> of the built-in tiny models
@@ -36,13 +37,18 @@ def examples(model_dir: Path) -> list[TokenizedExample]:
     return [tokenize_chat(tokenizer, m, 256, train_on_inputs=i % 3 == 2) for i, m in enumerate(conversations)]
 
 
-def full_example_losses(model: torch.nn.Module, example: TokenizedExample) -> float:
-    """The plain path: the example alone, every position's logits, cross-entropy summed where trained."""
-    batch = collate([example], PAD_ID)
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    return F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="sum").item()
+@pytest.fixture(scope="module")
+def alone(model_dir: Path, examples: list[TokenizedExample]) -> list[float]:
+    """The plain path: each example alone, every position's logits, cross-entropy summed where trained."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    losses = []
+    with torch.no_grad():
+        for example in examples:
+            batch = collate([example], PAD_ID)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            logits = model(**inputs, use_cache=False).logits
+            losses.append(F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="sum").item())
+    return losses
 
 
 def test_trained_positions_are_those_followed_by_a_trained_label() -> None:
@@ -56,7 +62,7 @@ def test_trained_positions_are_those_followed_by_a_trained_label() -> None:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_kept_logits_give_each_example_its_full_logits_loss(
-    model_dir: Path, examples: list[TokenizedExample], packed: bool
+    model_dir: Path, examples: list[TokenizedExample], alone: list[float], packed: bool
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     if packed:
@@ -70,7 +76,6 @@ def test_kept_logits_give_each_example_its_full_logits_loss(
     with torch.no_grad():
         logits, targets, rows_of = label_logits(model, inputs, batch["labels"], kept=True)
         token_losses = F.cross_entropy(logits, targets, reduction="none")
-        want = [full_example_losses(model, examples[i]) for i in order]
         full = token_stats(model(**inputs, use_cache=False).logits, batch["labels"])
         kept = label_token_stats(model, inputs, batch["labels"], kept=True)
 
@@ -80,7 +85,7 @@ def test_kept_logits_give_each_example_its_full_logits_loss(
     assert len(targets) == sum(counts) == int(full.n_tokens) == int(kept.n_tokens)
     assert rows_of.tolist() == sorted(rows_of.tolist())
     # Measured: at most 6e-5 nats on summed losses of up to 685 (9e-8 relative): fp32 summation order only.
-    assert got == pytest.approx(want, rel=1e-6, abs=1e-4)
+    assert got == pytest.approx([alone[i] for i in order], rel=1e-6, abs=1e-4)
     assert kept.loss_sum.item() == pytest.approx(full.loss_sum.item(), rel=1e-6)
     assert int(kept.n_correct) == int(full.n_correct)
 
@@ -116,3 +121,19 @@ def test_transformers_models_keep_logits_under_an_adapter_and_other_code_gets_fu
     assert supports_kept_logits(model)
     assert supports_kept_logits(get_peft_model(model, lora))
     assert not supports_kept_logits(RemoteCode())
+
+
+def test_pair_logps_from_kept_logits_are_the_sequence_logps_of_the_full_logits(
+    model_dir: Path, examples: list[TokenizedExample]
+) -> None:
+    """DPO's summed reply log-probabilities (shared/ml/preference_metrics.py) take the kept path."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    batch = collate(examples, PAD_ID)
+
+    with torch.no_grad():
+        got, got_n = pair_logps(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        want, want_n = sequence_logps(full.logits, batch["labels"])
+
+    assert torch.equal(got_n, want_n)
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-6, abs=1e-4)

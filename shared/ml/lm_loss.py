@@ -36,7 +36,8 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 def supports_kept_logits(model: torch.nn.Module) -> bool:
     """Whether the model takes `logits_to_keep` as a boolean mask: transformers' own causal LMs do (they
     slice with `slice_logits_to_keep`); remote code may take only an int, so it gets full logits."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft adapter
+    base = getattr(model, "module", model)  # under DistributedDataParallel
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # under a peft adapter
     return type(base).__module__.startswith("transformers.models.") and (
         "logits_to_keep" in inspect.signature(base.forward).parameters
     )

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.ml.chat_data import IGNORE_INDEX
+from shared.ml.lm_loss import label_logits, supports_kept_logits, trained_positions
 
 Reference = Literal["adapter"] | torch.nn.Module | None
 
@@ -69,11 +70,18 @@ def pair_logps(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.
     """`sequence_logps` of a `collate_pairs` batch in one forward pass: rows are chosen sides, then
     rejected sides. The batch is moved to the model's device."""
     device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    ).logits  # fmt: skip
-    return sequence_logps(logits, batch["labels"])
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+    }
+    # Logits only where a reply token is predicted (shared/ml/lm_loss.py): the same sums as
+    # `sequence_logps` of the full logits, without the prompts' and padding's output layer.
+    logits, targets, rows = label_logits(model, inputs, batch["labels"], kept=supports_kept_logits(model))
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(len(inputs["input_ids"]), dtype=torch.float32, device=device).index_add(
+        0, rows, token_logps
+    )
+    return sums, trained_positions(batch["labels"].to(device)).sum(dim=1)
 
 
 def evaluate_preferences(

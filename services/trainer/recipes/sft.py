@@ -33,7 +33,8 @@ from services.trainer.driver import (
 )
 from shared.ml import token_cache
 from shared.ml.chat_data import Messages, TokenizedExample, check_eos, collate, iter_batches, tokenize_dataset
-from shared.ml.lm_metrics import evaluate_causal_lm, token_stats
+from shared.ml.lm_loss import label_token_stats, supports_kept_logits
+from shared.ml.lm_metrics import evaluate_causal_lm
 from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.packing import PackedEpochs, collate_packed, packing_mode
 from shared.ml.token_cache import PREFIX as TOKEN_CACHE_PREFIX
@@ -130,7 +131,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         model=model,
         train=dataset,
         collate=batch,
-        loss=partial(sft_loss, label_smoothing=config.label_smoothing),
+        loss=partial(sft_loss, label_smoothing=config.label_smoothing, kept=supports_kept_logits(model)),
         validate=validate if valid else None,
         validation_metrics=("loss", "mean_token_accuracy"),
         save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
@@ -142,11 +143,17 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     return SFTResult(**vars(result), packing=packed.stats if packed is not None else None)
 
 
-def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> Loss:
-    """Summed cross-entropy of the trainable tokens (labels not -100) of one micro-batch."""
-    # Logits passed inline: no reference keeps the (large) tensor alive into the next forward. Packed
-    # batches add position_ids (reset per example) and a 4-D mask, or no mask at all.
+def sft_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    label_smoothing: float = 0.0,
+    *,
+    kept: bool = False,
+) -> Loss:
+    """Summed cross-entropy of the trainable tokens (labels not -100) of one micro-batch; with `kept`
+    (`lm_loss.supports_kept_logits`), logits are computed only where a trained label is predicted."""
+    # Packed batches add position_ids (reset per example) and a 4-D mask, or no mask at all.
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    stats = token_stats(model(**inputs, use_cache=False).logits, batch["labels"], label_smoothing)
+    stats = label_token_stats(model, inputs, batch["labels"], label_smoothing, kept=kept)
     real = batch["token_mask"] if "token_mask" in batch else batch["attention_mask"]
     return Loss(stats.loss_sum, stats.n_tokens, stats.n_correct, stats.n_tokens, real.sum())

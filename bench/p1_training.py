@@ -2,11 +2,15 @@
 
 Both train the same LoRA (r 16, alpha 32, dropout 0.05, every linear layer) on the same tokenized alpaca
 demo rows (Tunery's chat tokenization, so both see identical tokens and labels), same batch size, same
-learning rate and linear schedule, one process, dynamic padding (to the longest row of each batch). The
+learning rate and linear schedule, one process, the same torch threads (the CPUs this process may use,
+`usable_cpus`, as the trainer's launcher sets them). The peer pads each batch to its longest row; Tunery
+packs when a job's "auto" packing would (`auto_packing`: at least 25 % fewer computed tokens), else pads
+the same way, and computes logits only where a trained label is predicted (shared/ml/lm_loss.py). The
 figure is useful tokens/s: non-pad tokens of the steps after the first, over their wall time. MFU is
 6 × matmul parameters × useful tokens/s over the matmul peak measured in the same run.
 
-    .venv/bin/python bench/p1_training.py [--repeats 3] [--steps 12] [--device cuda --layers 8 --hidden 1024]
+    .venv/bin/python bench/p1_training.py [--repeats 3] [--steps 12] [--packing auto|on|off] [--threads N]
+        [--device cuda --layers 8 --hidden 1024]
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from services.trainer.loop import StepMetrics
-from services.trainer.sft import SFTConfig, train_sft
+from services.trainer.driver import StepMetrics
+from services.trainer.recipes.sft import SFTConfig, train_sft
+from shared.methods.supervised import auto_packing
 from shared.ml.chat_data import tokenize_dataset
 from shared.ml.model_loading import weights_dtype
+from shared.platform.cpus import usable_cpus
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
@@ -83,6 +89,7 @@ def tunery(model_dir: Path, rows: list, args: argparse.Namespace) -> float:
             model_dir=model_dir, output_dir=Path(tmp), train_examples=rows, valid_examples=None, n_epochs=1,
             batch_size=args.batch_size, learning_rate=LEARNING_RATE, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
             lora_dropout=LORA["dropout"], target_modules=None, max_seq_length=args.max_length, seed=0,
+            packing=args.packing == "on", torch_threads=args.threads,
         )  # fmt: skip
         train_sft(config, hooks)
     return useful_rate(hooks.marks)
@@ -125,8 +132,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto", help="Tunery's side")
+    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch threads of both sides")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.steps = 4
     dtype = weights_dtype(torch.device(args.device))
@@ -137,6 +147,15 @@ def main() -> None:
         )  # fmt: skip
         params = matmul_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
         rows = alpaca_conversations(args.batch_size * args.steps)
+        packing_reason = f"packing {args.packing}"
+        if args.packing == "auto":
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            examples, _ = tokenize_dataset(
+                tokenizer, rows, args.max_length, eos_token_ids={tokenizer.eos_token_id}
+            )
+            lengths = [len(e.input_ids) for e in examples]
+            packing, packing_reason = auto_packing(lengths, args.max_length, args.batch_size, seed=0)
+            args.packing = "on" if packing else "off"
         # Large enough to reach the peak: a 2048² matmul already does on two CPU cores, a GPU needs more.
         peak_n = 8192 if args.device == "cuda" else 2048
         peaks = [matmul_peak_flops(args.device, str(dtype).removeprefix("torch."), peak_n)]
@@ -159,7 +178,8 @@ def main() -> None:
     shape = f"{args.layers} layers × {args.hidden}, vocab 30,524, {params / 1e6:.1f}M matmul parameters"
     setup = (
         f"{shape}; {args.device} {str(dtype).removeprefix('torch.')}; batch {args.batch_size}, max length "
-        f"{args.max_length}, {args.steps} steps (the first not timed), LoRA r16 all-linear"
+        f"{args.max_length}, {args.steps} steps (the first not timed), LoRA r16 all-linear; "
+        f"{args.threads} torch threads; Tunery: {packing_reason}, logits only at trained positions"
     )
     emit(
         [

@@ -166,8 +166,10 @@ def _parse(entry: Any, digest: str, inputs: dict[str, Any], groups: set[str], n_
     if set(by_group) != groups:
         raise ValueError(f"it holds groups {sorted(by_group)}, not {sorted(groups)}")
     replies = entry["replies"]
-    if len(replies) != n_replies or not all(isinstance(reply, str) for reply in replies):
+    if not isinstance(replies, list) or len(replies) != n_replies:
         raise ValueError(f"it holds {len(replies)} replies, not {n_replies}")
+    if not all(isinstance(reply, str) for reply in replies):
+        raise ValueError("a reply is not text")
     figures = {group: None if value is None else _token_figures(value) for group, value in by_group.items()}
     return ModelScores(tokens, figures, list(replies), from_cache=True)
 

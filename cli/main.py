@@ -75,6 +75,8 @@ def api(
         workers=workers,
         # Event streams end by themselves on a stop; a request still open after this is cut.
         timeout_graceful_shutdown=5,
+        # uvicorn's own loggers (its access log is INFO) follow TUNERY_LOG_LEVEL like the rest.
+        log_level=settings.log_level.lower(),
     )
 
 

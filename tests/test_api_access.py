@@ -63,6 +63,23 @@ def test_a_wrong_or_revoked_key_gets_401(api, keys):
     assert wrong.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_a_key_replaced_under_its_id_stops_working_at_once(api, keys):
+    keys.register("tun_ci_first", key_id="ci", tenant="org-default", role="member", name="ci")
+    first = TestClient(api.app, headers={"Authorization": "Bearer tun_ci_first"})
+    assert first.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 404
+    keys.register("tun_ci_second", key_id="ci", tenant="org-default", role="member", name="ci")
+    assert first.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 401
+    second = TestClient(api.app, headers={"Authorization": "Bearer tun_ci_second"})
+    assert second.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 404
+
+
+def test_a_key_known_before_redis_lost_its_data_is_refused(api, keys, redis_url):
+    _, plain = keys.create("org-default", "member")
+    client = TestClient(api.app, headers={"Authorization": f"Bearer {plain}"})
+    assert client.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 404
+    redis.Redis.from_url(redis_url).flushdb()
+    assert client.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 401
+
 def test_keys_are_stored_only_as_hashes(keys, redis_url):
     _, plain = keys.create("org-default", "member")
     client = redis.Redis.from_url(redis_url)

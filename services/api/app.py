@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -33,7 +33,8 @@ from services.api import (
 )
 from services.api.console import install_console
 from services.api.context import Context
-from services.api.errors import error_body, install_error_handlers
+from services.api.errors import install_error_handlers
+from services.api.middleware import LimitBodySize, ObserveLatency
 from services.api.openapi import install_openapi
 from shared.planning.catalog import load_catalog
 from shared.planning.gpu_classes import load_gpu_classes
@@ -47,8 +48,6 @@ from shared.platform.storage import StorageError, storage_from_settings
 
 log = logging.getLogger(__name__)
 
-# Room for multipart boundaries and form fields around an upload of the maximum size.
-MULTIPART_OVERHEAD = 64 * 1024
 READINESS_SCHEMA = {
     "type": "object",
     "required": ["status", "problems"],
@@ -86,6 +85,7 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
         _note_stop_signals(context.stopping)
         yield
         janitor.cancel()
+        await context.close_aredis()
         redis.close()
 
     app = FastAPI(
@@ -100,30 +100,9 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
     app.state.context = context
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        """Refuse oversized bodies from their Content-Length, before reading a byte of them."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit():
-            multipart = request.headers.get("content-type", "").startswith("multipart/")
-            limit = settings.max_upload_bytes + MULTIPART_OVERHEAD if multipart else settings.max_json_bytes
-            if int(length) > limit:
-                setting = "TUNERY_MAX_UPLOAD_BYTES" if multipart else "TUNERY_MAX_JSON_BYTES"
-                body = error_body(
-                    413, f"the request body is larger than {limit} bytes ({setting})", "body_too_large", None
-                )
-                return JSONResponse(body, status_code=413)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def observe_latency(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.HTTP_REQUEST_SECONDS.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+    # Pure ASGI; the last added runs first, so latency is observed for 413s too.
+    app.add_middleware(LimitBodySize, settings=settings)
+    app.add_middleware(ObserveLatency)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     def healthz() -> dict:

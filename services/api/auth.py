@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import Depends, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.api.context import Context, get_context
@@ -21,44 +23,33 @@ class Caller:
     role: str
 
 
-def authenticate(
+async def authenticate(
     credentials: HTTPAuthorizationCredentials | None = Security(bearer),
     ctx: Context = Depends(get_context),
 ) -> Caller:
-    if credentials is None:
-        raise APIError(401, "No API key: send it as `Authorization: Bearer <key>`", code="missing_api_key")
-    ctx.ensure_bootstrap_key()
-    key = ctx.keys.authenticate(credentials.credentials)
-    if key is None:
-        raise APIError(401, "Incorrect or revoked API key", code="invalid_api_key")
-    _enforce_rate_limit(ctx, key.id)
-    return Caller(key_id=key.id, tenant=key.tenant, role=key.role)
-
-
-def caller_tenant(caller: Caller = Depends(authenticate)) -> str:
-    """Every object lookup is filtered by this: the tenant comes from the key, never the request."""
-    return caller.tenant
-
-
-def require_admin(caller: Caller = Depends(authenticate)) -> Caller:
-    if caller.role != "admin":
-        raise APIError(403, "This action needs an admin API key", code="insufficient_permissions")
+    """Async on the asyncio Redis client: the check runs on the event loop, no worker thread per request."""
+    caller, _ = await authenticate_reading(ctx, credentials)
     return caller
 
 
-def _enforce_rate_limit(ctx: Context, key_id: str) -> None:
-    """A fixed one-minute window per key, counted in Redis so every API replica shares it."""
+async def authenticate_reading(
+    ctx: Context, credentials: HTTPAuthorizationCredentials | None, reads: Sequence[str] = ()
+) -> tuple[Caller, list[bytes | None]]:
+    """`authenticate`, plus GETs of the Redis keys `reads` on the same round trip, for the hottest reads.
+    The values may belong to anyone: the caller must filter them by the returned tenant."""
+    if credentials is None:
+        raise APIError(401, "No API key: send it as `Authorization: Bearer <key>`", code="missing_api_key")
+    if ctx.needs_bootstrap_key:
+        await run_in_threadpool(ctx.ensure_bootstrap_key)
     limit = ctx.settings.rate_limit_per_minute
-    if limit <= 0:
-        return
     now = time.time()
-    window = int(now // 60)
-    counter = f"tunery:rate:{key_id}:{window}"
-    with ctx.redis.pipeline() as pipe:
-        pipe.incr(counter)
-        pipe.expire(counter, 120)
-        count, _ = pipe.execute()
-    if count > limit:
+    window = int(now // 60) if limit > 0 else None
+    verified = await ctx.keys.verify(ctx.aredis(), credentials.credentials, window, reads)
+    key = verified.key
+    if key is None:
+        raise APIError(401, "Incorrect or revoked API key", code="invalid_api_key")
+    if window is not None and verified.requests > limit:
+        # A fixed one-minute window per key, counted in Redis so every API replica shares it.
         retry_after = max(1, int((window + 1) * 60 - now) + 1)
         raise APIError(
             429,
@@ -66,3 +57,15 @@ def _enforce_rate_limit(ctx: Context, key_id: str) -> None:
             code="rate_limit_exceeded",
             headers={"retry-after": str(retry_after)},
         )
+    return Caller(key_id=key.id, tenant=key.tenant, role=key.role), verified.values
+
+
+async def caller_tenant(caller: Caller = Depends(authenticate)) -> str:
+    """Every object lookup is filtered by this: the tenant comes from the key, never the request."""
+    return caller.tenant
+
+
+async def require_admin(caller: Caller = Depends(authenticate)) -> Caller:
+    if caller.role != "admin":
+        raise APIError(403, "This action needs an admin API key", code="insufficient_permissions")
+    return caller

@@ -8,12 +8,13 @@ import secrets
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
 from services.api.archive import tar_stream
-from services.api.auth import caller_tenant
+from services.api.auth import authenticate_reading, bearer, caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
 from services.api.idempotency import create_once
@@ -30,6 +31,7 @@ from shared.platform import storage_keys
 from shared.platform.cancel import cancel
 from shared.platform.ids import new_job_id
 from shared.platform.job_states import JobState, is_terminal
+from shared.platform.job_store import owned_record, record_key
 from shared.platform.queue import enqueue_preparation, run_estimate
 from shared.platform.records import Budget, FileRecord, JobRecord, LoraSettings, now
 from shared.platform.recovery import requeue_as_new_attempt
@@ -252,7 +254,7 @@ async def create_job(
         return _create_job(ctx, tenant, body).id
 
     job_id = await run_in_threadpool(create_once, ctx.redis, request, tenant, "job", raw, create)
-    return job_object(_require_job(ctx, tenant, job_id))
+    return job_object(await run_in_threadpool(_require_job, ctx, tenant, job_id))
 
 
 @router.get(
@@ -285,10 +287,18 @@ def _require_job(ctx: Context, tenant: str, job_id: str) -> JobRecord:
 
 
 @router.get("/{job_id}", summary="Retrieve a fine-tuning job", response_model=FineTuningJob)
-def retrieve_job(
-    job_id: str, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
-) -> dict:
-    return job_object(_require_job(ctx, tenant, job_id))
+async def retrieve_job(
+    job_id: str,
+    credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    ctx: Context = Depends(get_context),
+) -> JSONResponse:
+    """The hottest read (clients poll it): the key check and the record in one Redis round trip on the
+    event loop, and the JSON built once from the validated record (`response_model` still describes it)."""
+    caller, (raw,) = await authenticate_reading(ctx, credentials, [record_key(job_id)])
+    record = owned_record(raw, caller.tenant)
+    if record is None:
+        raise not_found("fine-tuning job", job_id)
+    return JSONResponse(job_object(record))
 
 
 @router.post("/{job_id}/cancel", summary="Cancel a fine-tuning job", response_model=FineTuningJob)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from redis import WatchError
 
@@ -187,7 +186,7 @@ def create_upload(
 
 
 @router.post("/{upload_id}/parts", summary="Add a part to an upload", response_model=UploadPart)
-async def add_part(
+def add_part(
     upload_id: str,
     data: Annotated[UploadFile, File(description="The bytes of this part.")],
     ctx: Context = Depends(get_context),
@@ -202,7 +201,7 @@ async def add_part(
         )
     part_id = new_id("part")
     data.file.seek(0)
-    stored = await run_in_threadpool(ctx.storage.put_stream, _part_key(record, part_id), data.file)
+    stored = ctx.storage.put_stream(_part_key(record, part_id), data.file)
     part = UploadPartRecord(id=part_id, created_at=now(), bytes=stored.size, storage_key=stored.key)
     # Re-read before appending so parts sent concurrently are all kept.
     with ctx.redis.pipeline() as pipe:
@@ -263,14 +262,14 @@ def _complete(ctx: Context, record: UploadRecord, part_ids: list[str]) -> Upload
 @router.post(
     "/{upload_id}/complete", summary="Complete an upload: its parts become one file", response_model=Upload
 )
-async def complete_upload(
+def complete_upload(
     upload_id: str,
     body: UploadComplete,
     ctx: Context = Depends(get_context),
     tenant: str = Depends(caller_tenant),
 ) -> dict:
     with _claim(ctx, tenant, upload_id, "completed") as record:
-        completed = await run_in_threadpool(_complete, ctx, record, body.part_ids)
+        completed = _complete(ctx, record, body.part_ids)
     return upload_object(ctx, completed)
 
 

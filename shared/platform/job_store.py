@@ -35,7 +35,7 @@ class StaleAttempt(Exception):
     """The caller works on an attempt that is no longer the job's current one: it must not publish."""
 
 
-def _record_key(job_id: str) -> str:
+def record_key(job_id: str) -> str:
     return f"tunery:job:{job_id}"
 
 
@@ -63,6 +63,14 @@ def _models_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:models"
 
 
+def owned_record(raw: bytes | None, tenant: str | None) -> JobRecord | None:
+    """The stored record `raw`, or None when missing or (with `tenant`) owned by another tenant."""
+    record = JobRecord.model_validate_json(raw) if raw is not None else None
+    if record is None or (tenant is not None and record.tenant != tenant):
+        return None
+    return record
+
+
 def _event_id(stream_id: str) -> str:
     return f"ftevent-{stream_id}"
 
@@ -81,7 +89,7 @@ class JobStore:
 
     def create(self, record: JobRecord, message: str) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.set(_record_key(record.id), record.model_dump_json())
+            pipe.set(record_key(record.id), record.model_dump_json())
             pipe.zadd(_index_key(record.tenant), {record.id: creation_score()}, nx=True)
             pipe.hincrby(STATE_COUNTS_KEY, record.state.value, 1)
             pipe.sadd(_active_key(record.tenant), record.id)
@@ -92,13 +100,7 @@ class JobStore:
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
         """The record, or None when missing or (with `tenant`) owned by another tenant."""
-        raw = self.redis.get(_record_key(job_id))
-        if raw is None:
-            return None
-        record = JobRecord.model_validate_json(raw)
-        if tenant is not None and record.tenant != tenant:
-            return None
-        return record
+        return owned_record(self.redis.get(record_key(job_id)), tenant)
 
     def require(self, job_id: str) -> JobRecord:
         record = self.get(job_id)
@@ -117,7 +119,7 @@ class JobStore:
             if not ids:
                 break
             cursor = ids[-1]
-            for raw in self.redis.mget([_record_key(i) for i in ids]):
+            for raw in self.redis.mget([record_key(i) for i in ids]):
                 record = JobRecord.model_validate_json(raw) if raw is not None else None
                 if record is not None and _matches(record, metadata):
                     records.append(record)
@@ -128,7 +130,7 @@ class JobStore:
     def active_jobs(self) -> list[JobRecord]:
         """Every job of every tenant not yet finished (the janitor's worklist)."""
         ids = [i.decode() for i in self.redis.smembers(ACTIVE_KEY)]
-        raws = self.redis.mget([_record_key(i) for i in ids]) if ids else []
+        raws = self.redis.mget([record_key(i) for i in ids]) if ids else []
         return [JobRecord.model_validate_json(r) for r in raws if r is not None]
 
     def active_count(self, tenant: str) -> int:
@@ -195,7 +197,7 @@ class JobStore:
         expected_attempt: int | None,
         event: tuple[str, str, dict[str, Any] | None] | None,
     ) -> tuple[JobRecord, JobState]:
-        key = _record_key(job_id)
+        key = record_key(job_id)
         while True:
             with self.redis.pipeline() as pipe:
                 try:

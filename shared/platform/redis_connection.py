@@ -9,6 +9,8 @@ Each command is retried with exponential backoff while Redis is unreachable, for
 from __future__ import annotations
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
@@ -32,6 +34,20 @@ def connect_redis(url: str, retry_seconds: float) -> Redis:
     return Redis.from_url(
         url,
         retry=Retry(
+            ExponentialBackoff(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS), retries_for(retry_seconds)
+        ),
+        retry_on_error=[ConnectionError, TimeoutError],
+        socket_connect_timeout=2,
+        health_check_interval=30,
+    )
+
+
+def connect_async_redis(url: str, retry_seconds: float) -> AsyncRedis:
+    """The asyncio client with the same backoff, for request handlers that must not block the event loop.
+    Its connections belong to the event loop that opened them."""
+    return AsyncRedis.from_url(
+        url,
+        retry=AsyncRetry(
             ExponentialBackoff(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS), retries_for(retry_seconds)
         ),
         retry_on_error=[ConnectionError, TimeoutError],

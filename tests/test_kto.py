@@ -1,0 +1,344 @@
+"""KTO on unpaired feedback: the loss is TRL's on the same batch, a few steps on a tiny model move the
+desirable completions up and the undesirable ones down, bad rows are named, and a job runs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from services.trainer.driver import StepMetrics
+from services.trainer.recipes.kto import KTOConfig, feedback_loss, train_kto
+from shared.data.formats import Example
+from shared.ml.builtin_models import build_tiny_chat_model
+from shared.ml.chat_data import DataError
+from shared.ml.feedback_data import (
+    balanced_weights,
+    collate_feedback,
+    evaluate_feedback,
+    iter_feedback_batches,
+    kl_estimate,
+    kto_loss,
+    ordering_accuracy,
+    read_feedback_examples,
+    tokenize_feedback,
+)
+from shared.ml.preference_metrics import pair_logps
+
+KTO_DEMO = Path(__file__).parent / "fixtures" / "datasets" / "kto_en_demo.json"  # LLaMA-Factory's demo
+TOLERANCE = 1e-6  # fp32: TRL's loss and ours on the same rows
+# Summed log-probabilities (tens of tokens, about −100 nats) and the KL estimate from them: TRL's fused LM
+# head and our kept logits compute them with other fp32 kernels (relative differences around 1e-7).
+LOGP_TOLERANCE = 1e-4
+
+
+def sum_row(a: int, b: int, desirable: bool, **fields: Any) -> Example:
+    answer = f"{a + b}" if desirable else f"I think it is {a + b + 1}, or maybe not."
+    return Example(
+        kind="chat",
+        source=f"line {a * 10 + b}",
+        messages=[{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": answer}],
+        fields={"label": desirable, **fields},
+    )
+
+
+# 16 rows, desirable and undesirable alternating: 12 to train, 4 to validate.
+ROWS = [sum_row(a, b, (a + b) % 2 == 0) for a in range(1, 5) for b in range(1, 5)]
+
+
+class RecordingHooks:
+    def __init__(self) -> None:
+        self.steps: list[StepMetrics] = []
+        self.epochs: list[tuple[int, dict | None]] = []
+
+    def on_step(self, m: StepMetrics) -> None:
+        self.steps.append(m)
+
+    def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
+        self.epochs.append((epoch, valid_metrics))
+
+    def should_stop(self) -> str | None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("models") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[int]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield 1
+    torch.set_num_threads(threads)
+
+
+def make_config(model_dir: Path, output_dir: Path, **overrides: Any) -> KTOConfig:
+    config = KTOConfig(
+        model_dir=model_dir, output_dir=output_dir, train_examples=ROWS[:12], valid_examples=ROWS[12:],
+        n_epochs=2, batch_size=4, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+        target_modules=None, max_seq_length=64, seed=0, torch_threads=1,
+    )  # fmt: skip
+    return replace(config, **overrides)
+
+
+# -- the loss against TRL's -------------------------------------------------------------------------------
+
+
+def trl_kto_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float, weights: tuple[float, float]
+):
+    """TRL's KTOTrainer._compute_loss, called unbound on an object with the attributes it reads, on the same
+    rows: the policy scored by TRL's own fused LM head, the reference log-probabilities precomputed (TRL's
+    `precompute_ref_log_probs`) by the same head with the adapter disabled."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    def completion(prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": batch[f"{prefix}input_ids"],
+            "attention_mask": batch[f"{prefix}attention_mask"],
+            "completion_mask": (batch[f"{prefix}labels"] != -100).long(),
+        }
+
+    def logps(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = rows["input_ids"].masked_fill(rows["completion_mask"] == 0, -100)
+        out = model(
+            input_ids=rows["input_ids"],
+            attention_mask=rows["attention_mask"],
+            labels=labels,
+            fused_lm_head=True,
+        )
+        return out.log_probs.sum(-1)
+
+    matched, mismatched = completion(""), completion("kl_")
+    with torch.no_grad(), model.disable_adapter():
+        ref_logps, ref_kl_logps = logps(matched), logps(mismatched)
+    inputs = {
+        **matched, **{f"KL_{k}": v for k, v in mismatched.items()}, "label": batch["desirable"],
+        "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps,
+    }  # fmt: skip
+    trainer = SimpleNamespace(
+        model=model, accelerator=Accelerator(), calculate_KL=True, loss_type="kto", beta=beta,
+        desirable_weight=weights[0], undesirable_weight=weights[1], precompute_ref_logps=True,
+        aux_loss_enabled=False, _metrics={"train": {}, "eval": {}}, _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    trainer._metrics = {"train": _Metrics(), "eval": _Metrics()}
+    trainer._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(trainer, m, b)
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return loss, ref_logps, trainer._metrics["train"]
+
+
+class _Metrics(dict):
+    def __missing__(self, key: str) -> list:
+        self[key] = []
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def policy(model_dir: Path) -> torch.nn.Module:
+    """The tiny model with TRL's fused LM head, and a LoRA adapter moved off zero so that the policy and the
+    reference differ (in both directions: some rewards positive, some negative)."""
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.train()
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.75)])
+def test_the_kto_loss_equals_trls_on_the_same_batch(
+    policy: torch.nn.Module, model_dir: Path, weights: tuple[float, float], one_thread
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows, _ = tokenize_feedback(tokenizer, ROWS[:6], 64)
+    batch = collate_feedback(rows, tokenizer.pad_token_id, 64)
+
+    ours = feedback_loss(policy, batch, beta=0.1, desirable_weight=weights[0], undesirable_weight=weights[1])
+    theirs, ref_logps, metrics = trl_kto_loss(policy, batch, 0.1, weights)
+
+    assert (ours.total / ours.weight).item() == pytest.approx(theirs.item(), abs=TOLERANCE)
+    # The KL estimate (z_ref), from the rotated rows, is TRL's too, and here not clamped away.
+    assert metrics["kl"][0] > 0
+    assert (ours.extras["train_kl"] / ours.count).item() == pytest.approx(
+        metrics["kl"][0], abs=LOGP_TOLERANCE
+    )
+    # Our reference log-probabilities (logits kept only where a completion token is predicted) are TRL's.
+    with torch.no_grad(), policy.disable_adapter():
+        reference, _ = pair_logps(policy, batch)
+    assert reference.tolist() == pytest.approx(ref_logps.tolist(), abs=LOGP_TOLERANCE)
+
+
+def test_the_gradient_flows_through_the_matched_rows_only(
+    policy: torch.nn.Module, model_dir: Path, one_thread
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows, _ = tokenize_feedback(tokenizer, ROWS[:4], 64)
+    loss = feedback_loss(policy, collate_feedback(rows, tokenizer.pad_token_id, 64), 0.1, 1.0, 1.0)
+
+    assert loss.total.requires_grad
+    assert not loss.extras["train_kl"].requires_grad  # z_ref is detached, as in TRL
+
+
+def test_desirable_and_undesirable_losses_are_the_papers_with_the_reference_point_clamped_at_zero() -> None:
+    policy, reference = torch.tensor([-8.0, -8.0]), torch.tensor([-10.0, -10.0])  # log-ratio +2 for both
+    desirable = torch.tensor([True, False])
+
+    losses, rewards = kto_loss(
+        policy, reference, desirable, torch.tensor(-3.0), beta=0.5, desirable_weight=2.0
+    )
+
+    # z = max(−3, 0) = 0; desirable: 2 × (1 − σ(0.5 × 2)); undesirable: 1 − σ(0.5 × (0 − 2)).
+    assert losses.tolist() == pytest.approx(
+        [2 * (1 - torch.sigmoid(torch.tensor(1.0))).item(), 1 - torch.sigmoid(torch.tensor(-1.0)).item()]
+    )
+    assert rewards.tolist() == [1.0, 1.0]
+    assert kl_estimate(torch.tensor([-5.0, -7.0]), torch.tensor([-6.0, -6.0])).item() == 0.0
+
+
+def test_auto_weights_balance_the_weighted_counts_and_keep_what_the_request_set() -> None:
+    assert balanced_weights(None, None, 150, 150)[:2] == (1.0, 1.0)
+    desirable, undesirable, reason = balanced_weights(None, None, 100, 300)
+    assert (desirable, undesirable) == (3.0, 1.0) and reason.startswith("auto: 100 desirable")
+    assert balanced_weights(None, 2.0, 100, 300)[:2] == (6.0, 2.0)
+    assert balanced_weights(1.0, 1.0, 100, 300) == (1.0, 1.0, "set by the request")
+
+
+def test_preference_accuracy_is_the_share_of_desirable_undesirable_pairs_ordered_right() -> None:
+    # 2 × 3 pairs: 0.5 beats all three, 0.2 beats two and ties one (a half): 5.5 of 6.
+    assert ordering_accuracy(torch.tensor([0.5, 0.2]), torch.tensor([0.1, 0.2, 0.0])) == pytest.approx(
+        5.5 / 6
+    )
+    assert ordering_accuracy(torch.tensor([0.5]), torch.tensor([])) is None
+
+
+# -- the data ---------------------------------------------------------------------------------------------
+
+
+def test_the_kto_demo_reads_as_feedback_rows_with_their_labels() -> None:
+    examples = read_feedback_examples(KTO_DEMO, KTO_DEMO.name)
+
+    assert len(examples) == 300
+    assert sum(e.fields["label"] for e in examples) == 150
+    assert all(e.messages and e.messages[-1]["role"] == "assistant" for e in examples)
+
+
+def test_rows_that_are_not_feedback_are_named_by_line_and_field(tmp_path: Path) -> None:
+    good = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        "label": True,
+    }
+    rows = [
+        good,
+        {**good, "label": "yes"},
+        {"messages": good["messages"] + [{"role": "user", "content": "Hm?"}], "label": False},
+        {"messages": good["messages"]},
+    ]
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    with pytest.raises(DataError) as error:
+        read_feedback_examples(path, path.name)
+
+    message = str(error.value)
+    assert message.startswith("3 of 4 rows of feedback.jsonl are not feedback rows")
+    assert "line 2: label: must be true or false, got 'yes'" in message
+    assert (
+        "line 3: messages: the last message must be the assistant's completion after a prompt, not 'user'"
+        in message
+    )
+    assert 'line 4: missing "label"' in message
+
+
+def test_the_prompt_keeps_its_end_and_the_completion_its_labels(model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = read_feedback_examples(KTO_DEMO, KTO_DEMO.name)[:40]
+
+    uncut, _ = tokenize_feedback(tokenizer, examples, 1 << 20)
+    cut, warnings = tokenize_feedback(tokenizer, examples, 64)
+
+    assert any("were cut" in w for w in warnings)
+    for whole, short in zip(uncut, cut, strict=True):
+        assert short.n_tokens <= 64
+        assert len(short.completion_ids) >= min(32, len(whole.completion_ids))  # at least half the length
+        assert whole.prompt_ids[len(whole.prompt_ids) - len(short.prompt_ids) :] == short.prompt_ids
+        assert whole.completion_ids[: len(short.completion_ids)] == short.completion_ids
+        assert short.completion_labels[0] == short.completion_ids[0]  # the completion starts trained
+
+
+# -- the recipe -------------------------------------------------------------------------------------------
+
+
+def scores(model: torch.nn.Module, tokenizer: Any, examples: list[Example]) -> dict[str, Any]:
+    rows, _ = tokenize_feedback(tokenizer, examples, 64)
+    return evaluate_feedback(model, iter_feedback_batches(rows, 4, tokenizer.pad_token_id, 64), 0.1)
+
+
+def test_a_few_steps_raise_desirable_and_lower_undesirable_completions_on_the_training_rows(
+    model_dir: Path, tmp_path: Path, one_thread
+) -> None:
+    from peft import PeftModel
+
+    hooks = RecordingHooks()
+    result = train_kto(make_config(model_dir, tmp_path), hooks)
+
+    # Step 1: LoRA is a no-op, every reward and z_ref 0, each row costs half its weight.
+    assert hooks.steps[0].train_loss == pytest.approx(0.5, abs=1e-6)
+    assert [m.step for m in hooks.steps] == [1, 2, 3, 4, 5, 6] and result.total_steps == 6
+    assert hooks.steps[-1].train_loss < 0.5
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter")
+    trained = scores(model, tokenizer, ROWS[:12])
+    assert trained["desirable_reward"] > 0 > trained["undesirable_reward"]  # log π − log π_ref, up and down
+    assert trained["reward_accuracy"] > 0.5
+    assert trained["logp_margin"] > trained["reference_logp_margin"]
+    # The last validation, as the epoch reported it, is what the saved adapter scores on those rows.
+    final = hooks.epochs[-1][1]
+    assert final is not None and final["n_examples"] == 4
+    assert scores(model, tokenizer, ROWS[12:])["loss"] == pytest.approx(final["loss"], abs=1e-5)
+    assert result.metrics_rows[-1]["valid_loss"] == final["loss"]
+    assert set(result.metrics_rows[0]) == {
+        "step", "train_loss", "train_accuracy", "train_kl", "valid_loss", "valid_reward_accuracy", "valid_kl",
+        "valid_logp_margin", "valid_preference_accuracy",
+    }  # fmt: skip
+
+
+def test_a_micro_batch_of_one_row_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 2 rows per micro-batch"):
+        train_kto(make_config(model_dir, tmp_path, batch_size=1), RecordingHooks())
+
+
+def test_groups_get_their_own_figures(model_dir: Path, one_thread) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear")
+    )
+    examples = [
+        replace(e, fields={**e.fields, "group": "small" if i < 6 else "large"}) for i, e in enumerate(ROWS)
+    ]
+
+    report = scores(model, tokenizer, examples)
+
+    groups = report["by_group"]["groups"]
+    assert {g: v["n_examples"] for g, v in groups.items()} == {"large": 10, "small": 6}
+    assert report["loss"] == pytest.approx(0.5, abs=1e-6)  # an untrained adapter: the base's own loss
+    assert math.isclose(report["preference_accuracy"], report["reference_preference_accuracy"], abs_tol=1e-9)

@@ -255,7 +255,7 @@ def balanced_weights(
     undesirable_weight × n_undesirable (the low end of TRL's recommended [1, 4/3]), and the reason."""
     n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
     counts = f"{n_desirable} desirable and {n_undesirable} undesirable training rows"
-    why = "so that weight × rows is the same for both (TRL's recommended ratio of 1 to 4/3)"
+    why = "so that weight × rows is the same for both labels (the low end of the 1 to 4/3 TRL recommends)"
     if desirable_weight is None and undesirable_weight is None:
         if n_d >= n_u:
             return 1.0, n_d / n_u, f"auto: {counts}; undesirable_weight {n_d / n_u:.4g} {why}"
@@ -468,13 +468,15 @@ def plan_feedback(
         )
     n_desirable = sum(e.desirable for e in uncut)
     n_undesirable = len(uncut) - n_desirable
-    extra = hp.model_extra or {}
+    requested = {
+        name: (hp.model_extra or {}).get(name) for name in ("desirable_weight", "undesirable_weight")
+    }
     desirable_weight, undesirable_weight, reason = balanced_weights(
-        extra.get("desirable_weight"), extra.get("undesirable_weight"), n_desirable, n_undesirable
+        *requested.values(), n_desirable, n_undesirable
     )
     hp.desirable_weight, hp.undesirable_weight = desirable_weight, undesirable_weight
-    for name in ("desirable_weight", "undesirable_weight"):
-        if extra.get(name) is None:
+    for name, value in requested.items():
+        if value is None:  # "auto"
             hp.reasons[name] = reason
     if note := balance_note(desirable_weight, undesirable_weight, n_desirable, n_undesirable):
         notes.append(note)

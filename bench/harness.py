@@ -79,6 +79,18 @@ def summarise(row: dict) -> dict:
             "met": bool(check(ratio, tunery))}  # fmt: skip
 
 
+def keep_earlier(rows: list[dict], earlier: dict) -> list[dict]:
+    """This run's rows, plus the earlier run's rows of benchmarks not run now, each of those noting its run
+    (file, start and load average: it was measured under that run's load, not this one's)."""
+    measured = {row["id"] for row in rows}
+    run = {key: earlier[key] for key in ("file", "started", "load_average")}
+    kept = [
+        {**summarise(row), "run": row.get("run", run)} for row in earlier["rows"] if row["id"] not in measured
+    ]
+    order = list(GOALS)
+    return sorted(rows + kept, key=lambda row: order.index(row["id"]))
+
+
 def number(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
@@ -109,15 +121,22 @@ def markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "–"
+        mark = " †" if "run" in row else ""
         spread = [
             f"{number(min(v), row['unit'])}–{number(max(v), row['unit'])}" if v else "–"
             for v in (row["tunery"], row["peer"])
         ]
         lines.append(
-            f"| {row['id']} | {row['benchmark']} | {row['unit']} | {number(row['tunery_median'], row['unit'])} | "
+            f"| {row['id']}{mark} | {row['benchmark']} | {row['unit']} | {number(row['tunery_median'], row['unit'])} | "
             f"{number(row['peer_median'], row['unit'])} | {ratio} | {row['goal']} | "
             f"{'yes' if row['met'] else '**no**'} | {len(row['tunery'])} | {spread[0]} | {spread[1]} |"
         )
+    earlier = {row["run"]["file"]: row["run"] for row in result["rows"] if "run" in row}
+    for run in earlier.values():
+        load = run["load_average"]
+        lines += ["", f"† Not run this time: carried over from `bench/results/{run['file']}` (started "
+                  f"{run['started']}, load average {'/'.join(f'{x:.2f}' for x in load['before'])} before, "
+                  f"{'/'.join(f'{x:.2f}' for x in load['after'])} after)."]  # fmt: skip
     lines += ["", "Peers and settings:", ""]
     lines += [f"- **{row['id']}**: peer: {row['peer_name']}. {row['setup']}." for row in result["rows"]]
     lines += ["", *(f"- {failure}" for failure in result["failures"])]
@@ -134,6 +153,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="module file names to run (default: all)")
     parser.add_argument(
         "--render", type=Path, help="only regenerate RESULTS.md from this results file (with today's goals)"
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="carry over this earlier results file's rows for the benchmarks not run now, marked with their run",
     )
     args = parser.parse_args()
     if args.render:
@@ -165,6 +189,8 @@ def main() -> int:
         result["rows"] += [summarise(row) for row in json.loads(found[-1].removeprefix("BENCH-RESULT "))]
     result["load_average"]["after"] = list(os.getloadavg())
     result["file"] = started.strftime("%Y%m%dT%H%M%SZ") + ".json"
+    if args.keep:
+        result["rows"] = keep_earlier(result["rows"], json.loads(args.keep.read_text()))
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / result["file"]).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (BENCH / "RESULTS.md").write_text(markdown(result))

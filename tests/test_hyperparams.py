@@ -1,4 +1,5 @@
-"""The "auto" hyperparameter rules (shared/planning/hyperparams.py) and how `resolve` applies them."""
+"""The "auto" hyperparameter rules (shared/planning/hyperparams.py, a method's own in shared/methods/) and
+how `resolve` applies them."""
 
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def test_a_calibrated_class_uses_its_measured_speed() -> None:
 
 
 def test_packing_is_chosen_when_it_saves_a_quarter_of_the_compute() -> None:
-    from shared.planning.hyperparams import auto_packing
+    from shared.methods.supervised import auto_packing
 
     mixed = [20, 500, 30, 480, 25, 510, 40, 490] * 20  # long and short rows padded together
     assert auto_packing(mixed, 512, 8, seed=0)[0] is True

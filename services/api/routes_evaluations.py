@@ -14,8 +14,8 @@ from fastapi import APIRouter, Depends, Query
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.routes_jobs import EXPECTED_DATA, TASK_OF_METHOD
 from services.api.schemas import Evaluation, EvaluationCreate, EvaluationList, list_object
+from shared.methods import DEFAULT_METHOD, method
 from shared.platform.evaluation_store import EvaluationStore
 from shared.platform.ids import new_id
 from shared.platform.queue import enqueue_standalone_evaluation
@@ -43,14 +43,15 @@ def evaluation_object(record: EvaluationRecord) -> dict:
 
 
 def _method_of(ctx: Context, tenant: str, model: str) -> tuple[str, str | None]:
-    """What `model` was trained for, and the job that made it (None for a catalog model)."""
+    """What `model` was trained for, and the job that made it (None for a catalog model, which is evaluated
+    alone as a chat model: on the data of the default method)."""
     if model in ctx.catalog:
-        if "supervised" not in ctx.catalog[model].tasks:
+        if DEFAULT_METHOD not in ctx.catalog[model].tasks:
             raise APIError(
                 400, f"model: {model} is not a chat model; evaluate a model fine-tuned from it instead",
                 code="model_not_evaluable", param="model",
             )  # fmt: skip
-        return "supervised", None
+        return DEFAULT_METHOD, None
     job_id = ctx.jobs.job_of_fine_tuned_model(tenant, model)
     job = ctx.jobs.get(job_id, tenant) if job_id else None
     if job is None:
@@ -80,10 +81,11 @@ def create_evaluation(
             400, f"validation_file {body.validation_file} does not exist", code="file_not_found",
             param="validation_file",
         )  # fmt: skip
-    if file.status != "processed" or file.task != TASK_OF_METHOD[method_type]:
+    data_kind = method(method_type).data_kind
+    if file.status != "processed" or file.task != data_kind.name:
         raise APIError(
             400, f"validation_file {file.id} holds {file.format or 'unusable'} data; evaluating {body.model} "
-            f"needs {EXPECTED_DATA[method_type]}",
+            f"needs {data_kind.help}",
             code="unsupported_data_for_method", param="validation_file",
         )  # fmt: skip
     record = EvaluationRecord(

@@ -25,6 +25,7 @@ from services.api.schemas import (
     ClassificationCreate,
     ClassificationList,
 )
+from shared.methods import method
 from shared.platform.queue import (
     CHAT_COMPLETION_TASK,
     CLASSIFICATION_TASK,
@@ -71,7 +72,7 @@ def _target(ctx: Context, tenant: str, model_id: str, task: Task) -> Target:
     record = None if job_id is None else ctx.jobs.get(job_id, tenant)
     if record is None:
         raise not_found("model", model_id, param="model")
-    is_classifier = record.method_type == "classification"
+    is_classifier = method(record.method_type).serves == "classification"
     if checkpoint is not None and (task == "classification" or is_classifier):
         raise APIError(
             400,

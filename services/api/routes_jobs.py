@@ -27,6 +27,7 @@ from services.api.schemas import (
     job_object,
     list_object,
 )
+from shared.methods import DEFAULT_METHOD, METHODS, NAMES, method
 from shared.platform import storage_keys
 from shared.platform.cancel import cancel
 from shared.platform.ids import new_job_id
@@ -37,20 +38,6 @@ from shared.platform.records import Budget, FileRecord, JobRecord, LoraSettings,
 from shared.platform.recovery import requeue_as_new_attempt
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-
-
-# The file task each method trains on, and how to say what that is.
-TASK_OF_METHOD: dict[str, str] = {
-    "supervised": "chat",
-    "dpo": "preference",
-    "classification": "classification",
-}
-EXPECTED_DATA = {
-    "supervised": "chat, prompt/completion, alpaca or sharegpt examples",
-    "dpo": "preference pairs (OpenAI's DPO rows: input, preferred_output, non_preferred_output; or prompt, "
-    "chosen, rejected)",
-    "classification": "classification rows (text, label)",
-}
 
 
 def _usable_file(ctx: Context, tenant: str, file_id: str, param: str, method_type: str) -> FileRecord:
@@ -66,11 +53,12 @@ def _usable_file(ctx: Context, tenant: str, file_id: str, param: str, method_typ
             code=f"invalid_{param}",
             param=param,
         )
-    if record.task != TASK_OF_METHOD[method_type]:
+    data_kind = method(method_type).data_kind
+    if record.task != data_kind.name:
         raise APIError(
             400,
             f"{param} {file_id} holds {record.format} data ({record.task}); method {method_type} needs "
-            f"{EXPECTED_DATA[method_type]}",
+            f"{data_kind.help}",
             code="unsupported_data_for_method",
             param=param,
         )
@@ -81,6 +69,7 @@ def _check_method(ctx: Context, body: JobCreate) -> None:
     """The method's own rules: a model that can learn it, its hyperparameters where it reads them, and
     the options it supports."""
     method_type = body.method_type
+    trained = method(method_type)
     entry = ctx.catalog[body.model]
     if method_type not in entry.tasks:
         raise APIError(
@@ -89,24 +78,25 @@ def _check_method(ctx: Context, body: JobCreate) -> None:
             code="unsupported_method_for_model", param="model",
         )  # fmt: skip
     if body.method is not None:
-        for other in ("supervised", "dpo", "classification"):
+        for other in NAMES:
             if other != method_type and getattr(body.method, other) is not None:
                 raise APIError(
                     400, f"method.{other} was given, but method.type is {method_type!r}; put the hyperparameters "
                     f"under method.{method_type}",
                     code="invalid_request", param=f"method.{other}",
                 )  # fmt: skip
-    if method_type != "supervised" and body.hyperparameters is not None:
+    if method_type != DEFAULT_METHOD and body.hyperparameters is not None:
         raise APIError(
-            400, f"the top-level hyperparameters are for supervised jobs; give them under method.{method_type}"
-            ".hyperparameters", code="invalid_request", param="hyperparameters",
+            400, f"the top-level hyperparameters are for {DEFAULT_METHOD} jobs; give them under "
+            f"method.{method_type}.hyperparameters", code="invalid_request", param="hyperparameters",
         )  # fmt: skip
-    if method_type != "supervised" and body.learning_rate_sweep is not None:
+    if not trained.learning_rate_sweep and body.learning_rate_sweep is not None:
+        sweeping = " and ".join(m.name for m in METHODS.values() if m.learning_rate_sweep)
         raise APIError(
-            400, f"learning-rate sweeps are available for supervised jobs only, not method {method_type}",
+            400, f"learning-rate sweeps are available for {sweeping} jobs only, not method {method_type}",
             code="invalid_request", param="learning_rate_sweep",
         )  # fmt: skip
-    if method_type == "classification" and body.export_merged:
+    if trained.serves == "classification" and body.export_merged:
         raise APIError(
             400, "export_merged merges a causal LM's adapter into its weights; a classifier is exported as it was "
             "trained (its model or adapter, tokenizer and labels)",

@@ -6,160 +6,51 @@ additional keys, which the SDK keeps.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+from shared.methods import DEFAULT_METHOD, METHODS, NAMES, CommonHyperparameters, method
 from shared.platform.job_states import public_status
-from shared.platform.records import (
-    Distributed,
-    FileRecord,
-    JobRecord,
-    LearningRateSweep,
-    LoraSettings,
-    MethodType,
-)
+from shared.platform.records import Distributed, FileRecord, JobRecord, LearningRateSweep, LoraSettings
 
 Auto = Literal["auto"]
 
 
-class _HyperparametersIn(BaseModel):
-    """What the hyperparameters of every method share."""
+class _MethodSelection(BaseModel):
+    """OpenAI's `method`: its type, and the hyperparameters under the key the type names."""
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto | None = Field(default=None, description="1-50, or auto")
-    batch_size: int | Auto | None = Field(default=None, description="1-256, or auto")
-    learning_rate_multiplier: float | Auto | None = Field(
-        default=None, description="> 0 (at most 10), or auto"
-    )
-    # Tunery extras (the SDK passes unknown nested keys through unchanged).
-    max_seq_length: int | Auto | None = Field(default=None, description="Tunery: 16-131072 tokens, or auto")
-    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
-        default=None, description="Tunery: share of steps, 0-0.5, or auto"
-    )
-    weight_decay: Annotated[float, Field(ge=0, le=1)] | Auto | None = Field(
-        default=None, description="Tunery: AdamW weight decay, 0-1, or auto"
-    )
-    scheduler: Literal["linear", "cosine", "constant", "auto"] | None = Field(
-        default=None, description="Tunery: learning-rate schedule after the warmup"
-    )
-    max_grad_norm: Annotated[float, Field(gt=0)] | Auto | None = Field(
-        default=None, description="Tunery: gradient clipping norm, > 0, or auto"
-    )
-    early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
-        default=None,
-        description="Tunery: epochs without a better validation loss before stopping (>= 1), or auto",
-    )
-    early_stopping_min_delta: Annotated[float, Field(ge=0)] | Auto | None = Field(
-        default=None,
-        description="Tunery: the decrease of the validation loss that counts as better (>= 0), or auto",
-    )
-
-    @field_validator("max_seq_length")
-    @classmethod
-    def _seq(cls, value: Any) -> Any:
-        if isinstance(value, int) and not 16 <= value <= 131072:
-            raise ValueError("must be between 16 and 131072")
-        return value
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, value: Any) -> Any:
-        if isinstance(value, int) and not 1 <= value <= 50:
-            raise ValueError("must be between 1 and 50")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, value: Any) -> Any:
-        if isinstance(value, int) and not 1 <= value <= 256:
-            raise ValueError("must be between 1 and 256")
-        return value
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _lr(cls, value: Any) -> Any:
-        if isinstance(value, float | int) and not 0 < value <= 10:
-            raise ValueError("must be greater than 0 and at most 10")
-        return value
-
-    def requested(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class HyperparametersIn(_HyperparametersIn):
-    """Supervised fine-tuning."""
-
-    packing: bool | Auto | None = Field(
-        default=None, description="Tunery: pack short examples into full rows (each isolated from the others)"
-    )
-    train_on_inputs: bool | None = Field(
-        default=None, description="Tunery: also train on prompt tokens, not only on assistant replies"
-    )
-    label_smoothing: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
-        default=None,
-        description="Tunery: share of each target's probability spread over the vocabulary, 0-0.5, or auto",
-    )
-
-
-class DpoHyperparametersIn(_HyperparametersIn):
-    """Direct preference optimisation (OpenAI's DPO hyperparameters, and Tunery's extras)."""
-
-    beta: Annotated[float, Field(gt=0, le=10)] | Auto | None = Field(
-        default=None,
-        description="how far the tuned model may move from the base: larger keeps it closer (auto: 0.1)",
-    )  # fmt: skip
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | Auto | None = Field(
-        default=None,
-        description="Tunery: conservative DPO, the share of pairs assumed to be labelled the wrong way round",
-    )  # fmt: skip
-
-
-class ClassificationHyperparametersIn(_HyperparametersIn):
-    """Text classification with a head (Tunery's method)."""
-
-    class_weights: Literal["none", "balanced", "auto"] | None = Field(
-        default=None,
-        description="balanced: each class's loss weighed by its rarity; none: every example alike",
-    )
-    label_smoothing: Annotated[float, Field(ge=0, le=0.5)] | Auto | None = Field(
-        default=None, description="share of each target's probability spread over the classes, or auto"
-    )
-    method: Literal["auto", "full", "lora"] | None = Field(
-        default=None,
-        description="full: every weight trains (small encoders); lora: an adapter and the head (decoders)",
-    )
-
-
-class SupervisedIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: HyperparametersIn | None = None
-
-
-class DpoIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: DpoHyperparametersIn | None = None
-
-
-class ClassificationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: ClassificationHyperparametersIn | None = None
-
-
-class MethodIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: MethodType = Field(
-        description="supervised (chat data), dpo (preference pairs), or Tunery's classification (text, label)"
-    )
-    supervised: SupervisedIn | None = None
-    dpo: DpoIn | None = None
-    classification: ClassificationIn | None = Field(default=None, description="Tunery's method")
-
-    def hyperparameters(self) -> _HyperparametersIn | None:
+    def hyperparameters(self) -> CommonHyperparameters | None:
         """The hyperparameters given under the key `type` names."""
         section = getattr(self, self.type)
         return section.hyperparameters if section is not None else None
+
+
+def _method_in() -> type[_MethodSelection]:
+    """`method` as the registry's methods make it: `type` one of their names, and for each method a key
+    holding its own hyperparameters model (SupervisedIn, DpoIn, ClassificationIn, ...)."""
+    summaries = [m.summary for m in METHODS.values()]
+    sections: dict[str, Any] = {}
+    for m in METHODS.values():
+        section = create_model(
+            f"{m.name.title()}In",
+            __config__=ConfigDict(extra="forbid"),
+            hyperparameters=(m.hyperparameters | None, None),
+        )
+        sections[m.name] = (section | None, Field(default=None, description=m.api_note))
+    return create_model(
+        "MethodIn",
+        __base__=_MethodSelection,
+        type=(Literal[NAMES], Field(description=", ".join(summaries[:-1]) + ", or " + summaries[-1])),
+        **sections,
+    )
+
+
+MethodIn = _method_in()
+# OpenAI's deprecated top-level `hyperparameters` are those of the default method (supervised).
+HyperparametersIn = METHODS[DEFAULT_METHOD].hyperparameters
 
 
 class JobCreate(BaseModel):
@@ -245,8 +136,8 @@ class JobCreate(BaseModel):
         return value
 
     @property
-    def method_type(self) -> MethodType:
-        return self.method.type if self.method else "supervised"
+    def method_type(self) -> str:
+        return self.method.type if self.method else DEFAULT_METHOD
 
     def requested_hyperparameters(self) -> dict[str, Any]:
         given = self.method.hyperparameters() if self.method else None
@@ -341,28 +232,21 @@ def job_object(record: JobRecord) -> dict[str, Any]:
 
 
 def method_object(record: JobRecord, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's `method`: the type and its hyperparameters under the key it names (the others null);
-    Tunery's classification under `classification`. Resolved values once known, else the request's."""
+    """OpenAI's `method`: the type and its hyperparameters under the key it names (OpenAI's other keys
+    null); Tunery's own methods under their names. Resolved values once known, else the request's."""
     hp = record.hyperparameters
     requested = record.requested_hyperparameters
-
-    def values(*names: str) -> dict[str, Any]:
-        return {name: getattr(hp, name) if hp is not None else requested.get(name, "auto") for name in names}
-
-    method: dict[str, Any] = {
-        "type": record.method_type,
-        "supervised": None,
-        "dpo": None,
-        "reinforcement": None,
+    trained = method(record.method_type)
+    shown = {
+        name: getattr(hp, name) if hp is not None else requested.get(name, "auto") for name in trained.shown
     }
-    if record.method_type == "dpo":
-        method["dpo"] = {"hyperparameters": hyperparameters | values("beta")}
-    elif record.method_type == "classification":
-        chosen = values("class_weights", "label_smoothing", "method")
-        method["classification"] = {"hyperparameters": hyperparameters | chosen}
-    else:
-        method["supervised"] = {"hyperparameters": hyperparameters}
-    return method
+    section: dict[str, Any] = dict.fromkeys(OPENAI_METHOD_KEYS)
+    section[trained.name] = {"hyperparameters": hyperparameters | shown}
+    return {"type": trained.name, **section}
+
+
+# The keys of OpenAI's `method` object, which the openai SDK's types name.
+OPENAI_METHOD_KEYS = ("supervised", "dpo", "reinforcement")
 
 
 def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -52,10 +52,12 @@ def evaluate(
     *,
     group_field: str | None = DEFAULT_GROUP_FIELD,
     watch: CancelWatch | None = None,
+    **_generation: Any,
 ) -> dict[str, Any]:
     """Score the untuned model (fresh head) and the job's classifier on its held-out rows; the report
     (`build_report`). `group_field`: the row field whose values are reported as groups (None: no groups).
-    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on."""
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on. The report's `task` is the
+    job's method; the chat evaluator's generation options do not apply."""
     entry = load_catalog(settings).get(record.model)
     if entry is None:
         raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
@@ -97,7 +99,7 @@ def evaluate(
             {"model_dir": workdir / "model"} if weights == "model" else {"adapter_dir": workdir / "adapter"}
         )
         tuned = score(load_sequence_classifier(base_dir, labels, **trained, **options))
-    return build_report(source, base, tuned, group_field=group_field)
+    return {"task": record.method_type, **build_report(source, base, tuned, group_field=group_field)}
 
 
 def build_report(
@@ -105,7 +107,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The evaluation report from two `evaluate_classifier` reports on the same rows.
 
-    {task, validation_source, n_examples, labels, base and fine_tuned {accuracy, macro_f1, loss, per_class,
+    {validation_source, n_examples, labels, base and fine_tuned {accuracy, macro_f1, loss, per_class,
     confusion_matrix}, verdict (improved, unchanged or regressed, by the accuracy), accuracy_change,
     macro_f1_change, verdict_summary (the numbers behind the verdict in one line), by_group (None unless
     some row has a group)}.
@@ -119,7 +121,6 @@ def build_report(
         else "unchanged"
     )
     report: dict[str, Any] = {
-        "task": "classification",
         "validation_source": source,
         "n_examples": tuned["n_examples"],
         "labels": tuned["labels"],

@@ -52,10 +52,12 @@ def evaluate(
     *,
     group_field: str | None = DEFAULT_GROUP_FIELD,
     watch: CancelWatch | None = None,
+    **_generation: Any,
 ) -> dict[str, Any]:
     """Score the base model and the job's adapter on its held-out pairs; the report (`build_report`).
     `group_field`: the row field whose values are reported as groups (None: no groups).
-    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on."""
+    `watch`: stops the scoring (EvaluationCancelled) once the job has moved on. The report's `task` is the
+    job's method; the chat evaluator's generation options do not apply."""
     entry = load_catalog(settings).get(record.model)
     if entry is None:
         raise JobFailure("model_not_found", f"model {record.model!r} is no longer in the catalog", "model")
@@ -87,7 +89,8 @@ def evaluate(
             tuned = evaluate_preferences(
                 PeftModel.from_pretrained(model, workdir / "adapter"), batches(), hp.beta
             )
-    return build_report(source, base, tuned, beta=hp.beta, group_field=group_field)
+    report = build_report(source, base, tuned, beta=hp.beta, group_field=group_field)
+    return {"task": record.method_type, **report}
 
 
 def build_report(
@@ -101,7 +104,7 @@ def build_report(
     """The evaluation report from `evaluate_preferences` of the base alone and of the tuned adapter
     against it, on the same pairs.
 
-    {task, validation_source, n_examples, beta, base and fine_tuned {preference_accuracy, logp_margin, loss,
+    {validation_source, n_examples, beta, base and fine_tuned {preference_accuracy, logp_margin, loss,
     reward_accuracy, reward_margin, chosen_reward, rejected_reward} (the base's reward figures are its own
     by definition: loss log 2, rewards 0, reward accuracy None), verdict (improved, unchanged or regressed,
     by the DPO loss against log 2), loss_change, preference_accuracy_change, verdict_summary, by_group (None
@@ -112,7 +115,6 @@ def build_report(
         "improved" if change < -LOSS_TOLERANCE else "regressed" if change > LOSS_TOLERANCE else "unchanged"
     )
     report: dict[str, Any] = {
-        "task": "dpo",
         "validation_source": source,
         "n_examples": tuned["n_pairs"],
         "beta": beta,

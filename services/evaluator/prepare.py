@@ -20,6 +20,7 @@ from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
 from shared.data.splits import holdout_split
+from shared.methods import DEFAULT_METHOD, load, method
 from shared.ml.chat_data import (
     ChatTemplateError,
     DataError,
@@ -40,7 +41,7 @@ from shared.ml.task_data import read_rows
 from shared.planning import hyperparams
 from shared.planning.calibration import calibrated_flops
 from shared.planning.catalog import load_catalog
-from shared.planning.estimate import DataStats, Workload, build_estimate, peak_memory_gib, token_summary
+from shared.planning.estimate import DataStats, build_estimate, peak_memory_gib, token_summary
 from shared.planning.gpu_classes import load_gpu_classes
 from shared.planning.model_facts import read_model_facts
 from shared.platform import metrics
@@ -74,7 +75,7 @@ class JobSpec:
     gpu_class: str
     data_policy: str = "warn"
     processes: int = 1  # training processes (devices) in all: num_gpus × num_nodes
-    method_type: str = "supervised"
+    method_type: str = DEFAULT_METHOD
 
 
 def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
@@ -110,10 +111,8 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
                 )
             path = Path(tmp) / file_id
             storage.download_file(record.storage_key, path)
-            redact = spec.data_policy == "redact"
-            if spec.method_type == "supervised":  # Examples: where each is in the file names skipped ones
-                return read_chat_examples(path, record.filename, redact=redact)
-            return read_rows(path, record.filename, spec.method_type, redact=redact)
+            # Examples: where each is in the file names the ones skipped.
+            return read_rows(path, record.filename, spec.method_type, redact=spec.data_policy == "redact")
 
         try:
             rows = rows_of(spec.training_file, "training_file")
@@ -149,15 +148,12 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
             hp.reasons["max_seq_length"] = length_of.reasons["max_seq_length"]
         return hp
 
-    task_rows = TaskRows(train_rows, valid_rows, source)
-    skipped: list[Skipped] = []
+    trained = method(spec.method_type)
+    planner: Planner = load(trained.data_kind.planner)
     try:
-        if spec.method_type == "classification":
-            hp, stats = _plan_classification(tokenizer, model_dir, task_rows, resolve, trust)
-        elif spec.method_type == "dpo":
-            hp, stats, skipped = _plan_dpo(tokenizer, model_dir, task_rows, resolve, trust, notes)
-        else:
-            hp, stats, skipped = _plan_supervised(tokenizer, model_dir, task_rows, resolve, trust)
+        hp, stats, skipped = planner(
+            tokenizer, model_dir, TaskRows(train_rows, valid_rows, source), resolve, trust, notes
+        )
     except ChatTemplateError as exc:
         raise JobFailure("unsupported_chat_template", str(exc), "model") from exc
     except DataError as exc:
@@ -170,7 +166,7 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
         seed=spec.seed,
         classes=classes,
         calibration=calibrated_flops(redis),
-        workload=Workload.of(spec.method_type, hp.method),
+        workload=trained.workload(hp.method),
     )
     if skipped:
         estimate["skipped_examples"] = _skipped_summary(skipped, hp.max_seq_length, notes)
@@ -194,7 +190,7 @@ def _skipped_summary(skipped: list[Skipped], max_seq_length: int, notes: list[st
 
 @dataclass
 class TaskRows:
-    train: list[Any]  # Examples: chat (supervised), classification or preference (dpo)
+    train: list[Any]  # the Examples of the method's data kind
     valid: list[Any]
     source: str  # validation_file or held_out_split
 
@@ -210,14 +206,22 @@ class TaskRows:
 
 
 Resolver = Callable[..., Hyperparameters]
+# A data kind's planning (its `planner`, shared.methods): the job's rows tokenized with the model's template →
+# the resolved hyperparameters, what the estimate counts, and the training and validation rows it skips (none,
+# or one Skipped each); problems it has to say go into the notes.
+Planner = Callable[
+    [PreTrainedTokenizerBase, Path, TaskRows, Resolver, bool, list[str]],
+    tuple[Hyperparameters, DataStats, list[Skipped]],
+]
 
 
-def _plan_supervised(
+def plan_chat(
     tokenizer: PreTrainedTokenizerBase,
     model_dir: Path,
     rows: TaskRows,
     resolve: Resolver,
     trust: bool,
+    notes: list[str],
 ) -> tuple[Hyperparameters, DataStats, list[Skipped]]:
     """Chat conversations rendered with the model's template. Examples the chosen sequence length leaves
     without a token to learn are skipped (a dataset fails when too few are left, `Skipped.check`); the
@@ -272,9 +276,14 @@ def _without_skipped(hp: Hyperparameters, skipped: list[Skipped]) -> Hyperparame
     return hp
 
 
-def _plan_classification(
-    tokenizer: PreTrainedTokenizerBase, model_dir: Path, rows: TaskRows, resolve: Resolver, trust: bool
-) -> tuple[Hyperparameters, DataStats]:
+def plan_classification(
+    tokenizer: PreTrainedTokenizerBase,
+    model_dir: Path,
+    rows: TaskRows,
+    resolve: Resolver,
+    trust: bool,
+    notes: list[str],
+) -> tuple[Hyperparameters, DataStats, list[Skipped]]:
     """Texts with the model's tokenizer (its special tokens included); the labels come from the training
     rows, and a validation label outside them is refused (the model could never predict it)."""
     from transformers import AutoConfig
@@ -291,10 +300,10 @@ def _plan_classification(
         validation_source=rows.source,
     )
     encoder = is_encoder(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust))
-    return resolve(stats, encoder), stats
+    return resolve(stats, encoder), stats, []
 
 
-def _plan_dpo(
+def plan_preference(
     tokenizer: PreTrainedTokenizerBase,
     model_dir: Path,
     rows: TaskRows,
@@ -492,8 +501,9 @@ def model_fit(spec: dict[str, Any], settings: Settings | None = None) -> dict[st
         return {"error": error.model_dump()}
     facts = read_model_facts(model_dir)
     context = min(entry.max_seq_length, facts.max_position_embeddings or entry.max_seq_length)
-    encoder = entry.tasks == ("classification",)
-    workload = Workload.of("classification" if encoder else "supervised")
+    # What a LoRA job of the first method it can learn needs (supervised for causal LMs, classification for
+    # encoders).
+    workload = method(entry.tasks[0]).workload("lora")
     rank = LoraSettings().r
     classes = {}
     for name, gpu_class in load_gpu_classes(settings.gpu_classes).items():

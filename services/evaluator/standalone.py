@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from services.evaluator import task as chat_evaluation
+from services.evaluator import task as job_evaluation
 from shared.platform import storage_keys
 from shared.platform.evaluation_store import EvaluationStore
 from shared.platform.failures import JobFailure, classify
@@ -60,7 +60,7 @@ def _evaluate(runtime: Runtime, evaluation: EvaluationRecord) -> dict[str, Any]:
     settings, redis, storage = runtime.settings, runtime.redis, runtime.storage
     options = {"generation_rows": evaluation.generation_rows, "group_field": evaluation.group_field}
     if evaluation.fine_tuning_job is None:
-        return chat_evaluation.evaluate_base_model(
+        return job_evaluation.evaluate_base_model(
             settings,
             redis,
             storage,
@@ -75,7 +75,7 @@ def _evaluate(runtime: Runtime, evaluation: EvaluationRecord) -> dict[str, Any]:
     # The job as it would be evaluated with this file as its validation file.
     record: JobRecord = job.model_copy(update={"validation_file": evaluation.validation_file})
     generations = storage_keys.evaluation_prefix(evaluation.tenant, evaluation.id) + "generations.jsonl"
-    report = chat_evaluation.evaluate(
+    # By the evaluator of the job's method, as the job's own evaluation.
+    return job_evaluation.evaluate_job(
         settings, redis, storage, record, generations_key=generations, **options
     )
-    return {"task": record.method_type, **report}

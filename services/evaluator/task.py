@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from redis import Redis
 
-from services.evaluator import classification_eval, preference_eval
 from services.evaluator.base_cache import (
     CACHE_VERSION,
     BaseCache,
@@ -34,6 +33,7 @@ from services.evaluator.base_cache import (
 from services.evaluator.cancellation import CancelWatch, EvaluationCancelled, watching
 from shared.data import pii
 from shared.data.formats import read_examples
+from shared.methods import DEFAULT_METHOD, load, method
 from shared.ml.chat_data import DataError, Messages, TokenizedExample, iter_batches, tokenize_chat
 from shared.ml.classification_data import DEFAULT_GROUP_FIELD
 from shared.ml.generation_metrics import (
@@ -152,21 +152,15 @@ def evaluate_job(
     generations_key: str | None = None,
     watch: CancelWatch | None = None,
 ) -> dict[str, Any]:
-    """The evaluation of the job's task: its report, base and fine-tuned side by side, with a verdict.
-    `watch`: stops it (EvaluationCancelled) once the job has moved on."""
-    if record.method_type == "classification":
-        return classification_eval.evaluate(
-            settings, redis, storage, record, group_field=group_field, watch=watch
-        )
-    if record.method_type == "dpo":
-        return preference_eval.evaluate(
-            settings, redis, storage, record, group_field=group_field, watch=watch
-        )
-    report = evaluate(
+    """The evaluation of the job's method, by the method's evaluator (shared.methods): its report, base and
+    fine-tuned side by side, with a verdict. `watch`: stops it (EvaluationCancelled) once the job has moved
+    on; the generation options apply to evaluators that generate replies (chat)."""
+    evaluator = load(method(record.method_type).evaluator)
+    report = evaluator(
         settings, redis, storage, record, group_field=group_field, generation_rows=generation_rows,
         generations_key=generations_key, watch=watch,
     )  # fmt: skip
-    return {"task": "supervised", **report}
+    return {"task": record.method_type, **report}
 
 
 @dataclass
@@ -316,7 +310,7 @@ def evaluate_base_model(
         )
     generated = corpus_scores(base.replies, [case.reference for case in cases])
     return {
-        "task": "supervised",
+        "task": DEFAULT_METHOD,
         "validation_source": rows.source,
         "n_examples": len(rows.groups),
         "n_tokens": base.tokens["n_tokens"],

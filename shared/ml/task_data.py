@@ -1,5 +1,6 @@
 """A job's rows as its method trains on them, read the same way by data preparation, the trainer and the
-evaluators: chat conversations (supervised), classification examples (text, label) or preference pairs (dpo).
+evaluators: the Examples of the method's data kind (chat conversations, preference pairs, classification rows),
+read by the kind's reader (shared.methods).
 
 The held-out split the trainer sets aside when a job has no validation file is stored as JSONL in the
 method's own format (`split_jsonl`), each row with the fields its format does not use (e.g. `group`), so
@@ -18,9 +19,8 @@ from redis import Redis
 
 from shared.data import pii
 from shared.data.formats import Example
-from shared.ml.chat_data import Messages, read_conversations
-from shared.ml.classification_data import read_classification_examples
-from shared.ml.preference_data import read_preference_examples
+from shared.methods import load, method
+from shared.ml.chat_data import Messages
 from shared.platform import storage_keys
 from shared.platform.failures import JobFailure
 from shared.platform.file_store import FileStore
@@ -30,25 +30,19 @@ from shared.platform.storage import Storage
 SPLIT_FILENAME = "validation_split.jsonl"  # the name the stored split is read under (its container)
 
 
-def read_rows(path: Path, filename: str, method_type: str, *, redact: bool = False) -> list[Any]:
-    """The rows of a dataset for `method_type`: Messages (supervised) or Examples (classification, dpo).
+def read_rows(path: Path, filename: str, method_type: str, *, redact: bool = False) -> list[Example]:
+    """The Examples of a dataset for `method_type`, read by its data kind's reader (each keeps its place in
+    the file and the fields its format does not use, e.g. `group`).
 
     With `redact`, personal data and secrets in every text the model sees are replaced by
     `[REDACTED:<kind>]` (a job's `data_policy: redact`); labels and other fields are kept.
     """
-    if method_type == "supervised":
-        return read_conversations(path, filename, redact=redact)
-    if method_type == "classification":
-        examples = read_classification_examples(path, filename)
-    elif method_type == "dpo":
-        examples = read_preference_examples(path, filename)
-    else:
-        raise ValueError(f"unknown method type {method_type!r}")
+    examples = load(method(method_type).data_kind.reader)(path, filename)
     return [redacted(example) for example in examples] if redact else examples
 
 
 def redacted(example: Example) -> Example:
-    """A classification or preference example with its text and every message's content redacted."""
+    """An example with its text and every message's content redacted (prompt and replies alike)."""
 
     def messages(items: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         if items is None:

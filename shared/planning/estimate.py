@@ -74,20 +74,13 @@ def padded_tokens_per_epoch(
 
 @dataclass(frozen=True)
 class Workload:
-    """How a job's method trains, as far as memory and compute go (the default: supervised LoRA)."""
+    """How a job's method trains, as far as memory and compute go (the default: supervised LoRA); each
+    method says its own (shared.methods: `Method.workload`)."""
 
     sequences_per_example: int = 1  # dpo: 2, the prompt with each reply, in the same micro-batch
     full: bool = False  # every weight trains (classification method "full"), in fp32
     lm_head: bool = True  # logits over the vocabulary (a classifier's head scores a few classes instead)
     reference_forward: bool = False  # dpo: the frozen reference (adapter disabled) scores every token too
-
-    @classmethod
-    def of(cls, method_type: str, method: str = "lora") -> Workload:
-        if method_type == "dpo":
-            return cls(sequences_per_example=2, reference_forward=True)
-        if method_type == "classification":
-            return cls(full=method == "full", lm_head=False)
-        return cls()
 
 
 SUPERVISED = Workload()

@@ -8,17 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.planning.estimate import (
-    SUPERVISED,
-    DataStats,
-    Workload,
-    padded_tokens_per_epoch,
-    peak_memory_gib,
-    percentile,
-)
+from shared.methods import Planned, method
+from shared.planning.estimate import SUPERVISED, DataStats, Workload, peak_memory_gib, percentile
 from shared.planning.gpu_classes import GpuClass
 from shared.planning.model_facts import ModelFacts
-from shared.planning.packing import packed_padded_tokens
 from shared.platform.records import Hyperparameters, LoraSettings
 
 # LoRA adapters train well around 1e-4..3e-4 across model sizes (QLoRA paper, Together/Axolotl
@@ -36,20 +29,12 @@ AUTO_BATCH_FRACTION = 0.002
 MAX_AUTO_BATCH_SIZE = 8
 
 
-# Text classification: BERT's fine-tuning recipe for small encoders (Devlin et al. 2019: batches of 16-32,
-# learning rates of 2e-5..5e-5, weight decay 0.01), every weight trained; larger encoders and decoders train
-# a LoRA adapter and the (new) head, at the LoRA rate.
+# Methods that may train every weight (classification): BERT's fine-tuning recipe for small encoders
+# (Devlin et al. 2019: learning rates of 2e-5..5e-5, weight decay 0.01), every weight trained; larger
+# encoders and decoders train a LoRA adapter (and a classifier's new head), at the LoRA rate.
 FULL_FINE_TUNE_MAX_PARAMS = 150_000_000  # "auto" trains every weight of encoders up to this size
 FULL_FINE_TUNE_LEARNING_RATE = 5e-5
 FULL_FINE_TUNE_WEIGHT_DECAY = 0.01
-CLASSIFICATION_BATCH_SIZE = 32
-MIN_STEPS_PER_EPOCH = 10
-
-# DPO: beta 0.1 (the DPO paper's and TRL's default), and a tenth of the model's supervised LoRA rate: DPO
-# refines a model that already answers well, and overshoots at supervised rates (the LoRA rate 2e-4 gives
-# 2e-5, inside the 5e-6..5e-5 commonly used for LoRA DPO).
-DPO_BETA = 0.1
-DPO_LEARNING_RATE_FACTOR = 0.1
 
 
 def auto_epochs(n_examples: int) -> tuple[int, str]:
@@ -73,15 +58,7 @@ def auto_batch_size(n_examples: int) -> tuple[int, str]:
     )
 
 
-def auto_classification_batch_size(n_examples: int) -> tuple[int, str]:
-    size = max(1, min(CLASSIFICATION_BATCH_SIZE, n_examples // MIN_STEPS_PER_EPOCH))
-    return size, (
-        f"auto: {CLASSIFICATION_BATCH_SIZE} (BERT's fine-tuning batch), at most a tenth of the {n_examples} "
-        f"examples so an epoch has at least {MIN_STEPS_PER_EPOCH} steps"
-    )
-
-
-def auto_classification_method(encoder: bool, n_params: int) -> tuple[str, str]:
+def auto_training_method(encoder: bool, n_params: int) -> tuple[str, str]:
     """Full fine-tuning for small encoders, else LoRA with the head trained whole."""
     size = f"{n_params / 1e6:.0f}M-parameter"
     if encoder and n_params <= FULL_FINE_TUNE_MAX_PARAMS:
@@ -96,9 +73,9 @@ def auto_classification_method(encoder: bool, n_params: int) -> tuple[str, str]:
     )
 
 
-def base_learning_rate_of(method_type: str, method: str, catalog_rate: float | None) -> tuple[float, str]:
-    """The rate the multiplier scales, and where it comes from."""
-    if method == "full":
+def base_learning_rate_of(method_type: str, training: str, catalog_rate: float | None) -> tuple[float, str]:
+    """The rate the multiplier scales, and where it comes from (`training`: lora or full)."""
+    if training == "full":
         return (
             FULL_FINE_TUNE_LEARNING_RATE,
             "full fine-tuning of a small encoder: the top of BERT's 2e-5..5e-5",
@@ -108,12 +85,8 @@ def base_learning_rate_of(method_type: str, method: str, catalog_rate: float | N
         if catalog_rate is not None
         else (LORA_BASE_LEARNING_RATE, "the LoRA base rate")
     )
-    if method_type == "dpo":
-        return base * DPO_LEARNING_RATE_FACTOR, (
-            f"{DPO_LEARNING_RATE_FACTOR:g} × {base:g}, {source}: DPO refines a model that already answers, "
-            "and overshoots at supervised rates"
-        )
-    return base, source
+    own_rate = method(method_type).rules.learning_rate
+    return own_rate(base, source) if own_rate is not None else (base, source)
 
 
 # Sequence length: the 99th percentile of the data's token lengths, rounded up to a multiple of 64,
@@ -127,21 +100,6 @@ MEMORY_HEADROOM = 0.9
 # Early stopping on validation loss, when there is validation data and at least 3 epochs to stop in.
 AUTO_EARLY_STOPPING_PATIENCE = 2
 SCHEDULERS = ("linear", "cosine", "constant")
-# Packing is chosen when it saves at least this share of the tokens a padded epoch computes.
-MIN_PACKING_SAVING = 0.25
-
-
-def auto_packing(
-    lengths: list[int], max_seq_length: int, micro_batch_size: int, seed: int
-) -> tuple[bool, str]:
-    padded = padded_tokens_per_epoch(lengths, micro_batch_size, max_seq_length, seed)
-    packed = packed_padded_tokens(lengths, max_seq_length, micro_batch_size, seed, 1)
-    saving = 1 - packed / padded if padded else 0.0
-    verdict = "on" if saving >= MIN_PACKING_SAVING else "off"
-    return verdict == "on", (
-        f"auto: {verdict}; packing would compute {saving:.0%} fewer tokens per epoch than padded batches "
-        f"(on from {MIN_PACKING_SAVING:.0%})"
-    )
 
 
 def auto_max_seq_length(lengths: list[int], context: int) -> tuple[int, str]:
@@ -204,9 +162,10 @@ def resolve(
     """Every setting of a job: the request's value where given, else the rule's, with the reason.
 
     `batch_size` is the global batch: each of the `processes` (one per device) takes an equal share.
-    `method_type` (supervised, dpo, classification) picks the rules that differ; `encoder`: the model is a
-    masked-LM encoder (BERT-like), which classification fine-tunes whole when it is small.
+    `method_type` (a registered method, shared.methods) brings the rules that differ; `encoder`: the model is
+    a masked-LM encoder (BERT-like), which a method that may train every weight fine-tunes whole when small.
     """
+    rules = method(method_type).rules
     reasons: dict[str, str] = {}
 
     def pick(name: str, rule: tuple[Any, str]) -> Any:
@@ -219,20 +178,17 @@ def resolve(
 
     n = stats.n_train
     n_epochs = int(pick("n_epochs", auto_epochs(n)))
-    classification = method_type == "classification"
-    batch_size = int(
-        pick("batch_size", auto_classification_batch_size(n) if classification else auto_batch_size(n))
-    )
+    batch_size = int(pick("batch_size", (rules.batch_size or auto_batch_size)(n)))
     multiplier = float(pick("learning_rate_multiplier", (1.0, "auto: 1.0 × the base learning rate")))
-    if classification:
-        method = str(pick("method", auto_classification_method(encoder, facts.n_params)))
+    if rules.full_fine_tuning:
+        training = str(pick("method", auto_training_method(encoder, facts.n_params)))
     else:
-        method = "lora"
+        training = "lora"
         reasons["method"] = (
             "LoRA: a small adapter over frozen weights (fits where full fine-tuning would not)"
         )
-    workload = Workload.of(method_type, method)
-    base, source = base_learning_rate_of(method_type, method, base_learning_rate)
+    workload = method(method_type).workload(training)
+    base, source = base_learning_rate_of(method_type, training, base_learning_rate)
     reasons["learning_rate"] = f"{base:g} ({source}) × multiplier {multiplier:g}"
     max_seq_length = int(pick("max_seq_length", auto_max_seq_length(stats.train_lengths, context)))
     if batch_size % processes:
@@ -246,7 +202,7 @@ def resolve(
     )
     if processes > 1:
         reasons["micro_batch_size"] += f", on each of {processes} processes"
-    if method == "lora":
+    if training == "lora":
         targets = ", ".join(lora.target_modules) if lora.target_modules else "every linear layer"
         reasons["lora"] = f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout:g} on {targets}: " + (
             "the defaults (alpha = 2 × r, as Together and QLoRA use)"
@@ -255,18 +211,15 @@ def resolve(
         )
     weight_decay_rule = (
         (FULL_FINE_TUNE_WEIGHT_DECAY, f"auto: {FULL_FINE_TUNE_WEIGHT_DECAY:g}, BERT's for full fine-tuning")
-        if method == "full"
+        if training == "full"
         else (0.0, "auto: 0; LoRA's dropout and few trained weights already regularize")
     )
-    if method_type == "supervised":
-        packing = bool(pick("packing", auto_packing(stats.train_lengths, max_seq_length, micro, seed)))
-        train_on_inputs = bool(pick("train_on_inputs", (False, "auto: loss on assistant replies only")))
-    else:  # the other methods' batches hold whole examples, each scored on its own targets
-        packing = train_on_inputs = False
-    beta_rule = (DPO_BETA, f"auto: {DPO_BETA:g}, the DPO paper's and TRL's default")
-    beta = float(pick("beta", beta_rule)) if method_type == "dpo" else None
-    class_weights_rule = ("none", "auto: none, every example counts alike")
-    class_weights = pick("class_weights", class_weights_rule) if classification else None
+    # The method's own settings (e.g. packing, beta, class_weights); the others keep the record's defaults.
+    own = (
+        rules.settings(pick, Planned(stats.train_lengths, max_seq_length, micro, seed))
+        if rules.settings
+        else {}
+    )
     has_validation = bool(stats.valid_lengths)
     patience_rule = (
         (
@@ -277,7 +230,7 @@ def resolve(
         else (None, "auto: off (needs validation data and at least 3 epochs)")
     )
     return Hyperparameters(
-        method=method,
+        method=training,
         n_epochs=n_epochs,
         batch_size=batch_size,
         micro_batch_size=micro,
@@ -297,9 +250,6 @@ def resolve(
             pick("early_stopping_min_delta", (0.0, "auto: any decrease of the validation loss counts"))
         ),
         label_smoothing=float(pick("label_smoothing", (0.0, "auto: 0 (targets are not smoothed)"))),
-        packing=packing,
-        train_on_inputs=train_on_inputs,
-        beta=beta,
-        class_weights=class_weights,
+        **own,
         reasons=reasons,
     )

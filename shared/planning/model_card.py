@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from shared.methods import method
 from shared.planning.catalog import CatalogEntry
 from shared.platform.records import FileRecord, JobRecord
 
@@ -26,12 +27,6 @@ METRICS: dict[str, str] = {
     "logp_margin": "log-prob margin (chosen − rejected)",
     "reward_accuracy": "reward accuracy",
     "reward_margin": "reward margin",
-}
-# What each task's job makes, said in the card's first line.
-KINDS = {
-    "supervised": "A LoRA fine-tune",
-    "dpo": "A LoRA preference tune (DPO)",
-    "classification": "A text classifier fine-tuned",
 }
 
 
@@ -71,7 +66,7 @@ tags: [tunery, {job.method_type}, fine-tuned]
 
 # {job.fine_tuned_model}
 
-{KINDS.get(job.method_type, "A fine-tune")} of {base_line}, made by Tunery job `{job.id}` for organization `{job.tenant}`.
+{method(job.method_type).model_card_kind} of {base_line}, made by Tunery job `{job.id}` for organization `{job.tenant}`.
 
 ## Training data
 

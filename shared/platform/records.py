@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.platform.job_states import JobState
 
@@ -43,11 +43,13 @@ class JobError(BaseModel):
     param: str | None = None
 
 
-MethodType = Literal["supervised", "dpo", "classification"]
-
-
 class Hyperparameters(BaseModel):
-    """Resolved values, each with the reason it was chosen (user-set or the rule that picked it)."""
+    """Resolved values, each with the reason it was chosen (user-set or the rule that picked it).
+
+    A method's own settings beyond the fields below are kept too (extra keys), so that a new method's rules
+    (shared.methods) need no new field here."""
+
+    model_config = ConfigDict(extra="allow")
 
     method: str = "lora"  # lora, or full (classification: every weight trains)
     n_epochs: int
@@ -137,7 +139,7 @@ class JobRecord(BaseModel):
     seed: int
     suffix: str | None = None
     metadata: dict[str, str] | None = None
-    method_type: MethodType = "supervised"
+    method_type: str = "supervised"  # a registered method's name (shared.methods; the API checks it)
     # What the client asked for, "auto" included, as the API echoes it back.
     requested_hyperparameters: dict[str, Any] = Field(default_factory=dict)
     # Resolved when the job's files are validated (None until then, shown as the request).

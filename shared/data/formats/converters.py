@@ -63,8 +63,11 @@ FORMATS: tuple[str, ...] = (
     "preference",
     "classification",
 )
+# The kinds of examples the formats convert into; a processed file's `task` is its kind, and each training
+# method names the kind it trains on (shared.methods).
+DataKind = Literal["chat", "text", "preference", "classification"]
 # What each format trains: the kind of the examples it converts into.
-TASKS: dict[str, str] = {
+TASKS: dict[str, DataKind] = {
     "chat": "chat",
     "prompt_completion": "chat",
     "alpaca": "chat",
@@ -86,7 +89,7 @@ SHAREGPT_ROLES: dict[str, str] = {
 class Example:
     """One training example, whatever the format it came in."""
 
-    kind: Literal["chat", "text", "preference", "classification"]
+    kind: DataKind
     source: str  # "line 3" / "item 3" / "row 3": where it is in the file
     messages: list[dict[str, Any]] | None = None  # chat; for preference: the prompt messages
     text: str | None = None  # text and classification

@@ -154,6 +154,7 @@ def policy(model_dir: Path) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits"))
+    torch.manual_seed(0)  # LoRA's A matrices draw from the global generator
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
     )
@@ -318,7 +319,6 @@ def test_a_few_steps_raise_desirable_and_lower_undesirable_completions_on_the_tr
     assert result.metrics_rows[-1]["valid_loss"] == final["loss"]
     assert set(result.metrics_rows[0]) == {
         "step", "train_loss", "train_accuracy", "train_kl", "valid_loss", "valid_reward_accuracy", "valid_kl",
-        "valid_logp_margin", "valid_preference_accuracy",
     }  # fmt: skip
 
 

@@ -7,7 +7,7 @@ Torch-free: the API imports it (tests/test_layers.py checks).
 
 from __future__ import annotations
 
-from shared.methods import classification, dpo, supervised
+from shared.methods import classification, dpo, kto, supervised
 from shared.methods.base import CommonHyperparameters, Kind, Method, Planned, Rules, load
 
 # In the order the API lists them (method.type's values, a catalog model's default tasks).
@@ -17,6 +17,7 @@ METHODS: dict[str, Method] = {
         supervised.METHOD,
         dpo.METHOD,
         classification.METHOD,
+        kto.METHOD,
     )
 }
 NAMES: tuple[str, ...] = tuple(METHODS)

@@ -39,6 +39,7 @@ from services.trainer.driver import (
     setup,
 )
 from shared.data.formats import Example
+from shared.methods import method
 from shared.ml.chat_data import check_eos
 from shared.ml.feedback_data import (
     DEFAULT_GROUP_FIELD,
@@ -55,9 +56,6 @@ from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_
 from shared.ml.preference_metrics import pair_logps
 
 log = logging.getLogger(__name__)
-
-# What KTO optimises, defined on any validation set (the ordering figures need both labels among its rows).
-VALIDATION_METRICS = ("loss", "reward_accuracy", "kl")
 
 
 @dataclass
@@ -109,7 +107,7 @@ def train_kto(config: KTOConfig, hooks: TrainingHooks) -> TrainResult:
         collate=partial(collate_feedback, pad_token_id=pad_id, max_length=config.max_seq_length),
         loss=partial(feedback_loss, beta=config.beta, **weights),
         validate=validate if valid else None,
-        validation_metrics=VALIDATION_METRICS,
+        validation_metrics=method("kto").validation_metrics,
         save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
         summary=summary,
         warnings=warnings,

@@ -82,6 +82,17 @@ def test_put_stream_returns_size_and_sha256(storage: Storage) -> None:
     )
 
 
+def test_put_file_stores_the_file_and_returns_size_and_sha256(storage: Storage, tmp_path: Path) -> None:
+    data = b"line one\nline two\n" * 600_000  # 10.8 MB: more than one S3 part
+    source = tmp_path / "upload.jsonl"
+    source.write_bytes(data)
+    stored = storage.put_file(source, "tenants/org-default/files/file-abc")
+    assert stored == StoredObject(
+        key="tenants/org-default/files/file-abc", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    assert b"".join(storage.iter_chunks("tenants/org-default/files/file-abc")) == data
+
+
 def test_large_stream_round_trips_without_reading_it_whole(storage: Storage) -> None:
     total = 20 * MIB + 123
     stream = GeneratedStream(total)

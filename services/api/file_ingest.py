@@ -64,8 +64,7 @@ def ingest(
         ) from None  # fmt: skip
     file_id = new_file_id()
     key = storage_keys.file_key(tenant, file_id)
-    with open(path, "rb") as source:
-        stored = ctx.storage.put_stream(key, source)
+    stored = ctx.storage.put_file(path, key)
     record = FileRecord(
         id=file_id,
         tenant=tenant,

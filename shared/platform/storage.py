@@ -161,10 +161,14 @@ class Storage(ABC):
     def put_bytes(self, key: str, data: bytes) -> None:
         self.put_stream(key, BytesIO(data))
 
-    def upload_file(self, path: Path, key: str) -> None:
+    def put_file(self, path: Path, key: str) -> StoredObject:
+        """Store the local file at `path`."""
         validate_key(key)
         with open(path, "rb") as f:
-            self.put_stream(key, f)
+            return self.put_stream(key, f)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        self.put_file(path, key)
 
     def download_file(self, key: str, path: Path) -> None:
         """Stream to a temp file next to `path`, then rename, so readers never see half a file."""
@@ -395,6 +399,18 @@ class S3Storage(Storage):
         with _s3_errors(key):
             self._client.upload_fileobj(reader, self.bucket, full, Config=self._transfer)
         return StoredObject(key=key, size=reader.size, sha256=reader.hexdigest())
+
+    def put_file(self, path: Path, key: str) -> StoredObject:
+        """Sent from the file itself, which boto3 reads part by part as it sends them, so memory holds a few
+        parts; from a stream it cannot seek (put_stream's hashing reader) it buffers up to ten parts ahead.
+        The hash is a pass of its own over the file."""
+        full = self._full(key)
+        with open(path, "rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            size = f.tell()
+        with _s3_errors(key):
+            self._client.upload_file(str(path), self.bucket, full, Config=self._transfer)
+        return StoredObject(key=key, size=size, sha256=sha256)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         full = self._full(key)

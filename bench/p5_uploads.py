@@ -6,7 +6,7 @@ receiving, validating (in worker processes) and storing. The peer is one boto3 `
 bytes, the cost of storing alone. The file is valid chat JSONL of long rows (about 8 KB each). Then a larger
 file goes through the API once, and the API process's peak RSS (VmHWM) above its RSS before is recorded.
 
-    .venv/bin/python bench/p5_uploads.py [--repeats 3] [--megabytes 50] [--large-megabytes 200]
+    .venv/bin/python bench/p5_uploads.py [--repeats 3] [--megabytes 50] [--large-megabytes 1024]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--megabytes", type=int, default=50)
-    parser.add_argument("--large-megabytes", type=int, default=200)
+    parser.add_argument("--large-megabytes", type=int, default=1024, help="the RSS goal is for 1 GiB")
     args = parser.parse_args()
     if args.quick:
         args.megabytes, args.large_megabytes = 10, 50

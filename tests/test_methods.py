@@ -45,15 +45,15 @@ def test_the_api_accepts_exactly_the_registered_methods_each_with_its_own_hyperp
         body = JobCreate(model="m", training_file="f", method={"type": name, name: {"hyperparameters": {}}})
         assert body.method_type == name
         assert isinstance(body.method.hyperparameters(), METHODS[name].hyperparameters)
-    for other in ("reinforcement", "orpo"):
+    for other in ("reinforcement", "grpo"):
         with pytest.raises(ValidationError) as refused:
             JobCreate(model="m", training_file="f", method={"type": other})
         assert [error["loc"] for error in refused.value.errors()] == [("method", "type")]
 
 
 def test_an_unknown_method_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(UnknownMethod, match="unknown method 'orpo'; expected one of supervised, dpo"):
-        method("orpo")
+    with pytest.raises(UnknownMethod, match="unknown method 'grpo'; expected one of supervised, dpo"):
+        method("grpo")
 
 
 def _ladders(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.evaluator.preference_eval import build_ranking_report
 from services.trainer.driver import lora_config
 from services.trainer.recipes.orpo import ORPOConfig, evaluate_orpo, log_odds_ratio, orpo_loss, train_orpo
 from services.trainer.recipes.sft import sft_loss
@@ -165,6 +166,25 @@ def test_the_nll_term_is_the_sft_loss_of_the_chosen_replies(
         beta=0.1,
     )
     assert nll.item() == pytest.approx(trl_nll.item(), abs=LOSS_TOLERANCE)
+
+
+def test_without_a_reference_the_verdict_follows_the_preference_accuracy_then_the_margin() -> None:
+    def scores(accuracy: float, margin: float) -> dict[str, Any]:
+        return {"n_pairs": 20, "preference_accuracy": accuracy, "logp_margin": margin, "by_group": None}
+
+    fit = {"loss": 2.0, "perplexity": 7.4, "mean_token_accuracy": 0.3}
+
+    def verdict(base: dict[str, Any], tuned: dict[str, Any]) -> str:
+        return build_ranking_report("validation_file", base, tuned, fit, fit)["verdict"]
+
+    assert verdict(scores(0.6, 0.2), scores(0.7, 0.1)) == "improved"  # more pairs ranked right
+    assert verdict(scores(0.6, 0.1), scores(0.5, 0.3)) == "regressed"
+    assert verdict(scores(0.6, 0.1), scores(0.6, 0.2)) == "improved"  # a tie: the margin decides
+    assert verdict(scores(0.6, 0.1), scores(0.6, 0.1005)) == "unchanged"
+    report = build_ranking_report("validation_file", scores(0.6, 0.1), scores(0.7, 0.2), fit, fit)
+    # No DPO rewards: each model's ranking, and its fit to the chosen replies.
+    assert set(report["fine_tuned"]) == {"preference_accuracy", "logp_margin", *fit}
+    assert report["verdict_summary"].startswith("preference accuracy 0.60 → 0.70 (+0.10)")
 
 
 # -- the recipe -------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Torch-free: the API imports it (tests/test_layers.py checks).
 
 from __future__ import annotations
 
-from shared.methods import classification, dpo, kto, supervised
+from shared.methods import classification, dpo, kto, orpo, supervised
 from shared.methods.base import CommonHyperparameters, Kind, Method, Planned, Rules, load
 
 # In the order the API lists them (method.type's values, a catalog model's default tasks).
@@ -18,6 +18,7 @@ METHODS: dict[str, Method] = {
         dpo.METHOD,
         classification.METHOD,
         kto.METHOD,
+        orpo.METHOD,
     )
 }
 NAMES: tuple[str, ...] = tuple(METHODS)

@@ -49,15 +49,13 @@ from services.trainer.driver import (
     setup,
 )
 from shared.data.formats import Example
+from shared.methods import method
 from shared.ml.chat_data import check_eos
 from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.preference_data import collate_pairs, iter_preference_batches, tokenize_preferences
 from shared.ml.preference_metrics import pair_logps, summary
 
 log = logging.getLogger(__name__)
-
-VALIDATION_METRICS = ("loss", "nll_loss", "log_odds_ratio", "preference_accuracy")
-
 
 @dataclass
 class ORPOConfig(TrainConfig):
@@ -101,7 +99,7 @@ def train_orpo(config: ORPOConfig, hooks: TrainingHooks) -> TrainResult:
         collate=partial(collate_pairs, pad_token_id=pad_id),
         loss=partial(orpo_loss, beta=config.beta),
         validate=validate if valid else None,
-        validation_metrics=VALIDATION_METRICS,
+        validation_metrics=method("orpo").validation_metrics,
         save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
         summary=summary,
         warnings=warnings,

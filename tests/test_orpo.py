@@ -22,6 +22,7 @@ from services.trainer.recipes.sft import sft_loss
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.preference_data import collate_pairs, iter_preference_batches, tokenize_preferences
 from tests.test_dpo import PAIRS, RecordingHooks
+from tests.test_recipe_checkpoints import assert_same_run, assert_same_weights, interrupted_and_whole
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
@@ -217,3 +218,15 @@ def test_a_few_steps_lower_the_loss_and_raise_the_preference_accuracy_on_the_tra
         final["loss"],
         final["nll_loss"],
     ]
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_losses(model_dir: Path, tmp_path: Path, one_thread) -> None:
+    """As every recipe's (tests/test_recipe_checkpoints.py): suspended at step 5 of 12 and resumed, across an
+    epoch end and a new epoch's order, with dropout drawing from the restored generator."""
+    config = config_for(model_dir, tmp_path, n_epochs=2, batch_size=2, lora_dropout=0.1)
+
+    full, whole, resumed, second = interrupted_and_whole(train_orpo, config, tmp_path)
+
+    assert_same_run(full, whole, resumed, second)
+    weights = "adapter/adapter_model.safetensors"
+    assert_same_weights(tmp_path / "full" / weights, tmp_path / "b" / weights)

@@ -57,6 +57,7 @@ from shared.ml.preference_metrics import pair_logps, summary
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ORPOConfig(TrainConfig):
     train_examples: list[Example]  # kind "preference": prompt messages, chosen, rejected

@@ -15,6 +15,7 @@ from pathlib import Path
 from redis import Redis
 
 from services.trainer.driver import StepMetrics, StopAction
+from shared.methods import method
 from shared.planning.cost import cost_usd
 from shared.planning.gpu_classes import load_gpu_classes
 from shared.platform import metrics
@@ -24,13 +25,6 @@ from shared.platform.records import JobRecord, now
 from shared.platform.settings import Settings
 from shared.platform.storage import Storage
 from shared.platform.usage import add_usage
-
-# The validation figures each recipe reports at an epoch's end (its `valid_metrics`), kept per step.
-VALIDATION_METRICS = {
-    "supervised": ("loss", "mean_token_accuracy"),
-    "classification": ("loss", "accuracy", "macro_f1"),
-    "dpo": ("loss", "reward_accuracy", "reward_margin", "preference_accuracy"),
-}
 
 
 class Preemption:
@@ -148,10 +142,10 @@ class ProgressHooks:
         self.run.jobs.update(self.run.job_id, progress, expected_attempt=self.run.record.attempt)
 
     def on_epoch_end(self, epoch: int, valid_metrics: dict | None) -> None:
-        """The recipe's validation figures (VALIDATION_METRICS), e.g. "validation loss=0.41, accuracy=0.88"."""
+        """The method's `validation_metrics`, e.g. "validation loss=0.41, accuracy=0.88"."""
         detail = ""
         if valid_metrics:
-            names = VALIDATION_METRICS[self.run.record.method_type]
+            names = method(self.run.record.method_type).validation_metrics
             detail = "; validation " + ", ".join(f"{name}={valid_metrics[name]:.4f}" for name in names)
             self.run.jobs.add_step_metrics(
                 self.run.job_id,

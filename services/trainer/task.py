@@ -13,18 +13,18 @@ import io
 import logging
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from services.trainer.driver import StepMetrics, StopAction, TrainConfig, TrainingHooks, TrainResult
+from services.trainer.driver import StepMetrics, StopAction, TrainConfig, TrainResult
 from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
 from services.trainer.launch import run_launched, world_size
-from services.trainer.recipes.classification import ClassificationConfig, train_classification
-from services.trainer.recipes.dpo import DPOConfig, train_dpo
+from services.trainer.recipes.classification import ClassificationConfig
+from services.trainer.recipes.dpo import DPOConfig
 from services.trainer.recipes.sft import SFTConfig, train_sft
 from services.trainer.run import Preemption, ProgressHooks, RunContext
 from shared.data.splits import holdout_split
+from shared.methods import load, method
 from shared.ml.chat_data import ChatTemplateError, DataError, read_chat_examples
 from shared.ml.classification_data import LABELS_FILE
 from shared.ml.export import merge_adapter
@@ -47,24 +47,8 @@ from shared.platform.runtime import connect
 
 log = logging.getLogger(__name__)
 
-# The recipe (services/trainer/recipes/) of each method.
-RECIPES: dict[str, Callable[[Any, TrainingHooks], TrainResult]] = {
-    "supervised": train_sft,
-    "classification": train_classification,
-    "dpo": train_dpo,
-}
-
-# The per-step metrics CSV by method: OpenAI's columns for supervised jobs, each recipe's own figures else.
-RESULT_COLUMNS = {
-    "supervised": ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"],
-    "classification": ["step", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_macro_f1"],
-    "dpo": [
-        "step", "train_loss", "train_accuracy", "train_reward_margin", "valid_loss", "valid_reward_accuracy",
-        "valid_reward_margin", "valid_preference_accuracy",
-    ],
-}  # fmt: skip
 # The columns of the supervised CSV, which OpenAI's checkpoint metrics name (the rest are added as they are).
-OPENAI_ROW_KEYS = frozenset(RESULT_COLUMNS["supervised"])
+OPENAI_ROW_KEYS = frozenset(method("supervised").result_columns)
 
 
 def run_training(job_id: str, attempt: int) -> str:
@@ -156,12 +140,10 @@ class TrainingRun(RunContext):
     def _train(self, config: TrainConfig, hooks: ProgressHooks) -> TrainResult:
         """The one place a job's recipe runs: its method's, in this process, or in one process per device
         under `accelerate launch` when the job has several (services.trainer.launch)."""
-        recipe = RECIPES[self.record.method_type]
+        recipe = method(self.record.method_type).recipe
         if world_size(self.record) > 1:
-            return run_launched(
-                self, f"{recipe.__module__}:{recipe.__name__}", config, hooks, hooks.total_steps
-            )
-        return recipe(config, hooks)
+            return run_launched(self, recipe, config, hooks, hooks.total_steps)
+        return load(recipe)(config, hooks)
 
     def _event(self, message: str, **kwargs: Any) -> None:
         self.jobs.add_event(self.job_id, message, **kwargs)
@@ -447,7 +429,7 @@ class TrainingRun(RunContext):
         )
 
     def _store_result_csv(self, rows: list[dict[str, Any]]) -> FileRecord:
-        columns = RESULT_COLUMNS[self.record.method_type]
+        columns = method(self.record.method_type).result_columns
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

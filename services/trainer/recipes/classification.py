@@ -38,6 +38,7 @@ from services.trainer.driver import (
     setup,
 )
 from shared.data.formats import Example
+from shared.methods import method
 from shared.ml.classification_data import (
     DEFAULT_GROUP_FIELD,
     class_weights,
@@ -111,8 +112,8 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
         config.model_dir, labels, pad_token_id=pad_id, trust_remote_code=config.trust_remote_code,
         dtype=torch.float32 if resolve(None) == "full" else weights_dtype(accelerator.device),
     )  # fmt: skip
-    method = resolve(model)
-    if method == "lora":
+    training = resolve(model)
+    if training == "lora":
         model = get_peft_model(model, lora_config(config, TaskType.SEQ_CLS, classification_head(model)))
     weights = class_weights(train, len(labels)) if config.class_weights == "balanced" else None
 
@@ -123,14 +124,14 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
 
     def save(model: torch.nn.Module) -> dict[str, str]:
         out = config.output_dir
-        if method == "lora":
+        if training == "lora":
             saved, base = save_adapter(model, tokenizer, out), model.get_base_model()
         else:  # config with id2label, safetensors weights
             model.save_pretrained(out / "model", safe_serialization=True)
             tokenizer.save_pretrained(out / "tokenizer")
             saved, base = {"model": str(out / "model"), "tokenizer": str(out / "tokenizer")}, model
         labels_path = write_labels(
-            out, labels, method=method, base_model_type=base.config.model_type, pad_token_id=pad_id,
+            out, labels, method=training, base_model_type=base.config.model_type, pad_token_id=pad_id,
             max_seq_length=config.max_seq_length,
         )  # fmt: skip
         return saved | {"labels": str(labels_path)}
@@ -145,13 +146,13 @@ def train_classification(config: ClassificationConfig, hooks: TrainingHooks) -> 
             label_smoothing=config.label_smoothing,
         ),
         validate=validate if valid else None,
-        validation_metrics=("loss", "accuracy", "macro_f1"),
+        validation_metrics=method("classification").validation_metrics,
         save=save,
         summary=summary,
         warnings=warnings,
     )
     result = drive(recipe, config, hooks, accelerator)
-    return ClassificationResult(**vars(result), labels=labels, method=method)
+    return ClassificationResult(**vars(result), labels=labels, method=training)
 
 
 def example_loss(

@@ -36,6 +36,7 @@ from services.trainer.driver import (
     setup,
 )
 from shared.data.formats import Example
+from shared.methods import method
 from shared.ml.chat_data import check_eos
 from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.preference_data import (
@@ -98,7 +99,7 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> TrainResult:
         collate=partial(collate_pairs, pad_token_id=pad_id),
         loss=partial(pair_loss, beta=config.beta, label_smoothing=config.label_smoothing),
         validate=validate if valid else None,
-        validation_metrics=("loss", "reward_accuracy", "reward_margin", "preference_accuracy"),
+        validation_metrics=method("dpo").validation_metrics,
         save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
         summary=summary,
         warnings=warnings,

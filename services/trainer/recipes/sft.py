@@ -31,6 +31,7 @@ from services.trainer.driver import (
     save_adapter,
     setup,
 )
+from shared.methods import method
 from shared.ml import token_cache
 from shared.ml.chat_data import Messages, TokenizedExample, check_eos, collate, iter_batches, tokenize_dataset
 from shared.ml.lm_loss import label_token_stats, supports_kept_logits
@@ -133,7 +134,7 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
         collate=batch,
         loss=partial(sft_loss, label_smoothing=config.label_smoothing, kept=supports_kept_logits(model)),
         validate=validate if valid else None,
-        validation_metrics=("loss", "mean_token_accuracy"),
+        validation_metrics=method("supervised").validation_metrics,
         save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
         shuffle=packed is None,
         start_epoch=packed.repack if packed is not None else None,

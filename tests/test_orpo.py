@@ -21,6 +21,7 @@ from services.trainer.recipes.orpo import ORPOConfig, evaluate_orpo, log_odds_ra
 from services.trainer.recipes.sft import sft_loss
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.preference_data import collate_pairs, iter_preference_batches, tokenize_preferences
+from tests.api_fixtures import prepared
 from tests.test_dpo import PAIRS, RecordingHooks
 from tests.test_recipe_checkpoints import assert_same_run, assert_same_weights, interrupted_and_whole
 
@@ -186,6 +187,40 @@ def test_without_a_reference_the_verdict_follows_the_preference_accuracy_then_th
     # No DPO rewards: each model's ranking, and its fit to the chosen replies.
     assert set(report["fine_tuned"]) == {"preference_accuracy", "logp_margin", *fit}
     assert report["verdict_summary"].startswith("preference accuracy 0.60 → 0.70 (+0.10)")
+
+
+# -- the job --------------------------------------------------------------------------------------------
+
+
+def test_an_orpo_job_trains_at_the_supervised_rate_and_is_priced_without_a_reference_forward(
+    api, api_settings
+) -> None:
+    """ORPO trains from the base in one stage: the model's supervised LoRA rate, not DPO's tenth. Its
+    estimate counts both sides of every pair, as DPO's, but no reference model's forward pass."""
+    pairs = Path(__file__).parent / "fixtures" / "datasets" / "dpo_en_demo.json"  # 30 LLaMA-Factory pairs
+    upload = api.post(
+        "/v1/files", files={"file": ("pairs.json", pairs.read_bytes())}, data={"purpose": "fine-tune"}
+    )
+    jobs = {}
+    for name in ("orpo", "dpo"):
+        method = {"type": name, name: {"hyperparameters": {"n_epochs": 1, "batch_size": 2}}}
+        body = {
+            "model": "tunery/tiny-chat",
+            "seed": 0,
+            "training_file": upload.json()["id"],
+            "method": method,
+        }
+        jobs[name] = prepared(api, api_settings, api.post("/v1/fine_tuning/jobs", json=body).json()["id"])
+    orpo, dpo = jobs["orpo"], jobs["dpo"]
+
+    assert orpo["status"] == "queued", orpo["error"]
+    assert orpo["method"]["orpo"]["hyperparameters"]["beta"] == 0.1
+    assert orpo["hyperparameter_reasons"]["beta"].startswith("auto: 0.1")
+    assert orpo["resolved_hyperparameters"]["learning_rate"] == pytest.approx(1e-2)  # the catalog's rate
+    assert dpo["resolved_hyperparameters"]["learning_rate"] == pytest.approx(1e-3)
+    for same in ("train_examples", "trained_tokens", "optimizer_steps"):
+        assert orpo["estimate"][same] == dpo["estimate"][same], same
+    assert orpo["estimate"]["train_flops"] < dpo["estimate"]["train_flops"]
 
 
 # -- the recipe -------------------------------------------------------------------------------------------

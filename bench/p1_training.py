@@ -11,12 +11,16 @@ figure is useful tokens/s: non-pad tokens of the steps after the first, over the
 
     .venv/bin/python bench/p1_training.py [--repeats 3] [--steps 12] [--packing auto|on|off] [--threads N]
         [--device cuda --layers 8 --hidden 1024]
+
+On a machine shared with other work, two threads per process can spend most of their time waiting for
+each other; `BENCH_THREADS=1 bench/run --only p1_training.py` then compares both sides at one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -133,7 +137,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto", help="Tunery's side")
-    parser.add_argument("--threads", type=int, default=usable_cpus(), help="torch threads of both sides")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("BENCH_THREADS", 0)) or usable_cpus(),
+        help="torch threads of both sides (default: $BENCH_THREADS, else the CPUs this process may use)",
+    )
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)

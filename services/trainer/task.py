@@ -25,7 +25,7 @@ from services.trainer.recipes.sft import SFTConfig, train_sft
 from services.trainer.run import Preemption, ProgressHooks, RunContext
 from shared.data.splits import holdout_split
 from shared.methods import load, method
-from shared.ml.chat_data import ChatTemplateError, DataError, read_chat_examples
+from shared.ml.chat_data import ChatTemplateError, DataError
 from shared.ml.classification_data import LABELS_FILE
 from shared.ml.export import merge_adapter
 from shared.ml.materialize import materialize
@@ -186,11 +186,10 @@ class TrainingRun(RunContext):
             )
         path = self.workdir / file_id
         self.storage.download_file(file.storage_key, path)
-        redact = self.record.data_policy == "redact"
-        if self.record.method_type == "supervised":
-            # Examples, not bare conversations: a held-out split keeps each row's fields (e.g. group).
-            return read_chat_examples(path, file.filename, redact=redact)
-        return read_rows(path, file.filename, self.record.method_type, redact=redact)
+        # Examples, read by the method's data kind: a held-out split keeps each row's fields (e.g. group).
+        return read_rows(
+            path, file.filename, self.record.method_type, redact=self.record.data_policy == "redact"
+        )
 
     def _fetch_data(self) -> tuple[list, list, str]:
         rows = self._download_rows(self.record.training_file, "training_file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -320,6 +321,26 @@ def test_a_few_steps_raise_desirable_and_lower_undesirable_completions_on_the_tr
     assert set(result.metrics_rows[0]) == {
         "step", "train_loss", "train_accuracy", "train_kl", "valid_loss", "valid_reward_accuracy", "valid_kl",
     }  # fmt: skip
+
+
+def test_the_tuned_model_separates_held_out_rows_of_the_same_kind_that_the_base_does_not(
+    model_dir: Path, tmp_path: Path, one_thread
+) -> None:
+    """Sums answered right (desirable) or with a hedged wrong answer (undesirable): after training on 24, the
+    adapter ranks 12 sums it never saw by their labels, which the random base cannot."""
+    rows = [sum_row(a, b, (a + b) % 2 == 0) for a in range(1, 7) for b in range(1, 7)]
+    random.Random(0).shuffle(rows)
+    hooks = RecordingHooks()
+
+    train_kto(make_config(model_dir, tmp_path, train_examples=rows[:24], valid_examples=rows[24:]), hooks)
+
+    held_out = hooks.epochs[-1][1]
+    assert held_out is not None and held_out["n_examples"] == 12
+    # Measured: ordering 0.25 → 1.0, margin −0.30 → +3.29 nats a token, KTO loss 0.5 → 0.33.
+    assert held_out["reference_preference_accuracy"] < 0.5 < held_out["preference_accuracy"] == 1.0
+    assert held_out["logp_margin"] > held_out["reference_logp_margin"] + 1
+    assert held_out["reward_accuracy"] == 1.0
+    assert held_out["loss"] < 0.4
 
 
 def test_a_micro_batch_of_one_row_is_refused(model_dir: Path, tmp_path: Path) -> None:

@@ -305,8 +305,8 @@ def evaluate_feedback(
     completion scores higher (the AUC of the score as a desirability classifier; ties count half).
 
     `reference="adapter"` also scores the peft model with its adapter disabled (the base it was tuned from)
-    and adds what KTO optimises: `loss` (the weighted KTO loss, z_ref estimated per batch), `kl` (the mean
-    z_ref), `reward_accuracy` (the share of rows whose reward is > 0 when desirable and < 0 when not),
+    and adds what KTO optimises: `loss` (the weighted KTO loss, z_ref estimated per batch), `kl` (z_ref, at
+    least 0, averaged over the rows), `reward_accuracy` (the share of rows whose reward is > 0 when desirable and < 0 when not),
     `desirable_reward` and `undesirable_reward`, and the base's own figures as `reference_<name>`.
     `reference=None` scores `model` alone. Runs in eval mode without gradients and restores the mode.
 
@@ -334,8 +334,8 @@ def evaluate_feedback(
                         reference_logps, _ = pair_logps(model, batch)
                         reference_kl, _ = pair_logps(model, kl_rows(batch))
                     columns["reference"].append(reference_logps.double().cpu())
-                    kl = kl_estimate(policy_kl.double(), reference_kl.double()).cpu()
-                    columns["kl"].append(kl.expand(len(logps)))
+                    z = kl_estimate(policy_kl.double(), reference_kl.double()).clamp(min=0).cpu()
+                    columns["kl"].append(z.expand(len(logps)))
                 groups += list(batch.get("groups") or [None] * len(logps))
     finally:
         model.train(was_training)

@@ -43,7 +43,7 @@ from services.trainer.recipes.sft import SFTConfig, train_sft
 from shared.data.splits import holdout_split
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.chat_data import iter_batches, read_conversations, tokenize_dataset
-from shared.ml.generation_metrics import generate_replies, generation_cases
+from shared.ml.generation_metrics import generate_replies, generation_cases, small_model_threads
 from shared.ml.lm_metrics import evaluate_causal_lm
 from shared.ml.model_loading import generation_eos_ids, load_causal_lm
 from shared.platform.settings import Settings
@@ -133,11 +133,12 @@ def bare(record: dict, model_dir: Path) -> float:
         cases = generation_cases(held_out, generation_plan(Settings()).rows)
         eos_ids = generation_eos_ids(model_dir, tokenizer, trust_remote_code=False)
         for model in (base, tuned):
-            evaluate_causal_lm(model, iter_batches(examples, 8, tokenizer.pad_token_id))
-            generate_replies(
-                model, tokenizer, cases, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                max_prompt_tokens=hp["max_seq_length"], batch_size=GENERATION_BATCH_SIZE,
-            )  # fmt: skip
+            with small_model_threads(model):
+                evaluate_causal_lm(model, iter_batches(examples, 8, tokenizer.pad_token_id))
+                generate_replies(
+                    model, tokenizer, cases, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                    max_prompt_tokens=hp["max_seq_length"], batch_size=GENERATION_BATCH_SIZE,
+                )  # fmt: skip
     return time.perf_counter() - started
 
 

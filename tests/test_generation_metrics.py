@@ -18,6 +18,7 @@ from shared.ml.generation_metrics import (
     new_token_limit,
     rouge_l,
     row_scores,
+    small_model_threads,
 )
 
 
@@ -193,3 +194,11 @@ def test_bounded_generation_equals_unbounded_generation_where_the_reference_is_l
 
     assert bounded("x" * 30) == text(full)  # limit 46: the reply ends at EOS first
     assert bounded("x" * 4) == text(full[: new_token_limit(4)])  # limit 20: cut there
+
+
+def test_a_small_model_on_cpu_is_scored_with_one_thread_and_the_setting_is_restored_after(tiny) -> None:
+    model = tiny[0]
+    before = torch.get_num_threads()
+    with small_model_threads(model):
+        inside = torch.get_num_threads()
+    assert (inside, torch.get_num_threads()) == (1, before)

@@ -47,6 +47,7 @@ from shared.ml.generation_metrics import (
     generate_replies,
     generation_cases,
     row_scores,
+    small_model_threads,
 )
 from shared.ml.group_metrics import group_members, largest_gap, pool_token_metrics
 from shared.ml.lm_metrics import evaluate_causal_lm
@@ -390,7 +391,7 @@ def _score(
         )  # fmt: skip
         return ModelScores(tokens, by_group, replies)
 
-    with watching(watch, model):
+    with watching(watch, model), small_model_threads(model):
         if base is None:
             base = score(model)
             cache.store(base)

@@ -79,16 +79,21 @@ def summarise(row: dict) -> dict:
             "met": bool(check(ratio, tunery))}  # fmt: skip
 
 
-def keep_earlier(rows: list[dict], earlier: dict) -> list[dict]:
-    """This run's rows, plus the earlier run's rows of benchmarks not run now, each of those noting its run
-    (file, start and load average: it was measured under that run's load, not this one's)."""
-    measured = {row["id"] for row in rows}
-    run = {key: earlier[key] for key in ("file", "started", "load_average")}
-    kept = [
-        {**summarise(row), "run": row.get("run", run)} for row in earlier["rows"] if row["id"] not in measured
+def newest_rows(main: dict, earlier: list[dict]) -> list[dict]:
+    """Per benchmark, the row of the latest run among `main` and the `earlier` results files; a row not
+    measured in `main`'s run notes its run (file, start and load average: it was measured under that load)."""
+    newest: dict[str, dict] = {}
+    for results in (main, *earlier):
+        own = {key: results[key] for key in ("file", "started", "load_average")}
+        for row in results["rows"]:
+            run = row.get("run", own)
+            if row["id"] not in newest or run["started"] > newest[row["id"]]["run"]["started"]:
+                newest[row["id"]] = {**summarise(row), "run": run}
+    rows = [
+        {key: value for key, value in row.items() if key != "run" or value["file"] != main["file"]}
+        for row in newest.values()
     ]
-    order = list(GOALS)
-    return sorted(rows + kept, key=lambda row: order.index(row["id"]))
+    return sorted(rows, key=lambda row: list(GOALS).index(row["id"]))
 
 
 def number(value: float | None, unit: str) -> str:
@@ -119,9 +124,12 @@ def markdown(result: dict) -> str:
         "| id | benchmark | unit | Tunery | peer | ratio | goal | met? | repeats | Tunery range | peer range |",
         "|---|---|---|---:|---:|---:|---|---|---:|---|---|",
     ]
+    # Rows carried over from earlier runs: † and the run's number, in the notes below the table.
+    earlier = {row["run"]["file"]: row["run"] for row in result["rows"] if "run" in row}
+    marks = {file: f" †{n}" for n, file in enumerate(earlier, 1)}
     for row in result["rows"]:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "–"
-        mark = " †" if "run" in row else ""
+        mark = marks[row["run"]["file"]] if "run" in row else ""
         spread = [
             f"{number(min(v), row['unit'])}–{number(max(v), row['unit'])}" if v else "–"
             for v in (row["tunery"], row["peer"])
@@ -131,10 +139,9 @@ def markdown(result: dict) -> str:
             f"{number(row['peer_median'], row['unit'])} | {ratio} | {row['goal']} | "
             f"{'yes' if row['met'] else '**no**'} | {len(row['tunery'])} | {spread[0]} | {spread[1]} |"
         )
-    earlier = {row["run"]["file"]: row["run"] for row in result["rows"] if "run" in row}
-    for run in earlier.values():
+    for file, run in earlier.items():
         load = run["load_average"]
-        lines += ["", f"† Not run this time: carried over from `bench/results/{run['file']}` (started "
+        lines += ["", f"{marks[file].strip()} Not run this time: carried over from `bench/results/{run['file']}` (started "
                   f"{run['started']}, load average {'/'.join(f'{x:.2f}' for x in load['before'])} before, "
                   f"{'/'.join(f'{x:.2f}' for x in load['after'])} after)."]  # fmt: skip
     lines += ["", "Peers and settings:", ""]
@@ -157,12 +164,15 @@ def main() -> int:
     parser.add_argument(
         "--keep",
         type=Path,
-        help="carry over this earlier results file's rows for the benchmarks not run now, marked with their run",
+        nargs="+",
+        default=[],
+        help="earlier results files: per benchmark not run now, the latest run's row, marked with its run",
     )
     args = parser.parse_args()
+    earlier = [json.loads(path.read_text()) for path in args.keep]
     if args.render:
         saved = json.loads(args.render.read_text())
-        saved["rows"] = [summarise(row) for row in saved["rows"]]  # judged by today's goals
+        saved["rows"] = newest_rows(saved, earlier)  # judged by today's goals
         (BENCH / "RESULTS.md").write_text(markdown(saved))
         return 0
     started = datetime.now(UTC)
@@ -189,8 +199,7 @@ def main() -> int:
         result["rows"] += [summarise(row) for row in json.loads(found[-1].removeprefix("BENCH-RESULT "))]
     result["load_average"]["after"] = list(os.getloadavg())
     result["file"] = started.strftime("%Y%m%dT%H%M%SZ") + ".json"
-    if args.keep:
-        result["rows"] = keep_earlier(result["rows"], json.loads(args.keep.read_text()))
+    result["rows"] = newest_rows(result, earlier)
     (BENCH / "results").mkdir(exist_ok=True)
     (BENCH / "results" / result["file"]).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     (BENCH / "RESULTS.md").write_text(markdown(result))

@@ -80,6 +80,7 @@ def test_a_key_known_before_redis_lost_its_data_is_refused(api, keys, redis_url)
     redis.Redis.from_url(redis_url).flushdb()
     assert client.get("/v1/fine_tuning/jobs/ftjob-x").status_code == 401
 
+
 def test_keys_are_stored_only_as_hashes(keys, redis_url):
     _, plain = keys.create("org-default", "member")
     client = redis.Redis.from_url(redis_url)

@@ -96,6 +96,13 @@ def alpaca_conversations(limit: int | None = None) -> list[list[dict[str, Any]]]
     return read_conversations(ALPACA, ALPACA.name)[:limit]
 
 
+def chat_examples(conversations: list[list[dict[str, Any]]]) -> list[Any]:
+    """Conversations as a job's file gives them to the SFT recipe: chat Examples named by their line."""
+    from shared.data.formats import Example
+
+    return [Example(kind="chat", source=f"line {i + 1}", messages=m) for i, m in enumerate(conversations)]
+
+
 def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
     """A redis-server of our own on a free port, nothing persisted."""
     from tests.helpers import free_port, port_open, wait_for

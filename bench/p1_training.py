@@ -28,7 +28,14 @@ from pathlib import Path
 
 import common  # noqa: F401 - puts the repository on sys.path
 import torch
-from common import alpaca_conversations, build_llama, emit, matmul_parameters, matmul_peak_flops
+from common import (
+    alpaca_conversations,
+    build_llama,
+    chat_examples,
+    emit,
+    matmul_parameters,
+    matmul_peak_flops,
+)
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -90,7 +97,7 @@ def tunery(model_dir: Path, rows: list, args: argparse.Namespace) -> float:
     hooks = _Marks()
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
-            model_dir=model_dir, output_dir=Path(tmp), train_examples=rows, valid_examples=None, n_epochs=1,
+            model_dir=model_dir, output_dir=Path(tmp), train_examples=chat_examples(rows), valid_examples=None, n_epochs=1,
             batch_size=args.batch_size, learning_rate=LEARNING_RATE, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
             lora_dropout=LORA["dropout"], target_modules=None, max_seq_length=args.max_length, seed=0,
             packing=args.packing == "on", torch_threads=args.threads,

@@ -33,7 +33,7 @@ import common  # noqa: F401 - puts the repository on sys.path
 import httpx
 import redis
 import torch
-from common import REPO, emit, service_env, start_process, start_redis
+from common import REPO, chat_examples, emit, service_env, start_process, start_redis
 from peft import PeftModel
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -117,7 +117,7 @@ def bare(record: dict, model_dir: Path) -> float:
     )
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(
-            model_dir=model_dir, output_dir=Path(tmp), train_examples=train_rows, valid_examples=None,
+            model_dir=model_dir, output_dir=Path(tmp), train_examples=chat_examples(train_rows), valid_examples=None,
             n_epochs=hp["n_epochs"], batch_size=hp["micro_batch_size"], learning_rate=hp["learning_rate"],
             lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
             target_modules=lora["target_modules"], max_seq_length=hp["max_seq_length"], seed=record.get("seed") or 0,

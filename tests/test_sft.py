@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from services.trainer.driver import StepMetrics
 from services.trainer.recipes import sft
 from services.trainer.recipes.sft import SFTConfig, train_sft
+from shared.data.formats import Example
 from shared.ml import token_cache
 from shared.ml.builtin_models import ARCHITECTURES, build_tiny_chat_model
 from shared.ml.chat_data import DataError, iter_batches, tokenize_chat
@@ -31,6 +32,16 @@ def qa(a: int, b: int) -> list[dict]:
 
 
 EXAMPLES = [qa(a, b) for a in range(1, 6) for b in range(1, 6)]  # 25: 20 to train, 5 to validate
+
+
+def chat(conversations: list[list[dict]], sources: list[str] | None = None) -> list[Example]:
+    """Conversations as a job's file gives them to the recipe: chat Examples, each named by its place."""
+    return [
+        Example(kind="chat", source=sources[i] if sources else f"line {i + 1}", messages=messages)
+        for i, messages in enumerate(conversations)
+    ]
+
+
 LONG_REPLY = [
     {"role": "user", "content": "Add 10 and 20, please."},
     {"role": "assistant", "content": "10 plus 20 makes thirty, written 30."},
@@ -64,8 +75,8 @@ def make_config(model_dir: Path, output_dir: Path, **overrides: object) -> SFTCo
     config = SFTConfig(
         model_dir=model_dir,
         output_dir=output_dir,
-        train_examples=EXAMPLES[:20],
-        valid_examples=EXAMPLES[20:],
+        train_examples=chat(EXAMPLES[:20]),
+        valid_examples=chat(EXAMPLES[20:]),
         n_epochs=4,
         batch_size=4,
         learning_rate=2e-2,
@@ -171,7 +182,9 @@ def test_untrainable_example_fails_before_any_step(model_dirs: dict[str, Path], 
     hooks = RecordingHooks()
 
     with pytest.raises(DataError, match=r"training example 3 \(line 4\) has no trainable tokens"):
-        train_sft(make_config(model_dirs["llama"], tmp_path, train_examples=[*EXAMPLES[:3], silent]), hooks)
+        train_sft(
+            make_config(model_dirs["llama"], tmp_path, train_examples=chat([*EXAMPLES[:3], silent])), hooks
+        )
 
     assert hooks.steps == []
 
@@ -184,8 +197,8 @@ def test_examples_truncation_leaves_nothing_to_learn_are_skipped_and_named(
         {"role": "assistant", "content": "No."},
     ]  # > 64 tokens
     config = make_config(
-        model_dirs["llama"], tmp_path, train_examples=[*EXAMPLES[:8], cut], valid_examples=[cut, *EXAMPLES[20:]],
-        train_sources=[f"item {i}" for i in range(1, 10)], valid_sources=[f"item {i}" for i in range(10, 16)],
+        model_dirs["llama"], tmp_path, train_examples=chat([*EXAMPLES[:8], cut], [f"item {i}" for i in range(1, 10)]),
+        valid_examples=chat([cut, *EXAMPLES[20:]], [f"item {i}" for i in range(10, 16)]),
         n_epochs=1,
     )  # fmt: skip
     hooks = RecordingHooks()
@@ -224,7 +237,7 @@ def test_on_step_is_called_count_optimizer_steps_times(model_dirs: dict[str, Pat
     config = make_config(
         model_dirs["llama"],
         tmp_path,
-        train_examples=EXAMPLES[:7],
+        train_examples=chat(EXAMPLES[:7]),
         batch_size=2,
         gradient_accumulation_steps=3,
         n_epochs=2,
@@ -248,7 +261,7 @@ def test_grad_accumulation_gives_the_gradient_of_the_full_batch(
 ) -> None:
     """Two micro-batches of 1 must weight every token like one batch of 2, whatever their lengths."""
     examples = [qa(1, 2), LONG_REPLY]
-    one_step = {"train_examples": examples, "valid_examples": None, "n_epochs": 1}
+    one_step = {"train_examples": chat(examples), "valid_examples": None, "n_epochs": 1}
     accumulated, full = RecordingHooks(), RecordingHooks()
     # Batches of different shapes round differently: tight in fp32 (CPU), looser with bf16 weights (CUDA).
     rel = 2e-2 if torch.cuda.is_available() else 1e-5
@@ -290,7 +303,7 @@ def test_packed_training_counts_packed_rows_and_still_validates(
         max_seq_length=128,
     )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
-    lengths = [len(tokenize_chat(tokenizer, m, 128).input_ids) for m in config.train_examples]
+    lengths = [len(tokenize_chat(tokenizer, m, 128).input_ids) for m in EXAMPLES[:20]]
     rows = packed_row_count(lengths, 128)
     assert rows == 7
     hooks = RecordingHooks()
@@ -312,7 +325,7 @@ def test_a_packed_step_trains_like_the_unpacked_batch(model_dirs: dict[str, Path
     one optimizer step each, with the same loss and gradient."""
     examples = [qa(1, 2), LONG_REPLY]
     config = make_config(
-        model_dirs["llama"], tmp_path, train_examples=examples, valid_examples=None, n_epochs=1,
+        model_dirs["llama"], tmp_path, train_examples=chat(examples), valid_examples=None, n_epochs=1,
         max_seq_length=128, train_on_inputs=True,
     )  # fmt: skip
     unpacked, packed = RecordingHooks(), RecordingHooks()
@@ -335,7 +348,7 @@ def test_packing_falls_back_to_padding_for_an_attention_that_cannot_isolate_exam
 ) -> None:
     monkeypatch.setattr(sft, "packing_mode", lambda implementation: None)  # as for flex_attention
     config = make_config(
-        model_dirs["llama"], tmp_path, train_examples=EXAMPLES[:6], valid_examples=None, n_epochs=1,
+        model_dirs["llama"], tmp_path, train_examples=chat(EXAMPLES[:6]), valid_examples=None, n_epochs=1,
         packing=True,
     )  # fmt: skip
 
@@ -351,7 +364,7 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
 ) -> None:
     storage = LocalStorage(tmp_path / "storage")
     config = make_config(
-        model_dirs["llama"], tmp_path / "out", train_examples=EXAMPLES[:8], n_epochs=1, max_steps=1,
+        model_dirs["llama"], tmp_path / "out", train_examples=chat(EXAMPLES[:8]), n_epochs=1, max_steps=1,
         token_cache=storage, token_cache_prefix="tenants/org-1/cache/tokenized/", train_on_inputs=True,
     )  # fmt: skip
     first = train_sft(config, RecordingHooks())

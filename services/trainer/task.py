@@ -13,15 +13,14 @@ import io
 import logging
 import math
 import tempfile
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from services.trainer.driver import StepMetrics, StopAction, TrainConfig, TrainResult
 from services.trainer.job_checkpoints import JobCheckpoints, fetch_resume_checkpoint
 from services.trainer.launch import run_launched, world_size
-from services.trainer.recipes.classification import ClassificationConfig
-from services.trainer.recipes.dpo import DPOConfig
-from services.trainer.recipes.sft import SFTConfig, train_sft
 from services.trainer.run import Preemption, ProgressHooks, RunContext
 from shared.data.splits import holdout_split
 from shared.methods import load, method
@@ -143,7 +142,7 @@ class TrainingRun(RunContext):
         recipe = method(self.record.method_type).recipe
         if world_size(self.record) > 1:
             return run_launched(self, recipe, config, hooks, hooks.total_steps)
-        return load(recipe)(config, hooks)
+        return self._recipe()(config, hooks)
 
     def _event(self, message: str, **kwargs: Any) -> None:
         self.jobs.add_event(self.job_id, message, **kwargs)
@@ -217,7 +216,7 @@ class TrainingRun(RunContext):
             config = self._config(model_dir, train_rows, valid_rows)
             config.learning_rate, config.max_steps = base * multiplier, steps
             config.early_stopping_patience = None
-            trial = train_sft(config, TrialHooks(hooks))
+            trial = self._recipe()(config, TrialHooks(hooks))
             if trial.trial_valid is None:
                 return False
             result = {
@@ -266,51 +265,34 @@ class TrainingRun(RunContext):
         return skipped.get(dataset, {}).get("count", 0)
 
     def _config(self, model_dir: Path, train_rows: list, valid_rows: list) -> TrainConfig:
-        """The config of the job's recipe: what all three share, then each method's own settings."""
+        """The config of the job's recipe (the type of its `config` argument), each field filled by name:
+        what every recipe shares from the job and this worker, then the method's own resolved settings
+        (DPO's beta, classification's class weights...), so no method is named here."""
         hp = self.record.hyperparameters
         lora = self.record.lora
-        common: dict[str, Any] = dict(
-            model_dir=model_dir,
-            output_dir=self.workdir / "output",
-            train_examples=train_rows,
-            valid_examples=valid_rows,
-            n_epochs=hp.n_epochs,
-            batch_size=hp.micro_batch_size,
-            gradient_accumulation_steps=hp.gradient_accumulation_steps,
-            learning_rate=hp.learning_rate,
-            warmup_ratio=hp.warmup_ratio,
-            weight_decay=hp.weight_decay,
-            scheduler=hp.scheduler,
-            max_grad_norm=hp.max_grad_norm,
-            early_stopping_patience=hp.early_stopping_patience,
-            early_stopping_min_delta=hp.early_stopping_min_delta,
-            label_smoothing=hp.label_smoothing,
-            lora_r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            max_seq_length=hp.max_seq_length,
-            seed=self.record.seed,
-            torch_threads=self.settings.resolved_torch_threads,
-            trust_remote_code=self.settings.allow_trust_remote_code,
-        )
-        if self.record.method_type == "classification":
-            return ClassificationConfig(**common, method=hp.method, class_weights=hp.class_weights)
-        if self.record.method_type == "dpo":
-            return DPOConfig(**common, beta=hp.beta)
-        # The SFT recipe trains on the conversations; their places in the file name the examples it skips.
-        common["train_examples"] = [e.messages or [] for e in train_rows]
-        common["valid_examples"] = [e.messages or [] for e in valid_rows]
-        return SFTConfig(
-            **common,
-            train_sources=[e.source for e in train_rows],
-            valid_sources=[e.source for e in valid_rows],
-            packing=hp.packing,
-            train_on_inputs=hp.train_on_inputs,
+        offered: dict[str, Any] = {
+            **hp.model_dump(),
+            "model_dir": model_dir,
+            "output_dir": self.workdir / "output",
+            "train_examples": train_rows,
+            "valid_examples": valid_rows,
+            "batch_size": hp.micro_batch_size,  # per micro-batch and process; hp.batch_size is the effective one
+            "lora_r": lora.r,
+            "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout,
+            "target_modules": lora.target_modules,
+            "seed": self.record.seed,
+            "torch_threads": self.settings.resolved_torch_threads,
+            "trust_remote_code": self.settings.allow_trust_remote_code,
             # Per tenant: cached token ids are the data itself, and go when the tenant's data goes.
-            token_cache=self.storage,
-            token_cache_prefix=storage_keys.tenant_prefix(self.record.tenant) + "cache/tokenized/",
-        )
+            "token_cache": self.storage,
+            "token_cache_prefix": storage_keys.tenant_prefix(self.record.tenant) + "cache/tokenized/",
+        }
+        config_type = get_type_hints(self._recipe())["config"]
+        return config_type(**{f.name: offered[f.name] for f in fields(config_type) if f.name in offered})
+
+    def _recipe(self) -> Callable[..., TrainResult]:
+        return load(method(self.record.method_type).recipe)
 
     def _stopped(self, hooks: ProgressHooks) -> str:
         if hooks.preempted:

@@ -31,6 +31,7 @@ from services.trainer.driver import (
     save_adapter,
     setup,
 )
+from shared.data.formats import Example
 from shared.methods import method
 from shared.ml import token_cache
 from shared.ml.chat_data import Messages, TokenizedExample, check_eos, collate, iter_batches, tokenize_dataset
@@ -47,8 +48,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SFTConfig(TrainConfig):
-    train_examples: list[Messages]
-    valid_examples: list[Messages] | None
+    train_examples: list[Example]  # kind "chat": the conversations, and where each is in its file
+    valid_examples: list[Example] | None
     # Train on every token (prompts too), not only the assistant replies; validation stays on the replies.
     train_on_inputs: bool = False
     # Pack examples into rows of max_seq_length tokens (batch_size rows per micro-batch); falls back to
@@ -56,10 +57,6 @@ class SFTConfig(TrainConfig):
     packing: bool = False
     token_cache: Storage | None = None  # keep tokenized datasets here and reuse them (None: no cache)
     token_cache_prefix: str = TOKEN_CACHE_PREFIX  # where in token_cache, e.g. under the tenant's prefix
-    # Where each example is in its file ("line 7", "item 7"), for the skipped ones' warning and errors
-    # (None: line i + 1).
-    train_sources: list[str] | None = None
-    valid_sources: list[str] | None = None
 
 
 @dataclass
@@ -79,11 +76,13 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
     warnings = check_eos(tokenizer, eos_ids)
 
     def tokenize(
-        conversations: list[Messages], sources: list[str] | None, dataset: str, train_on_inputs: bool
+        examples: list[Example], dataset: str, train_on_inputs: bool
     ) -> tuple[list[TokenizedExample], list[str]]:
+        conversations: list[Messages] = [e.messages or [] for e in examples]
         options: dict[str, Any] = dict(
-            eos_token_ids=eos_ids, dataset=dataset, train_on_inputs=train_on_inputs, sources=sources
-        )
+            eos_token_ids=eos_ids, dataset=dataset, train_on_inputs=train_on_inputs,
+            sources=[e.source for e in examples],
+        )  # fmt: skip
         if config.token_cache is None or not conversations:
             return tokenize_dataset(tokenizer, conversations, config.max_seq_length, **options)
         return token_cache.tokenize_cached(
@@ -91,10 +90,8 @@ def train_sft(config: SFTConfig, hooks: TrainingHooks) -> SFTResult:
             **options,
         )  # fmt: skip
 
-    train, train_warnings = tokenize(
-        config.train_examples, config.train_sources, "training", config.train_on_inputs
-    )
-    valid, valid_warnings = tokenize(config.valid_examples or [], config.valid_sources, "validation", False)
+    train, train_warnings = tokenize(config.train_examples, "training", config.train_on_inputs)
+    valid, valid_warnings = tokenize(config.valid_examples or [], "validation", False)
     warnings += train_warnings + valid_warnings
     for warning in warnings:
         log.warning(warning)

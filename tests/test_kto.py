@@ -26,6 +26,7 @@ from shared.data.formats import Example
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.chat_data import DataError
 from shared.ml.feedback_data import (
+    balance_note,
     balanced_weights,
     collate_feedback,
     evaluate_feedback,
@@ -225,6 +226,9 @@ def test_auto_weights_balance_the_weighted_counts_and_keep_what_the_request_set(
     assert (desirable, undesirable) == (3.0, 1.0) and reason.startswith("auto: 100 desirable")
     assert balanced_weights(None, 2.0, 100, 300)[:2] == (6.0, 2.0)
     assert balanced_weights(1.0, 1.0, 100, 300) == (1.0, 1.0, "set by the request")
+    # TRL's warning for weights set outside its range; none for the auto ones.
+    assert "is 0.33 × undesirable_weight" in (balance_note(1.0, 1.0, 100, 300) or "")
+    assert balance_note(*balanced_weights(None, None, 7, 3)[:2], 7, 3) is None
 
 
 def test_preference_accuracy_is_the_share_of_desirable_undesirable_pairs_ordered_right() -> None:

@@ -254,20 +254,16 @@ def balanced_weights(
     """The "auto" class weights: those not set (None) chosen so that desirable_weight × n_desirable equals
     undesirable_weight × n_undesirable (the low end of TRL's recommended [1, 4/3]), and the reason."""
     n_d, n_u = max(n_desirable, 1), max(n_undesirable, 1)
-    counts = f"{n_desirable} desirable and {n_undesirable} undesirable training rows"
+    if desirable_weight is not None and undesirable_weight is not None:
+        return desirable_weight, undesirable_weight, "set by the request"
+    counts = f"auto: {n_desirable} desirable and {n_undesirable} undesirable training rows"
     why = "so that weight × rows is the same for both labels (the low end of the 1 to 4/3 TRL recommends)"
-    if desirable_weight is None and undesirable_weight is None:
-        if n_d >= n_u:
-            return 1.0, n_d / n_u, f"auto: {counts}; undesirable_weight {n_d / n_u:.4g} {why}"
-        return n_u / n_d, 1.0, f"auto: {counts}; desirable_weight {n_u / n_d:.4g} {why}"
-    if desirable_weight is None:
-        assert undesirable_weight is not None
-        weight = undesirable_weight * n_u / n_d
-        return weight, undesirable_weight, f"auto: {counts}; desirable_weight {weight:.4g} {why}"
-    if undesirable_weight is None:
-        weight = desirable_weight * n_d / n_u
-        return desirable_weight, weight, f"auto: {counts}; undesirable_weight {weight:.4g} {why}"
-    return desirable_weight, undesirable_weight, "set by the request"
+    # Both auto: the rarer label's weight rises, the other keeps 1.
+    if desirable_weight is None and (undesirable_weight is not None or n_d < n_u):
+        weight = (undesirable_weight or 1.0) * n_u / n_d
+        return weight, undesirable_weight or 1.0, f"{counts}; desirable_weight {weight:.4g} {why}"
+    weight = (desirable_weight or 1.0) * n_d / n_u
+    return desirable_weight or 1.0, weight, f"{counts}; undesirable_weight {weight:.4g} {why}"
 
 
 def balance_note(
@@ -276,7 +272,7 @@ def balance_note(
     """TRL's warning when the weighted counts fall outside its recommended ratio, else None."""
     ratio = desirable_weight * max(n_desirable, 1) / (undesirable_weight * max(n_undesirable, 1))
     low, high = BALANCE_RANGE
-    if low <= ratio <= high:
+    if low - 1e-9 <= ratio <= high + 1e-9:  # balanced weights give 1 up to rounding
         return None
     return (
         f"desirable_weight × {n_desirable} desirable rows is {ratio:.2f} × undesirable_weight × "

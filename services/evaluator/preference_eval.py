@@ -1,5 +1,5 @@
-"""The evaluation of a job on preference pairs (DPO, ORPO): the base model and the preference-tuned adapter on
-the same held-out pairs.
+"""The evaluation of a job on preference pairs (DPO, ORPO): the base model and the tuned adapter on the same
+held-out pairs.
 
 Its figures (`shared.ml.preference_metrics`, and `shared.ml.lm_metrics`):
 
@@ -50,7 +50,7 @@ from shared.platform.storage import Storage
 
 EVAL_BATCH_SIZE = 8  # pairs: 16 sequences a forward pass
 LOSS_TOLERANCE = 1e-3  # a DPO loss this close to log 2 is "unchanged"
-MARGIN_TOLERANCE = 1e-3  # on equal preference accuracies, a margin change this small (nats per token) is none
+MARGIN_TOLERANCE = 1e-3  # nats per token: on equal preference accuracies, a smaller margin change is none
 LOG_2 = math.log(2)
 RANKING = ("preference_accuracy", "logp_margin")  # both models
 CHOSEN_FIT = ("loss", "perplexity", "mean_token_accuracy")  # both models on the chosen replies (no reference)
@@ -219,8 +219,8 @@ def _by_group(
     base: dict[str, Any], tuned: dict[str, Any], group_field: str | None, rewards: bool = True
 ) -> dict[str, Any] | None:
     """{field, n_without_group, groups {value: {n_examples, base, fine_tuned}}, gaps {base: {preference_accuracy},
-    fine_tuned: {preference_accuracy, and with `rewards` reward_accuracy}: {gap, best_group, worst_group}}, gap_change
-    {preference_accuracy: fine-tuned gap minus base gap, > 0 when tuning widened it}}."""
+    fine_tuned: {preference_accuracy, and with `rewards` reward_accuracy}: {gap, best_group, worst_group}},
+    gap_change {preference_accuracy: fine-tuned gap minus base gap, > 0 when tuning widened it}}."""
     if base["by_group"] is None:
         return None
     per_group = {

@@ -38,8 +38,8 @@ def _workload(training: str) -> Workload:
     return Workload(sequences_per_example=2)
 
 
-# The loss and its two terms (the chosen replies' NLL, and TRL's log_odds_ratio: the mean log σ of the log-odds
-# ratio, which the loss weighs by −beta), and the share of pairs whose chosen reply has the higher odds.
+# The loss and its two terms (the chosen replies' NLL, and TRL's log_odds_ratio: the mean log σ of the
+# log-odds ratio, which the loss weighs by −beta), and the share of pairs whose chosen reply has the higher odds.
 RESULT_COLUMNS = (
     "step", "train_loss", "train_accuracy", "train_nll_loss", "train_log_odds_ratio", "valid_loss",
     "valid_nll_loss", "valid_log_odds_ratio", "valid_preference_accuracy",

@@ -34,10 +34,12 @@ from shared.ml.feedback_data import (
     kl_estimate,
     kto_loss,
     ordering_accuracy,
+    plan_feedback,
     read_feedback_examples,
     tokenize_feedback,
 )
 from shared.ml.preference_metrics import pair_logps
+from shared.platform.failures import JobFailure
 
 KTO_DEMO = Path(__file__).parent / "fixtures" / "datasets" / "kto_en_demo.json"  # LLaMA-Factory's demo
 TOLERANCE = 1e-6  # fp32: TRL's loss and ours on the same rows
@@ -291,6 +293,56 @@ def test_the_prompt_keeps_its_end_and_the_completion_its_labels(model_dir: Path)
         assert whole.prompt_ids[len(whole.prompt_ids) - len(short.prompt_ids) :] == short.prompt_ids
         assert whole.completion_ids[: len(short.completion_ids)] == short.completion_ids
         assert short.completion_labels[0] == short.completion_ids[0]  # the completion starts trained
+
+
+def plan(model_dir: Path, train: list[Example], requested: dict[str, Any], notes: list[str]) -> Any:
+    """The feedback kind's planner on `train` (and ROWS[12:] to validate), resolving with the shared rules."""
+    from services.evaluator.prepare import TaskRows
+    from shared.planning import hyperparams
+    from shared.planning.gpu_classes import load_gpu_classes
+    from shared.planning.model_facts import read_model_facts
+    from shared.platform.records import LoraSettings
+
+    def resolve(stats: Any, encoder: bool = False, length_of: Any = None) -> Any:
+        return hyperparams.resolve(
+            requested, stats, facts=read_model_facts(model_dir), context=512, base_learning_rate=1e-2,
+            lora=LoraSettings(), gpu_class=load_gpu_classes(None)["cpu"], method_type="kto",
+        )  # fmt: skip
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return plan_feedback(
+        tokenizer, model_dir, TaskRows(train, ROWS[12:], "validation_file"), resolve, False, notes
+    )
+
+
+def test_the_planner_balances_the_auto_weights_from_the_labels_and_counts_each_row_twice(
+    model_dir: Path,
+) -> None:
+    train = [sum_row(a, b, a != b) for a in range(1, 5) for b in range(1, 4)]  # 9 desirable, 3 undesirable
+    notes: list[str] = []
+
+    hp, stats, skipped = plan(model_dir, train, {"max_seq_length": 64}, notes)
+
+    assert (hp.desirable_weight, hp.undesirable_weight) == (1.0, 3.0)
+    assert hp.reasons["undesirable_weight"].startswith("auto: 9 desirable and 3 undesirable training rows")
+    assert (hp.beta, hp.batch_size, hp.learning_rate) == (0.1, 8, pytest.approx(1e-3))
+    rows, _ = tokenize_feedback(AutoTokenizer.from_pretrained(model_dir), train, 64)
+    assert stats.train_lengths == [2 * row.n_tokens for row in rows] and skipped == []  # with its KL row
+    assert notes == []
+
+
+def test_the_planner_notes_weights_set_outside_trls_range_and_refuses_one_row_micro_batches(
+    model_dir: Path,
+) -> None:
+    train = [sum_row(a, b, a != b) for a in range(1, 5) for b in range(1, 4)]
+    notes: list[str] = []
+
+    plan(model_dir, train, {"desirable_weight": 1.0, "undesirable_weight": 1.0}, notes)
+    with pytest.raises(JobFailure, match="at least 2 rows") as refused:
+        plan(model_dir, train, {"batch_size": 1}, [])
+
+    assert any("recommend a ratio between 1 and 4/3" in note for note in notes)
+    assert refused.value.code == "invalid_hyperparameters"
 
 
 # -- the recipe -------------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ CATALOG = """
 models:
   tunery/tiny-chat:
     source: builtin:tiny-chat-llama
+    license: apache-2.0
     max_seq_length: 512
     learning_rate: 1.0e-2
   tunery/tiny-chat-qwen2:

@@ -14,16 +14,14 @@ epoch ends with `evaluate_preferences` on the validation pairs, and early stoppi
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from peft import get_peft_model
-from transformers import AutoTokenizer
 
+from services.trainer.causal_lm import chat_data, lora_causal_lm
 from services.trainer.driver import (
     Loss,
     Recipe,
@@ -31,14 +29,11 @@ from services.trainer.driver import (
     TrainingHooks,
     TrainResult,
     drive,
-    lora_config,
     save_adapter,
     setup,
 )
 from shared.data.formats import Example
 from shared.methods import method
-from shared.ml.chat_data import check_eos
-from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.preference_data import (
     DEFAULT_GROUP_FIELD,
     collate_pairs,
@@ -46,8 +41,6 @@ from shared.ml.preference_data import (
     tokenize_preferences,
 )
 from shared.ml.preference_metrics import dpo_loss, evaluate_preferences, pair_logps, summary
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,41 +61,25 @@ def train_dpo(config: DPOConfig, hooks: TrainingHooks) -> TrainResult:
         raise ValueError(f"label_smoothing must be in [0, 0.5), not {config.label_smoothing}")
     accelerator = setup(config)
 
-    # Data checks before loading the weights (minutes for a large model): the stop token, then every pair.
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
-    eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
-    warnings = check_eos(tokenizer, eos_ids)
-    tokenize = partial(
-        tokenize_preferences, tokenizer, max_length=config.max_seq_length, eos_token_ids=eos_ids,
-        group_field=config.group_field,
-    )  # fmt: skip
-    train, train_warnings = tokenize(config.train_examples)
-    valid, valid_warnings = tokenize(config.valid_examples or [], dataset="validation")
-    warnings += train_warnings + valid_warnings
-    for warning in warnings:
-        log.warning(warning)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    model = load_causal_lm(
-        config.model_dir, trust_remote_code=config.trust_remote_code, dtype=weights_dtype(accelerator.device)
-    )
-    model = get_peft_model(model, lora_config(config))
+    # Data checks before loading the weights: the stop token, then every pair.
+    data = chat_data(config, tokenize_preferences, group_field=config.group_field)
+    model = lora_causal_lm(config, accelerator)
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
         return evaluate_preferences(
-            model, iter_preference_batches(valid, config.batch_size, pad_id), config.beta
+            model, iter_preference_batches(data.valid, config.batch_size, data.pad_id), config.beta
         )
 
     recipe = Recipe(
         model=model,
-        train=train,
-        collate=partial(collate_pairs, pad_token_id=pad_id),
+        train=data.train,
+        collate=partial(collate_pairs, pad_token_id=data.pad_id),
         loss=partial(pair_loss, beta=config.beta, label_smoothing=config.label_smoothing),
-        validate=validate if valid else None,
+        validate=validate if data.valid else None,
         validation_metrics=method("dpo").validation_metrics,
-        save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
+        save=partial(save_adapter, tokenizer=data.tokenizer, output_dir=config.output_dir),
         summary=summary,
-        warnings=warnings,
+        warnings=data.warnings,
     )
     return drive(recipe, config, hooks, accelerator)
 

@@ -16,7 +16,6 @@ Each step reports the KTO loss as train_loss, the reward accuracy (the share of 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,9 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
-from peft import get_peft_model
-from transformers import AutoTokenizer
 
+from services.trainer.causal_lm import chat_data, lora_causal_lm
 from services.trainer.driver import (
     Loss,
     Recipe,
@@ -34,13 +32,11 @@ from services.trainer.driver import (
     TrainingHooks,
     TrainResult,
     drive,
-    lora_config,
     save_adapter,
     setup,
 )
 from shared.data.formats import Example
 from shared.methods import method
-from shared.ml.chat_data import check_eos
 from shared.ml.feedback_data import (
     DEFAULT_GROUP_FIELD,
     collate_feedback,
@@ -52,10 +48,7 @@ from shared.ml.feedback_data import (
     summary,
     tokenize_feedback,
 )
-from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.preference_metrics import pair_logps
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,41 +69,25 @@ def train_kto(config: KTOConfig, hooks: TrainingHooks) -> TrainResult:
         raise ValueError("KTO needs at least 2 rows per micro-batch: z_ref is estimated from the other rows")
     accelerator = setup(config)
 
-    # Data checks before loading the weights (minutes for a large model): the stop token, then every row.
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
-    eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
-    warnings = check_eos(tokenizer, eos_ids)
-    tokenize = partial(
-        tokenize_feedback, tokenizer, max_length=config.max_seq_length, eos_token_ids=eos_ids,
-        group_field=config.group_field,
-    )  # fmt: skip
-    train, train_warnings = tokenize(config.train_examples)
-    valid, valid_warnings = tokenize(config.valid_examples or [], dataset="validation")
-    warnings += train_warnings + valid_warnings
-    for warning in warnings:
-        log.warning(warning)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    model = load_causal_lm(
-        config.model_dir, trust_remote_code=config.trust_remote_code, dtype=weights_dtype(accelerator.device)
-    )
-    model = get_peft_model(model, lora_config(config))
+    # Data checks before loading the weights: the stop token, then every row.
+    data = chat_data(config, tokenize_feedback, group_field=config.group_field)
+    model = lora_causal_lm(config, accelerator)
     weights = {"desirable_weight": config.desirable_weight, "undesirable_weight": config.undesirable_weight}
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
-        batches = iter_feedback_batches(valid, config.batch_size, pad_id, config.max_seq_length)
+        batches = iter_feedback_batches(data.valid, config.batch_size, data.pad_id, config.max_seq_length)
         return evaluate_feedback(model, batches, config.beta, **weights)
 
     recipe = Recipe(
         model=model,
-        train=train,
-        collate=partial(collate_feedback, pad_token_id=pad_id, max_length=config.max_seq_length),
+        train=data.train,
+        collate=partial(collate_feedback, pad_token_id=data.pad_id, max_length=config.max_seq_length),
         loss=partial(feedback_loss, beta=config.beta, **weights),
-        validate=validate if valid else None,
+        validate=validate if data.valid else None,
         validation_metrics=method("kto").validation_metrics,
-        save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
+        save=partial(save_adapter, tokenizer=data.tokenizer, output_dir=config.output_dir),
         summary=summary,
-        warnings=warnings,
+        warnings=data.warnings,
     )
     return drive(recipe, config, hooks, accelerator)
 

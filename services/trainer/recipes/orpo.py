@@ -25,7 +25,6 @@ with `evaluate_orpo` on the validation pairs, and early stopping reads its ORPO 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,9 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
-from transformers import AutoTokenizer
 
+from services.trainer.causal_lm import chat_data, lora_causal_lm
 from services.trainer.driver import (
     Loss,
     Recipe,
@@ -44,18 +42,13 @@ from services.trainer.driver import (
     TrainingHooks,
     TrainResult,
     drive,
-    lora_config,
     save_adapter,
     setup,
 )
 from shared.data.formats import Example
 from shared.methods import method
-from shared.ml.chat_data import check_eos
-from shared.ml.model_loading import generation_eos_ids, load_causal_lm, weights_dtype
 from shared.ml.preference_data import collate_pairs, iter_preference_batches, tokenize_preferences
 from shared.ml.preference_metrics import pair_logps, summary
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,38 +65,25 @@ def train_orpo(config: ORPOConfig, hooks: TrainingHooks) -> TrainResult:
     stopped without "save" or run as a max_steps trial."""
     accelerator = setup(config)
 
-    # Data checks before loading the weights (minutes for a large model): the stop token, then every pair.
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, trust_remote_code=config.trust_remote_code)
-    eos_ids = generation_eos_ids(config.model_dir, tokenizer, trust_remote_code=config.trust_remote_code)
-    warnings = check_eos(tokenizer, eos_ids)
-    tokenize = partial(
-        tokenize_preferences, tokenizer, max_length=config.max_seq_length, eos_token_ids=eos_ids
-    )
-    train, train_warnings = tokenize(config.train_examples)
-    valid, valid_warnings = tokenize(config.valid_examples or [], dataset="validation")
-    warnings += train_warnings + valid_warnings
-    for warning in warnings:
-        log.warning(warning)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    model = load_causal_lm(
-        config.model_dir, trust_remote_code=config.trust_remote_code, dtype=weights_dtype(accelerator.device)
-    )
-    model = get_peft_model(model, lora_config(config))
+    # Data checks before loading the weights: the stop token, then every pair.
+    data = chat_data(config, tokenize_preferences)
+    model = lora_causal_lm(config, accelerator)
 
     def validate(model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_orpo(model, iter_preference_batches(valid, config.batch_size, pad_id), config.beta)
+        return evaluate_orpo(
+            model, iter_preference_batches(data.valid, config.batch_size, data.pad_id), config.beta
+        )
 
     recipe = Recipe(
         model=model,
-        train=train,
-        collate=partial(collate_pairs, pad_token_id=pad_id),
+        train=data.train,
+        collate=partial(collate_pairs, pad_token_id=data.pad_id),
         loss=partial(orpo_loss, beta=config.beta),
-        validate=validate if valid else None,
+        validate=validate if data.valid else None,
         validation_metrics=method("orpo").validation_metrics,
-        save=partial(save_adapter, tokenizer=tokenizer, output_dir=config.output_dir),
+        save=partial(save_adapter, tokenizer=data.tokenizer, output_dir=config.output_dir),
         summary=summary,
-        warnings=warnings,
+        warnings=data.warnings,
     )
     return drive(recipe, config, hooks, accelerator)
 

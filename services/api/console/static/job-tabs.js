@@ -34,12 +34,29 @@ const METRICS_OF_TASK = {
     ["chosen_reward", "Chosen reward", "high"],
     ["rejected_reward", "Rejected reward", "low"],
   ],
+  orpo: [
+    ["preference_accuracy", "Preference accuracy", "high"],
+    ["logp_margin", "Log-prob margin (chosen − rejected)", "high"],
+    ["loss", "Loss on the chosen replies", "low"],
+    ["perplexity", "Perplexity", "low"],
+    ["mean_token_accuracy", "Token accuracy", "high"],
+  ],
+  kto: [
+    ["preference_accuracy", "Desirable ranked above undesirable", "high"],
+    ["logp_margin", "Log-prob margin (desirable − undesirable)", "high"],
+    ["desirable_logp", "Desirable log-prob", "high"],
+    ["undesirable_logp", "Undesirable log-prob", "low"],
+    ["loss", "KTO loss", "low"],
+    ["reward_accuracy", "Reward accuracy", "high"],
+    ["desirable_reward", "Desirable reward", "high"],
+    ["undesirable_reward", "Undesirable reward", "low"],
+  ],
 };
 const ALL_METRICS = Object.values(METRICS_OF_TASK).flat();
 const NAMES = Object.fromEntries(ALL_METRICS.map(([key, name]) => [key, name]));
 const LOWER_IS_BETTER = new Set(ALL_METRICS.filter(([, , way]) => way === "low").map(([key]) => key));
 // The figure per-group rows compare besides the loss.
-const MAIN_OF_TASK = { classification: "accuracy", dpo: "preference_accuracy" };
+const MAIN_OF_TASK = { classification: "accuracy", dpo: "preference_accuracy", orpo: "preference_accuracy", kto: "preference_accuracy" };
 
 function num(v) {
   if (typeof v !== "number" || !Number.isFinite(v)) return "—";
@@ -102,7 +119,7 @@ export async function evaluationReport(holder, ev, { signal, generations = null 
     h(
       "p",
       { class: "hint" },
-      `Scored on ${formatNumber(ev.n_examples)} ${String(ev.validation_source || "validation").replaceAll("_", " ")} ${task === "dpo" ? "pairs" : "rows"}`,
+      `Scored on ${formatNumber(ev.n_examples)} ${String(ev.validation_source || "validation").replaceAll("_", " ")} ${task === "dpo" || task === "orpo" ? "pairs" : "rows"}`,
       ev.n_tokens ? ` (${formatNumber(ev.n_tokens)} tokens)` : "",
       rows ? `; ${rows} replies generated (${ev.generation.decoding})` : "",
       ".",

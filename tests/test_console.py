@@ -16,8 +16,10 @@ from playwright.sync_api import Page, expect
 from tests.api_fixtures import ADMIN_KEY, IDENTITY_CHAT
 from tests.conftest import CATALOG
 from tests.live import LiveTunery
+from tests.served_api import client, served_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
+served = served_app  # the fixture: the API alone, for the upload test
 EXTERNAL_URL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.IGNORECASE)
 
 
@@ -517,3 +519,35 @@ def test_a_user_uploads_data_trains_a_model_and_watches_it_learn_in_the_console(
 
     assert journey.outside == [], "the console fetched from outside the service"
     assert journey.errors == [], journey.failed
+
+
+def test_a_file_over_16_mb_goes_up_through_the_uploads_api_in_parts(browser, served: str, tmp_path: Path):
+    """Large files are not sent in one request: the console creates an upload, sends 16 MB parts and
+    completes it, and the file is checked like any other."""
+    big = tmp_path / "big.jsonl"
+    row = json.loads(GOOD_FILE.read_text().splitlines()[0])
+    with big.open("w") as out:
+        i = 0
+        while out.tell() <= 17_000_000:  # two parts
+            out.write(json.dumps({**row, "id": i}) + "\n")
+            i += 1
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    sent = []
+    page.on("request", lambda request: sent.append(f"{request.method} {request.url.removeprefix(served)}"))
+
+    page.goto(f"{served}/console/")
+    page.get_by_label("API key").fill(ADMIN_KEY)
+    page.keyboard.press("Enter")
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Files").click()
+    page.get_by_label("Choose a file").set_input_files(big)
+    expect(page.get_by_role("heading", name="big.jsonl is ready")).to_be_visible(timeout=180_000)
+
+    uploads = [request for request in sent if request.startswith("POST /v1/uploads")]
+    assert uploads[0] == "POST /v1/uploads"
+    assert [request.rsplit("/", 1)[-1] for request in uploads[1:]] == ["parts", "parts", "complete"]
+    assert "POST /v1/files" not in sent
+    with client(served) as http:
+        stored = next(f for f in http.get("/v1/files").json()["data"] if f["filename"] == "big.jsonl")
+    assert (stored["bytes"], stored["status"]) == (big.stat().st_size, "processed")
+    context.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 
 from shared.data import pii
@@ -365,22 +366,18 @@ def _tokenize(
     train_on_inputs: bool,
     named: Callable[[int, DataError], DataError],
 ) -> list[TokenizedExample]:
-    """`tokenize_chat` for many conversations with few calls into the tokenizer: every whole text in one
+    """`tokenize_chat` for many conversations with few calls into the template and the tokenizer: the
+    whole texts and then the span prefixes each rendered in one call, every whole text encoded in one
     batched call of the Rust tokenizer (it encodes in parallel), each span placed by that call's token
     offsets, and only the prefixes the offsets cannot place encoded again, in one more batched call.
     `named(i, error)` is the error raised for conversation i."""
     stop_ids = set(eos_token_ids) if eos_token_ids is not None else {tokenizer.eos_token_id}
-    texts, spans = [], []
-    for i, messages in enumerate(conversations):
-        try:
-            texts.append(_render(tokenizer, messages, add_generation_prompt=False))
-            spans.append(_span_prefixes(tokenizer, messages, texts[-1], train_on_inputs))
-        except DataError as exc:
-            raise named(i, exc) from exc
-    ids, offsets = _encode(tokenizer, texts)
-    dropped = _dropped_by(tokenizer) if offsets is not None else None
+    texts = _render_all(tokenizer, conversations, [False] * len(conversations))
+    spans = _span_prefixes(tokenizer, conversations, texts, train_on_inputs)
+    ids, encodings = _encode(tokenizer, texts)
+    dropped = _dropped_by(tokenizer) if encodings is not None else None
     lengths = {
-        (i, prefix): _split_at(offsets[i], len(prefix.text), texts[i], dropped) if dropped else None
+        (i, prefix): _split_at(encodings[i], len(prefix.text), texts[i], dropped) if dropped else None
         for i, prefixes in enumerate(spans)
         for span in prefixes
         for prefix in span
@@ -417,65 +414,108 @@ def _tokenize(
 
 
 def _span_prefixes(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, text: str, train_on_inputs: bool
-) -> list[tuple[_Prefix, _Prefix | None]]:
-    """For each span to label (a trained reply; with `train_on_inputs`, an untrained one): the rendering
-    it starts after (the earlier messages with the generation prompt) and the one it ends with (None for
-    the last message: its rendering is the whole text), each checked to begin the whole text."""
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or (message.get("weight", 1) == 0) != train_on_inputs:
-            continue  # assistant-only: the trained replies; train_on_inputs: the weight-0 replies
-        before = _prefix(tokenizer, messages[:i], text, add_generation_prompt=True)
-        through = (
-            None
-            if i == len(messages) - 1
-            else _prefix(tokenizer, messages[: i + 1], text, add_generation_prompt=False)
-        )
-        spans.append((before, through))
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Messages],
+    texts: Sequence[str],
+    train_on_inputs: bool,
+) -> list[list[tuple[_Prefix, _Prefix | None]]]:
+    """For each conversation, each span to label (a trained reply; with `train_on_inputs`, an untrained
+    one): the rendering it starts after (the earlier messages with the generation prompt) and the one it
+    ends with (None for the last message: its rendering is the whole text), each checked to begin the
+    whole text. All the prefixes are rendered in one call."""
+    wanted = []  # (conversation, messages before the span's end, with the generation prompt)
+    for i, messages in enumerate(conversations):
+        for m, message in enumerate(messages):
+            if message["role"] != "assistant" or (message.get("weight", 1) == 0) != train_on_inputs:
+                continue  # assistant-only: the trained replies; train_on_inputs: the weight-0 replies
+            wanted.append((i, m, True))
+            if m < len(messages) - 1:
+                wanted.append((i, m + 1, False))
+    rendered = _render_all(tokenizer, [conversations[i][:n] for i, n, _ in wanted], [g for _, _, g in wanted])
+    spans: list[list[tuple[_Prefix, _Prefix | None]]] = [[] for _ in conversations]
+    for (i, n, generation_prompt), text in zip(wanted, rendered, strict=True):
+        if not texts[i].startswith(text):
+            raise ChatTemplateError(
+                f"{_name(tokenizer)}: the chat template renders the first {n} messages"
+                f"{' with a generation prompt' if generation_prompt else ''} differently once later "
+                "messages follow (it rewrites earlier turns), so assistant tokens cannot be located for "
+                "loss masking"
+            )
+        if generation_prompt:
+            spans[i].append((_Prefix(n, text), None))
+        else:
+            spans[i][-1] = (spans[i][-1][0], _Prefix(n, text))
     return spans
 
 
-def _prefix(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, full_text: str, *, add_generation_prompt: bool
-) -> _Prefix:
-    text = _render(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    if not full_text.startswith(text):
-        raise ChatTemplateError(
-            f"{_name(tokenizer)}: the chat template renders the first {len(messages)} messages"
-            f"{' with a generation prompt' if add_generation_prompt else ''} differently once later "
-            "messages follow (it rewrites earlier turns), so assistant tokens cannot be located for loss "
-            "masking"
-        )
-    return _Prefix(len(messages), text)
+def _render_all(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Messages],
+    generation_prompts: Sequence[bool],
+) -> list[str]:
+    """Every conversation rendered, those with and those without the generation prompt each in one call
+    of the template (its setup is paid once, not per conversation); when a call fails, one at a time, so
+    that the error is the one the failing conversation gets."""
+    texts: list[str] = [""] * len(conversations)
+    for generation_prompt in (False, True):
+        chosen = [i for i, g in enumerate(generation_prompts) if g == generation_prompt]
+        batch = [conversations[i] for i in chosen]
+        if batch and all(batch):  # the template refuses an empty conversation: rendered alone, it says so
+            try:
+                rendered = tokenizer.apply_chat_template(
+                    batch, tokenize=False, add_generation_prompt=generation_prompt
+                )
+            except Exception:  # rendered again one at a time below: the failing one raises its own error
+                pass
+            else:
+                for i, text in zip(chosen, rendered, strict=True):
+                    texts[i] = text
+                continue
+        for i in chosen:
+            texts[i] = _render(tokenizer, conversations[i], add_generation_prompt=generation_prompt)
+    return texts
 
 
 def _encode(
     tokenizer: PreTrainedTokenizerBase, texts: list[str]
-) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None]:
-    """The texts' token ids, and each token's characters where the tokenizer is a fast (Rust) one, whose
-    batch is encoded in parallel and read straight from its encodings (transformers' conversion of them
-    into Python dicts costs as much as the encoding). The rendered text already holds any BOS the
-    template wants; adding special tokens would double it."""
+) -> tuple[list[list[int]], list[Encoding] | None]:
+    """The texts' token ids, and their encodings (which place each token in the text) where the tokenizer is
+    a fast (Rust) one, whose batch is encoded in parallel and read straight from its encodings
+    (transformers' conversion of them into Python dicts costs as much as the encoding). The rendered text
+    already holds any BOS the template wants; adding special tokens would double it."""
     if not tokenizer.is_fast:
         return [tokenizer.encode(text, add_special_tokens=False) for text in texts], None
     backend = tokenizer.backend_tokenizer
-    if backend.padding is None and backend.truncation is None:
+    padding, truncation = backend.padding, backend.truncation
+    # A tokenizer.json that pads or truncates (MiniLM's pads to 128): off for this call, as transformers does.
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
         encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
-    # A tokenizer.json that pads or truncates (MiniLM's pads to 128): transformers turns that off per call.
-    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return out["input_ids"], out["offset_mapping"]
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+    return [e.ids for e in encodings], encodings
 
 
-def _split_at(
-    offsets: list[tuple[int, int]], boundary: int, text: str, dropped: Callable[[str], bool]
-) -> int | None:
+def _split_at(encoding: Encoding, boundary: int, text: str, dropped: Callable[[str], bool]) -> int | None:
     """How many tokens render the text's first `boundary` characters, when the tokens split exactly
     there: the characters between the last token before the boundary and the first after it are ones the
     tokenizer drops (`dropped`, e.g. whitespace for WordPiece; usually there are none). None anywhere else
     (a token across the boundary, or offsets trimmed of a space the next token holds): the prefix must
-    then be encoded on its own to know."""
+    then be encoded on its own to know. The token at the boundary is asked of the encoding first (in
+    Rust); only where no token holds that character are all the offsets read."""
+    n = encoding.char_to_token(boundary) if boundary < len(text) else None
+    if n is not None:
+        if encoding.token_to_chars(n)[0] != boundary:
+            return None  # that token starts before the boundary
+        last_end = encoding.token_to_chars(n - 1)[1] if n else 0
+        return n if last_end == boundary or dropped(text[last_end:boundary]) else None
+    offsets = encoding.offsets
     n = bisect.bisect_right([end for _, end in offsets], boundary)
     last_end = offsets[n - 1][1] if n else 0
     next_start = offsets[n][0] if n < len(offsets) else len(text)

@@ -44,6 +44,7 @@ from common import (
 )
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -58,6 +59,7 @@ from services.trainer.recipes.sft import SFTConfig, train_sft
 from shared.methods.supervised import auto_packing
 from shared.ml.chat_data import tokenize_dataset
 from shared.ml.model_loading import weights_dtype
+from shared.planning.hyperparams import auto_max_seq_length
 from shared.platform.cpus import usable_cpus
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -143,9 +145,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=24, help="the peer's steps; both sides see their rows")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--max-length",
+        default="auto",
+        help="tokens; default: what a job's auto max_seq_length picks for the rows",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +175,15 @@ def main() -> None:
         )  # fmt: skip
         params = matmul_parameters(AutoModelForCausalLM.from_pretrained(model_dir))
         rows = alpaca_conversations(args.batch_size * args.steps)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        whole, _ = tokenize_dataset(tokenizer, rows, context, eos_token_ids={tokenizer.eos_token_id})
+        length_reason = "set"
+        if args.max_length == "auto":
+            args.max_length, length_reason = auto_max_seq_length([len(e.input_ids) for e in whole], context)
+        args.max_length = int(args.max_length)
         packing_reason = f"packing {args.packing}"
         if args.packing == "auto":
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
             examples, _ = tokenize_dataset(
                 tokenizer, rows, args.max_length, eos_token_ids={tokenizer.eos_token_id}
             )
@@ -199,8 +211,9 @@ def main() -> None:
 
     shape = f"{args.layers} layers × {args.hidden}, vocab 30,524, {params / 1e6:.1f}M matmul parameters"
     setup = (
-        f"{shape}; {args.device} {str(dtype).removeprefix('torch.')}; batch {args.batch_size}, max length "
-        f"{args.max_length}, {args.steps} steps (the first not timed), LoRA r16 all-linear; "
+        f"{shape}; {args.device} {str(dtype).removeprefix('torch.')}; {len(rows)} rows, batch {args.batch_size}, "
+        f"max length {args.max_length} ({length_reason}), the peer's {args.steps} steps and Tunery's (the first "
+        "of each not timed), LoRA r16 all-linear; "
         f"{args.threads} torch threads; Tunery: {packing_reason}, logits only at trained positions"
     )
     emit(

@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.chat_data import IGNORE_INDEX, TokenizedExample, collate, read_conversations, tokenize_chat
-from shared.ml.lm_loss import label_logits, label_token_stats, supports_kept_logits, trained_positions
+from shared.ml.lm_loss import (
+    label_logits,
+    label_token_stats,
+    summed_cross_entropy,
+    supports_kept_logits,
+    trained_positions,
+)
 from shared.ml.lm_metrics import token_stats
 from shared.ml.packing import collate_packed
 from shared.ml.preference_metrics import pair_logps, sequence_logps
@@ -106,6 +112,25 @@ def test_kept_logits_give_the_full_logits_gradient(model_dir: Path, examples: li
     # Measured: at most 1.4e-7 of the largest gradient entry of any tensor (summation order only).
     for name, grad in full.items():
         assert (kept[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_summed_cross_entropy_is_torch_cross_entropy_in_value_gradient_and_accuracy(smoothing: float) -> None:
+    """float64, so that only the formula could differ: the fewer-pass loss against F.cross_entropy."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 1000, generator=generator, dtype=torch.float64) * 4
+    targets = torch.randint(0, 1000, (64,), generator=generator)
+    targets[:8] = logits[:8].argmax(dim=-1)  # some rows predict their target
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+
+    loss, n_correct = summed_cross_entropy(ours, targets, smoothing)
+    (2.5 * loss).backward()
+    want = F.cross_entropy(theirs, targets, reduction="sum", label_smoothing=smoothing)
+    (2.5 * want).backward()
+
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert (ours.grad - theirs.grad).abs().max().item() < 1e-12
+    assert int(n_correct) == int((logits.argmax(dim=-1) == targets).sum()) >= 8
 
 
 def test_transformers_models_keep_logits_under_an_adapter_and_other_code_gets_full_logits(

@@ -21,7 +21,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # module, repeats (full run), and the goal each figure is judged by: issue 16's, as a bound on the
-# Tunery/peer ratio or, where the issue states one, on the Tunery figure itself.
+# Tunery/peer ratio or, where the issue states one, on the Tunery figure itself; None where a row is shown
+# for context and has no goal.
 MODULES = {
     "p1_training.py": 3,
     "p0_classification.py": 3,
@@ -41,6 +42,7 @@ GOALS = {
     "P4": ("ratio ≥ 0.6", lambda r, t: r >= 0.6),
     "P4-p99": ("≤ 50 ms", lambda r, t: t <= 50),
     "P5": ("ratio ≥ 0.8", lambda r, t: r >= 0.8),
+    "P5-processed": ("none (context)", None),
     "P5-RSS": ("≤ 64 MB", lambda r, t: t <= 64),
     "P6": ("ratio ≥ 0.8", lambda r, t: r >= 0.8),
 }
@@ -75,8 +77,9 @@ def summarise(row: dict) -> dict:
     peer = statistics.median(row["peer"]) if row["peer"] else None
     ratio = tunery / peer if peer else None
     goal, check = GOALS[row["id"]]
+    met = None if check is None else bool(check(ratio, tunery))
     return {**row, "tunery_median": tunery, "peer_median": peer, "ratio": ratio, "goal": goal,
-            "met": bool(check(ratio, tunery))}  # fmt: skip
+            "met": met}  # fmt: skip
 
 
 def newest_rows(main: dict, earlier: list[dict]) -> list[dict]:
@@ -137,7 +140,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['id']}{mark} | {row['benchmark']} | {row['unit']} | {number(row['tunery_median'], row['unit'])} | "
             f"{number(row['peer_median'], row['unit'])} | {ratio} | {row['goal']} | "
-            f"{'yes' if row['met'] else '**no**'} | {len(row['tunery'])} | {spread[0]} | {spread[1]} |"
+            f"{'–' if row['met'] is None else 'yes' if row['met'] else '**no**'} | {len(row['tunery'])} | {spread[0]} | {spread[1]} |"
         )
     for file, run in earlier.items():
         load = run["load_average"]

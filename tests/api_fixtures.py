@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 # Registered as the default tenant's admin key through TUNERY_BOOTSTRAP_API_KEY.
@@ -31,3 +32,14 @@ def prepared(api, settings, job_id: str) -> dict:
 
     prepare_job(job_id, settings)
     return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+
+
+def wait_validated(client, file: dict, timeout: float = 120) -> dict:
+    """The file once validated: as answered, or (larger than TUNERY_SYNC_VALIDATION_BYTES, validated after
+    the answer) once GET /v1/files/{id} says its status has left `uploaded`."""
+    deadline = time.monotonic() + timeout
+    while file["status"] == "uploaded":
+        assert time.monotonic() < deadline, f"{file['id']} still uploaded after {timeout} s"
+        time.sleep(0.05)
+        file = client.get(f"/v1/files/{file['id']}").json()
+    return file

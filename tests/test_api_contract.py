@@ -13,7 +13,7 @@ import pytest
 from services.api import file_ingest
 from shared.data.formats import check_dataset
 from shared.data.validation_process import Budgeted
-from tests.api_fixtures import chat_lines, prepared
+from tests.api_fixtures import chat_lines, prepared, wait_validated
 from tests.served_api import client, served_app
 
 served = served_app  # the fixture, for this module's tests
@@ -271,7 +271,7 @@ def test_a_file_of_blank_lines_counts_only_its_examples_and_their_lines(api):
     # Runs of blank lines are skipped in one step (bench/upload_concurrency.py times them); the lines around
     # them still count, so a problem after 40 MB of them names its true line.
     body = b"\n" * (40 * 1024 * 1024) + chat_lines(20) + b"  \r\n" * 1000 + b'{"messages": []}\n'
-    file = upload(api, body)
+    file = wait_validated(api, upload(api, body))
     assert (file["status"], file["n_examples"]) == ("error", 20)
     assert f"line {40 * 1024 * 1024 + 20 + 1000 + 1}" in file["status_details"], file["status_details"]
 
@@ -297,17 +297,20 @@ def test_validation_within_its_budget_reads_the_whole_file():
 
 
 def test_the_api_answers_other_clients_while_a_large_upload_is_validated(served):
-    # About 10 MB of chat rows: seconds of validation. Were it done on the event loop (or holding it), the
-    # loop would stop answering for most of the upload; done in a worker process, /healthz keeps answering.
+    # About 10 MB of chat rows: seconds of validation (after the answer, at this size). Were it done on the
+    # event loop (or holding it), the loop would stop answering for most of it; done in a worker process,
+    # /healthz keeps answering.
     n_rows = 100_000
     body = chat_lines(n_rows)
-    answer: list[httpx.Response] = []
+    answer: list[dict] = []
 
     def send() -> None:
         with client(served) as http:
-            answer.append(
-                http.post("/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"})
+            response = http.post(
+                "/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"}
             )
+            assert response.status_code == 200, response.text
+            answer.append(wait_validated(http, response.json()))
 
     uploader = threading.Thread(target=send)
     started = time.monotonic()
@@ -322,8 +325,7 @@ def test_the_api_answers_other_clients_while_a_large_upload_is_validated(served)
             answers += 1
             uploader.join(0.05)  # a client now and then, not a flood competing for this process's cores
     took = time.monotonic() - started
-    assert answer[0].status_code == 200, answer[0].text
-    assert (answer[0].json()["status"], answer[0].json()["n_examples"]) == ("processed", n_rows)
+    assert (answer[0]["status"], answer[0]["n_examples"]) == ("processed", n_rows)
     # Relative, so that a slow or loaded machine does not matter: no answer waited for a large part of it.
     assert slowest < took / 4, f"/healthz took {slowest:.2f} s once during a {took:.2f} s upload"
     assert answers >= 10

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from redis.exceptions import RedisError
 
 from services.api import (
+    file_ingest,
     routes_artifacts,
     routes_evaluations,
     routes_files,
@@ -83,8 +84,12 @@ def create_app(settings: Settings, multiprocess_dir: Path | None = None) -> Fast
             log.warning("Redis is unreachable; the bootstrap API key is registered once it answers")
         janitor = asyncio.create_task(_janitor_loop(context))
         _note_stop_signals(context.stopping)
+        # Files a stopped or killed API process left `uploaded` are validated again.
+        context.validations.submit(file_ingest.resume_validations, context)
         yield
         janitor.cancel()
+        # Validations after an answer finish first: a file left `uploaded` would wait for the next start.
+        await run_in_threadpool(context.validations.shutdown)
         await context.close_aredis()
         redis.close()
 
@@ -194,6 +199,7 @@ async def _janitor_loop(context: Context) -> None:
             log.warning("janitor: Redis is unreachable (%s); sweeping again once it answers", exc)
         except Exception:  # a sweep must never take the API down; the next one retries
             log.exception("janitor sweep failed")
+        context.validations.submit(file_ingest.resume_validations, context)
 
 
 def app_from_settings() -> FastAPI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -35,6 +36,12 @@ class Context:
     # Set when the process is told to stop: open event streams end with a final event instead of holding
     # the shutdown until their clients hang up.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Where files larger than TUNERY_SYNC_VALIDATION_BYTES are validated after their upload's answer
+    # (services.api.file_ingest). Each thread only waits for a validation process (there are at most 4),
+    # renewing its file's claim meanwhile, so waiting uploads do not let their claims lapse.
+    validations: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(64, thread_name_prefix="validation")
+    )
     # The asyncio client of the hot read paths, and the event loop its connections belong to.
     _aredis: AsyncRedis | None = field(default=None, repr=False)
     _aredis_loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)

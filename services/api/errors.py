@@ -52,6 +52,26 @@ def not_found(kind: str, object_id: str, param: str | None = None) -> APIError:
     )
 
 
+# The 400 of the operations that read a file, as their OpenAPI responses describe it.
+FILE_NOT_READY_RESPONSE = {
+    400: {
+        "description": "Invalid request: the message names the problem and `param` the field; code "
+        "`file_not_ready` when a file it names is still being validated (status `uploaded`): retry once its "
+        "status is `processed`"
+    }
+}
+
+
+def file_not_ready(file_id: str, param: str | None = None) -> APIError:
+    """A file larger than TUNERY_SYNC_VALIDATION_BYTES is validated after its upload's answer; until then
+    nothing can use it."""
+    return APIError(
+        400, f"{file_id} is still being validated (status uploaded); retry when its status is processed "
+        f"(GET /v1/files/{file_id})",
+        code="file_not_ready", param=param,
+    )  # fmt: skip
+
+
 def error_body(status: int, message: str, code: str | None, param: str | None) -> dict:
     return {
         "error": {

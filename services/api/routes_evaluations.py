@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query
 
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
-from services.api.errors import APIError, not_found
+from services.api.errors import FILE_NOT_READY_RESPONSE, APIError, file_not_ready, not_found
 from services.api.schemas import Evaluation, EvaluationCreate, EvaluationList, list_object
 from shared.methods import DEFAULT_METHOD, method
 from shared.platform.evaluation_store import EvaluationStore
@@ -63,7 +63,10 @@ def _method_of(ctx: Context, tenant: str, model: str) -> tuple[str, str | None]:
     "",
     summary="Evaluate a model on a validation file",
     response_model=Evaluation,
-    responses={404: {"description": "No such model for the caller's organization"}},
+    responses={
+        **FILE_NOT_READY_RESPONSE,
+        404: {"description": "No such model for the caller's organization"},
+    },
     description=(
         "Queues an evaluation of `model` (a catalog chat model, or a fine-tuned model of your organization) "
         "on `validation_file`. A fine-tuned model is scored beside its base model on the same rows (loss, "
@@ -81,6 +84,8 @@ def create_evaluation(
             400, f"validation_file {body.validation_file} does not exist", code="file_not_found",
             param="validation_file",
         )  # fmt: skip
+    if file.status == "uploaded":
+        raise file_not_ready(file.id, "validation_file")
     data_kind = method(method_type).data_kind
     if file.status != "processed" or file.task != data_kind.name:
         raise APIError(

@@ -1,68 +1,97 @@
-"""/v1/files: upload (validated in a worker process, then stored), list, retrieve, preview, delete."""
+"""/v1/files: upload (stored as it arrives, validated in a worker process), list, retrieve, preview, delete."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, BinaryIO, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from services.api.archive import ChunkReader
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
-from services.api.errors import APIError, not_found
-from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
+from services.api.errors import FILE_NOT_READY_RESPONSE, APIError, file_not_ready, not_found
+from services.api.file_ingest import UPLOAD_PURPOSES, IncomingFile, ingest, safe_filename
 from services.api.schemas import Deleted, FileList, FileObject, FilePreview, file_object, list_object
+from services.api.upload_form import UploadForm, receive_form
 from shared.data.formats import FORMATS, DataFormatError, DataLimits, read_examples
 from shared.platform.queue import TOKEN_REPORT_TASK, run_estimate
 from shared.platform.records import FileRecord
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-COPY_CHUNK_BYTES = 1024 * 1024
+
+# The form, described by hand: the handler parses it itself as it arrives (services/api/upload_form.py).
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "contentMediaType": "application/octet-stream",
+                            "description": 'The dataset, e.g. chat JSONL: one {"messages": [...]} per line.',
+                        },
+                        "purpose": {"type": "string", "description": "fine-tune"},
+                        "format": {
+                            "anyOf": [{"type": "string"}, {"type": "null"}],
+                            "description": "Tunery extra: force a format instead of detecting it "
+                            f"({', '.join(FORMATS)})",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-@router.post("", summary="Upload a file", response_model=FileObject)
+@router.post(
+    "",
+    summary="Upload a file",
+    response_model=FileObject,
+    openapi_extra=UPLOAD_BODY,
+    description="A file up to TUNERY_SYNC_VALIDATION_BYTES (8 MiB) is validated before the answer: status "
+    "`processed` or `error`. A larger one is answered once stored, with status `uploaded`, and validated "
+    "after: poll GET /v1/files/{file_id} (the openai SDK's `files.wait_for_processing`) until it is "
+    "`processed` or `error`.",
+)
 async def create_file(
-    file: Annotated[UploadFile, File(description='Chat JSONL: one {"messages": [...]} per line.')],
-    purpose: Annotated[str, Form()],
-    format: Annotated[
-        str | None,
-        Form(description=f"Tunery extra: force a format instead of detecting it ({', '.join(FORMATS)})"),
-    ] = None,
-    ctx: Context = Depends(get_context),
-    tenant: str = Depends(caller_tenant),
+    request: Request, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
-    if purpose not in UPLOAD_PURPOSES:
-        raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
-    if file.size is not None and file.size > ctx.settings.max_upload_bytes:
-        raise APIError(
-            413, f"the file is larger than the limit of {ctx.settings.max_upload_bytes} bytes", param="file"
-        )
-    if format is not None and format not in FORMATS:
-        raise APIError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
-    name = safe_filename(file.filename)
-    record = await run_in_threadpool(_ingest_form_file, ctx, tenant, file.file, name, purpose, format)
+    form = await receive_form(request, ctx, tenant)
+    try:
+        file, purpose, format = _checked(form)
+    except APIError:
+        if form.file is not None:
+            await run_in_threadpool(form.file.discard)
+        raise
+    record = await run_in_threadpool(ingest, ctx, file, safe_filename(form.filename), purpose, format)
     return file_object(record)
 
 
-def _ingest_form_file(
-    ctx: Context, tenant: str, source: BinaryIO, name: str, purpose: str, format: str | None
-) -> FileRecord:
-    """Ingest the form's copy of the file; it has no name that a validation process could open, so it is
-    copied to a file that has one."""
-    with tempfile.NamedTemporaryFile() as local:
-        source.seek(0)
-        shutil.copyfileobj(source, local, COPY_CHUNK_BYTES)
-        local.flush()
-        return ingest(ctx, tenant, Path(local.name), name, purpose, format)
+def _checked(form: UploadForm) -> tuple[IncomingFile, str, str | None]:
+    """The form's file, purpose and format, or a 400 that names the field at fault."""
+    if form.file is None:
+        raise APIError(400, "file: Field required", code="invalid_request", param="file")
+    purpose = form.fields.get("purpose")
+    if purpose is None:
+        raise APIError(400, "purpose: Field required", code="invalid_request", param="purpose")
+    if purpose not in UPLOAD_PURPOSES:
+        raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}", param="purpose")
+    format = form.fields.get("format")
+    if format is not None and format not in FORMATS:
+        raise APIError(400, f"format must be one of {', '.join(FORMATS)}", param="format")
+    return form.file, purpose, format
 
 
 @router.get("", summary="List files", response_model=FileList)
@@ -127,7 +156,10 @@ def delete_file(
     summary="The first examples of a file, as Tunery reads them",
     response_model=FilePreview,
     responses={
-        400: {"description": "The file was not accepted (status `error`): it has problems, not examples"}
+        400: {
+            "description": "The file was not accepted (status `error`): it has problems, not examples; or it "
+            "is still being validated (status `uploaded`, code `file_not_ready`): retry once it is `processed`"
+        }
     },
     description="Whatever the container (JSONL, JSON, CSV, Parquet, gzip) and format (chat, prompt/completion, "
     "Alpaca, ShareGPT, preference pairs, text/label rows), each example in Tunery's internal form: the "
@@ -141,6 +173,8 @@ def file_preview(
     tenant: str = Depends(caller_tenant),
 ) -> dict:
     record = _require_file(ctx, tenant, file_id)
+    if record.status == "uploaded":
+        raise file_not_ready(file_id)
     if record.status != "processed":
         raise APIError(
             400, f"{file_id} was not accepted ({record.status_details}); it has no examples to preview",
@@ -175,6 +209,7 @@ def file_preview(
 @router.get(
     "/{file_id}/report",
     summary="A file's dataset report",
+    responses=FILE_NOT_READY_RESPONSE,
     description="The report made at upload (statistics, personal data, suggested split); with `model`, also "
     "the token counts of every row with that model's tokenizer and chat template (p50, p95, max, total) and "
     "how many rows `max_seq_length` (default: the model's) would truncate, computed by an evaluator worker.",
@@ -187,6 +222,8 @@ def file_report(
     tenant: str = Depends(caller_tenant),
 ) -> dict:
     record = _require_file(ctx, tenant, file_id)
+    if record.status == "uploaded":
+        raise file_not_ready(file_id)
     report = {"object": "file.report", "file_id": file_id, "format": record.format, **(record.report or {})}
     if model is None:
         return report

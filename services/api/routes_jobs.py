@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from services.api.archive import tar_stream
 from services.api.auth import authenticate_reading, bearer, caller_tenant
 from services.api.context import Context, get_context
-from services.api.errors import APIError, not_found
+from services.api.errors import FILE_NOT_READY_RESPONSE, APIError, file_not_ready, not_found
 from services.api.idempotency import create_once
 from services.api.schemas import (
     CheckpointList,
@@ -46,6 +46,8 @@ def _usable_file(ctx: Context, tenant: str, file_id: str, param: str, method_typ
         raise APIError(400, f"{param} {file_id} does not exist", code="file_not_found", param=param)
     if record.purpose != "fine-tune":
         raise APIError(400, f"{param} {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param=param)
+    if record.status == "uploaded":
+        raise file_not_ready(file_id, param)
     if record.status != "processed":
         raise APIError(
             400,
@@ -228,7 +230,9 @@ def estimate_job(
     return {"object": "fine_tuning.job.estimate", "gpu_class": gpu_class, **result}
 
 
-@router.post("", summary="Create a fine-tuning job", response_model=FineTuningJob)
+@router.post(
+    "", summary="Create a fine-tuning job", response_model=FineTuningJob, responses=FILE_NOT_READY_RESPONSE
+)
 async def create_job(
     body: JobCreate,
     request: Request,

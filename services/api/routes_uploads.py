@@ -1,16 +1,15 @@
 """/v1/uploads: OpenAI's Uploads API for large files, sent in parts and assembled into one file.
 
 Parts go to storage as they arrive (each at most TUNERY_MAX_UPLOAD_PART_BYTES); completing the
-upload streams them, in the order the client gives, through the same validation as a direct
-upload into a single file. The openai SDK's `client.uploads.upload_file_chunked` drives this.
+upload streams them, in the order the client gives, into a single file that is validated as a direct
+upload is: before the answer up to TUNERY_SYNC_VALIDATION_BYTES, after it (the file `uploaded` until
+then) beyond. The openai SDK's `client.uploads.upload_file_chunked` drives this.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, UploadFile
@@ -20,7 +19,7 @@ from redis import WatchError
 from services.api.auth import caller_tenant
 from services.api.context import Context, get_context
 from services.api.errors import APIError, not_found
-from services.api.file_ingest import UPLOAD_PURPOSES, ingest, safe_filename
+from services.api.file_ingest import UPLOAD_PURPOSES, IncomingFile, ingest, safe_filename
 from services.api.schemas import Upload, UploadPart, file_object
 from shared.platform.ids import new_id
 from shared.platform.records import now
@@ -243,14 +242,17 @@ def _complete(ctx: Context, record: UploadRecord, part_ids: list[str]) -> Upload
             param="part_ids",
         )
 
-    # The parts, in the client's order, into one local file with a name: a validation process reads it, then
-    # it is stored.
-    with tempfile.NamedTemporaryFile() as assembled:
+    # The parts, in the client's order, into one file: stored as they are read, with a local copy that a
+    # validation process reads.
+    incoming = IncomingFile(ctx, record.tenant)
+    try:
         for part_id in part_ids:
             for chunk in ctx.storage.iter_chunks(parts[part_id].storage_key):
-                assembled.write(chunk)
-        assembled.flush()
-        file = ingest(ctx, record.tenant, Path(assembled.name), record.filename, record.purpose)
+                incoming.write(chunk)
+    except BaseException:
+        incoming.discard()
+        raise
+    file = ingest(ctx, incoming, record.filename, record.purpose)
     for part in record.parts:
         ctx.storage.delete(part.storage_key)
     record.status = "completed"

@@ -12,7 +12,8 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -102,14 +103,26 @@ def _executor() -> ProcessPoolExecutor:
 
 
 def check_file(
-    path: Path, *, filename: str, format: str | None, limits: DataLimits, seconds: float
+    path: Path,
+    *,
+    filename: str,
+    format: str | None,
+    limits: DataLimits,
+    seconds: float,
+    heartbeat: Callable[[], None] | None = None,
+    heartbeat_seconds: float = 5.0,
 ) -> DatasetCheck:
     """The check of the file at `path` (shared.data.formats.check_dataset), made in a worker process; blocks
-    the calling thread (not its interpreter) until done. ValidationTimeout past `seconds` of reading."""
+    the calling thread (not its interpreter) until done. ValidationTimeout past `seconds` of reading.
+    `heartbeat` is called every `heartbeat_seconds` while it waits: a validation that takes minutes can
+    keep its claim on the file alive."""
     global _pool
     pool = _executor()
     try:
-        check = pool.submit(_check_file, path, filename, format, limits, seconds).result()
+        future = pool.submit(_check_file, path, filename, format, limits, seconds)
+        while heartbeat is not None and not wait([future], timeout=heartbeat_seconds).done:
+            heartbeat()
+        check = future.result()
     except BrokenProcessPool:
         # A worker died (killed for memory, say): later uploads get a fresh pool.
         with _pool_lock:

@@ -16,6 +16,15 @@ def _index_key(tenant: str) -> str:
     return f"tunery:tenant:{tenant}:files"
 
 
+# The ids of files stored but not yet validated (status `uploaded`): what an API process looks for at start.
+UPLOADED_KEY = "tunery:files:uploaded"
+
+
+def _claim_key(file_id: str) -> str:
+    """Held (SET NX, with an expiry its holder keeps extending) by the one process validating the file."""
+    return f"tunery:file:{file_id}:validating"
+
+
 class FileStore:
     def __init__(self, redis: Redis):
         self.redis = redis
@@ -24,7 +33,39 @@ class FileStore:
         with self.redis.pipeline() as pipe:
             pipe.set(_record_key(record.id), record.model_dump_json())
             pipe.zadd(_index_key(record.tenant), {record.id: creation_score()}, nx=True)
+            if record.status == "uploaded":
+                pipe.sadd(UPLOADED_KEY, record.id)
             pipe.execute()
+
+    def save_validated(self, record: FileRecord) -> bool:
+        """Replace an `uploaded` record by its validated form; False (and nothing saved) when the file was
+        deleted meanwhile, so that a late validation cannot bring it back."""
+        with self.redis.pipeline() as pipe:
+            pipe.set(_record_key(record.id), record.model_dump_json(), xx=True)
+            pipe.srem(UPLOADED_KEY, record.id)
+            saved, _ = pipe.execute()
+        return bool(saved)
+
+    def awaiting_validation(self) -> list[FileRecord]:
+        """Every tenant's files still `uploaded`."""
+        ids = sorted(i.decode() for i in self.redis.smembers(UPLOADED_KEY))
+        if not ids:
+            return []
+        raws = self.redis.mget([_record_key(i) for i in ids])
+        gone = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+        if gone:
+            self.redis.srem(UPLOADED_KEY, *gone)
+        return [FileRecord.model_validate_json(raw) for raw in raws if raw is not None]
+
+    def claim_validation(self, file_id: str, seconds: int) -> bool:
+        """True when this caller now validates the file: no one else held it."""
+        return bool(self.redis.set(_claim_key(file_id), "1", nx=True, ex=seconds))
+
+    def extend_claim(self, file_id: str, seconds: int) -> None:
+        self.redis.expire(_claim_key(file_id), seconds)
+
+    def release_claim(self, file_id: str) -> None:
+        self.redis.delete(_claim_key(file_id))
 
     def get(self, file_id: str, tenant: str) -> FileRecord | None:
         """The record, or None when it does not exist or belongs to another tenant."""
@@ -61,4 +102,5 @@ class FileStore:
         with self.redis.pipeline() as pipe:
             pipe.delete(_record_key(record.id))
             pipe.zrem(_index_key(record.tenant), record.id)
+            pipe.srem(UPLOADED_KEY, record.id)
             pipe.execute()

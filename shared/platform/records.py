@@ -30,7 +30,9 @@ class FileRecord(BaseModel):
     sha256: str
     storage_key: str
     container: str | None = None  # jsonl, json, csv, parquet (.gz variants)
-    format: str | None = None  # chat, prompt_completion, text, alpaca, sharegpt, preference, classification
+    # chat, prompt_completion, text, alpaca, sharegpt, preference, classification; while `uploaded`, the
+    # format the upload asked for (None: detect it), which validation then reads it as.
+    format: str | None = None
     task: str | None = None  # what it can train: chat, text, preference or classification
     n_examples: int | None = None
     # Statistics (duplicates, empty turns, lengths, labels) and personal data found, from validation.

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_line_bytes: int = 1024 * 1024
     max_json_bytes: int = 1024 * 1024
     max_upload_part_bytes: int = 64 * 1024 * 1024
+    # Uploads up to this size are validated before the answer (status `processed` or `error`); larger ones
+    # are answered once stored (status `uploaded`) and validated after it: poll GET /v1/files/{id}.
+    sync_validation_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     rate_limit_per_minute: int = 600
     max_active_jobs_per_tenant: int = 10
 

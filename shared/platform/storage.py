@@ -12,7 +12,9 @@ import hashlib
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from io import BytesIO
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 CHUNK_SIZE = 1 << 20
 S3_PART_SIZE = 8 << 20
+# Parts of an ObjectWriter sent at once while the next fills: memory holds at most this many parts and the
+# one filling (24 MiB).
+S3_PARTS_IN_FLIGHT = 2
 S3_DELETE_BATCH = 1000
 # Local temp files share the target's directory (so os.replace is atomic) and are hidden from listings.
 _TMP_PREFIX = ".tmp-"
@@ -122,12 +127,46 @@ class _HashingReader:
         return self._hash.hexdigest()
 
 
+class ObjectWriter(ABC):
+    """A new object written piece by piece as its bytes arrive (an upload being received), hashed and
+    counted on the way, so that storing it needs no pass of its own. Nothing is visible under the key
+    until `finish`; `abort` leaves nothing behind."""
+
+    def __init__(self, key: str) -> None:
+        self.key = validate_key(key)
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        self._write(data)
+
+    def finish(self) -> StoredObject:
+        self._finish()
+        return StoredObject(key=self.key, size=self.size, sha256=self._hash.hexdigest())
+
+    @abstractmethod
+    def _write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def _finish(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop everything written so far."""
+
+
 class Storage(ABC):
     """What services need from object storage; keys use forward slashes on every backend."""
 
     @abstractmethod
     def put_stream(self, key: str, stream: BinaryIO) -> StoredObject:
         """Store everything readable from `stream` without holding it all in memory."""
+
+    @abstractmethod
+    def writer(self, key: str) -> ObjectWriter:
+        """A writer of a new object under `key`, for bytes that arrive a piece at a time."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -205,6 +244,33 @@ class Storage(ABC):
         return keys
 
 
+class _LocalWriter(ObjectWriter):
+    """A temp file beside the target, renamed onto it when finished."""
+
+    def __init__(self, key: str, path: Path, fd: int, tmp_name: str) -> None:
+        super().__init__(key)
+        self._path = path
+        self._tmp_name = tmp_name
+        self._out = os.fdopen(fd, "wb")
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+
+    def _finish(self) -> None:
+        try:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+            self._out.close()
+            os.replace(self._tmp_name, self._path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self._out.close()
+        Path(self._tmp_name).unlink(missing_ok=True)
+
+
 class LocalStorage(Storage):
     """Files under a root directory: the embedded single-machine default."""
 
@@ -232,6 +298,11 @@ class LocalStorage(Storage):
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return StoredObject(key=key, size=size, sha256=digest.hexdigest())
+
+    def writer(self, key: str) -> ObjectWriter:
+        path = self._path(key)
+        fd, tmp_name = self._make_temp(path.parent)
+        return _LocalWriter(key, path, fd, tmp_name)
 
     @staticmethod
     def _make_temp(directory: Path) -> tuple[int, str]:
@@ -336,6 +407,89 @@ def _s3_errors(what: str) -> Iterator[None]:
         raise StorageError(f"S3 error on {what}: {exc}") from exc
 
 
+class _S3Writer(ObjectWriter):
+    """Bytes gathered into parts of S3_PART_SIZE, each sent from a thread of its own while the next fills,
+    so that the object is stored about as soon as its last byte arrives. An object smaller than a part is
+    one PUT; memory holds the part filling and at most S3_PARTS_IN_FLIGHT parts being sent."""
+
+    def __init__(self, key: str, client: Any, bucket: str, full_key: str) -> None:
+        super().__init__(key)
+        self._client = client
+        self._bucket = bucket
+        self._full_key = full_key
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._sending: deque[Future[dict]] = deque()
+        self._parts: list[dict] = []
+        self._senders = ThreadPoolExecutor(S3_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+
+    def _write(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= S3_PART_SIZE:
+            part = bytes(self._buffer[:S3_PART_SIZE])
+            del self._buffer[:S3_PART_SIZE]
+            self._send(part)
+
+    def _send(self, part: bytes) -> None:
+        """Send `part` from a sender thread once one is free (waiting for the oldest part sent first)."""
+        with _s3_errors(self.key):
+            if self._upload_id is None:
+                created = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._full_key)
+                self._upload_id = created["UploadId"]
+            if len(self._sending) >= S3_PARTS_IN_FLIGHT:
+                self._parts.append(self._sending.popleft().result())
+        self._sending.append(
+            self._senders.submit(self._send_part, len(self._parts) + len(self._sending) + 1, part)
+        )
+
+    def _send_part(self, number: int, part: bytes) -> dict:
+        with _s3_errors(self.key):
+            answer = self._client.upload_part(
+                Bucket=self._bucket,
+                Key=self._full_key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=part,
+            )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def _finish(self) -> None:
+        try:
+            if self._upload_id is None:
+                with _s3_errors(self.key):
+                    self._client.put_object(Bucket=self._bucket, Key=self._full_key, Body=bytes(self._buffer))
+            else:
+                if self._buffer:
+                    self._send(bytes(self._buffer))
+                while self._sending:
+                    self._parts.append(self._sending.popleft().result())
+                with _s3_errors(self.key):
+                    self._client.complete_multipart_upload(
+                        Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id,
+                        MultipartUpload={"Parts": self._parts},
+                    )  # fmt: skip
+        except BaseException:
+            self.abort()
+            raise
+        self._buffer = bytearray()
+        self._senders.shutdown()
+
+    def abort(self) -> None:
+        for sending in self._sending:
+            sending.cancel()
+        self._senders.shutdown(wait=True)
+        self._sending.clear()
+        self._buffer = bytearray()
+        if self._upload_id is not None:
+            # Best effort: parts of an upload never completed are not objects, and a bucket's lifecycle
+            # rule (AbortIncompleteMultipartUpload) removes any left.
+            with suppress(ClientError, BotoCoreError):
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=self._full_key, UploadId=self._upload_id
+                )
+            self._upload_id = None
+
+
 class S3Storage(Storage):
     """Objects in an S3 (or S3-compatible) bucket, under an optional key prefix."""
 
@@ -399,6 +553,9 @@ class S3Storage(Storage):
         with _s3_errors(key):
             self._client.upload_fileobj(reader, self.bucket, full, Config=self._transfer)
         return StoredObject(key=key, size=reader.size, sha256=reader.hexdigest())
+
+    def writer(self, key: str) -> ObjectWriter:
+        return _S3Writer(key, self._client, self.bucket, self._full(key))
 
     def put_file(self, path: Path, key: str) -> StoredObject:
         """Sent from the file itself, which boto3 reads part by part as it sends them, so memory holds a few

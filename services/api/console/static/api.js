@@ -95,12 +95,29 @@ export async function uploadFile(file, { purpose = "fine-tune", onProgress = () 
       );
       partIds.push(sent.id);
     }
-    // Completing validates the whole file: the bar stays full while the server checks it.
+    // Completing assembles the file (and validates it, if small enough): the bar stays full meanwhile.
     const done = await post(`/v1/uploads/${encodeURIComponent(upload.id)}/complete`, { part_ids: partIds });
     return done.file;
   } catch (error) {
     await post(`/v1/uploads/${encodeURIComponent(upload.id)}/cancel`).catch(() => {});
     throw error;
+  }
+}
+
+// A file larger than the server's TUNERY_SYNC_VALIDATION_BYTES (8 MiB by default) is answered `uploaded`
+// once stored and validated after: poll it until it is `processed` or `error`, as the openai SDK's
+// files.wait_for_processing does. Resolves with the file object then.
+export async function waitForProcessing(fileId, { signal, interval = 1000 } = {}) {
+  for (;;) {
+    const file = await get(`/v1/files/${encodeURIComponent(fileId)}`, { signal });
+    if (file.status !== "uploaded") return file;
+    await new Promise((resolve, reject) => {
+      const timer = setTimeout(resolve, interval);
+      signal?.addEventListener("abort", () => {
+        clearTimeout(timer);
+        reject(signal.reason);
+      }, { once: true });
+    });
   }
 }
 

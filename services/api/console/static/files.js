@@ -20,7 +20,7 @@ export async function filesPage(signal) {
     h(
       "p",
       { class: "hint" },
-      "JSONL, JSON, CSV or Parquet (or gzip-compressed): chat, prompt/completion, Alpaca, ShareGPT, preference pairs or text/label rows. Every line is checked as it uploads; ",
+      "JSONL, JSON, CSV or Parquet (or gzip-compressed): chat, prompt/completion, Alpaca, ShareGPT, preference pairs or text/label rows. Every line is checked (files over 8 MB just after they are stored); ",
       `files over ${formatBytes(api.PART_BYTES)} go up in parts.`,
     ),
     h("div", { class: "upload-progress" }, progress, progressText),
@@ -36,12 +36,17 @@ export async function filesPage(signal) {
     progress.value = 0;
     progressText.textContent = ` Uploading ${file.name}…`;
     try {
-      const stored = await api.uploadFile(file, {
+      let stored = await api.uploadFile(file, {
         onProgress: (share) => {
           progress.value = share;
           progressText.textContent = share < 1 ? ` Uploading ${file.name}: ${Math.round(share * 100)}%` : ` Checking ${file.name}…`;
         },
       });
+      if (stored.status === "uploaded") {
+        // Stored, and checked after the answer (large files): wait for the check's outcome.
+        progressText.textContent = ` ${file.name} uploaded; checking it…`;
+        stored = await api.waitForProcessing(stored.id, { signal });
+      }
       progress.value = 1;
       progressText.textContent = ` ${file.name} uploaded and checked.`;
       await showFile(result, stored, signal);
@@ -106,10 +111,16 @@ export async function filesPage(signal) {
 }
 
 export async function filePage(fileId, signal) {
-  const file = await api.get(`/v1/files/${encodeURIComponent(fileId)}`, { signal });
+  let file = await api.get(`/v1/files/${encodeURIComponent(fileId)}`, { signal });
   heading(file.filename, h("a", { href: "#/files", class: "button" }, "All files"));
   const holder = h("section");
   append(view(), holder);
+  if (file.status === "uploaded") {
+    const checking = h("p", { class: "hint", role: "status" }, `${file.filename} is being checked…`);
+    append(holder, checking);
+    file = await api.waitForProcessing(file.id, { signal });
+    checking.remove();
+  }
   await showFile(holder, file, signal, { title: false });
 }
 

@@ -1,0 +1,164 @@
+"""POST /v1/files' multipart form, parsed as it arrives: the `file` part's bytes go to an IncomingFile (local
+copy and storage at once) while later bytes are still on the wire, instead of Starlette's parse of the whole
+body into a spooled file before the handler runs, and the handler's copy of it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
+
+from services.api.context import Context
+from services.api.errors import APIError
+from services.api.file_ingest import IncomingFile
+
+# Bytes of the file handed to a thread at a time: few enough hand-offs to cost little, small enough that
+# the thread writes while the event loop receives the next ones.
+WRITE_BYTES = 1024 * 1024
+MAX_FIELD_BYTES = 64 * 1024
+
+
+@dataclass
+class UploadForm:
+    """What the form held: its small fields, and the file (None when it had no `file` part)."""
+
+    fields: dict[str, str]
+    file: IncomingFile | None
+    filename: str | None
+
+
+class _Parts:
+    """python_multipart's callbacks: small fields gathered, the file part's bytes queued for `take`."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self.file_started = False
+        self._file_bytes: list[bytes] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._header = b""
+        self._value = b""
+        self._name = ""
+        self._in_file = False
+        self._field = bytearray()
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def take(self) -> bytes:
+        """The file's bytes parsed since the last call."""
+        data = b"".join(self._file_bytes)
+        self._file_bytes.clear()
+        return data
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._field = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header.lower()] = self._value
+        self._header = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        self._in_file = self._name == "file" and filename is not None
+        if self._name == "file" and filename is None:
+            raise APIError(400, "file: expected a file (a part with a filename), got a form field",
+                           code="invalid_request", param="file")  # fmt: skip
+        if self._in_file:
+            if self.file_started:
+                raise APIError(400, "file: the form holds more than one file", code="invalid_request",
+                               param="file")  # fmt: skip
+            self.file_started = True
+            self.filename = filename.decode("utf-8", "replace") if filename is not None else None
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file:
+            self._file_bytes.append(data[start:end])
+            return
+        self._field += data[start:end]
+        if len(self._field) > MAX_FIELD_BYTES:
+            raise APIError(400, f"{self._name}: a form field may hold at most {MAX_FIELD_BYTES} bytes",
+                           code="invalid_request", param=self._name or None)  # fmt: skip
+
+    def _part_end(self) -> None:
+        if not self._in_file and self._name:
+            self.fields[self._name] = self._field.decode("utf-8", "replace")
+        self._in_file = False
+
+
+def _boundary(request: Request) -> bytes:
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise APIError(400, "the request body must be multipart/form-data (fields file, purpose and format)",
+                       code="invalid_request")  # fmt: skip
+    return boundary
+
+
+async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadForm:
+    """Read the form to its end; the file's bytes are written (in threads, one hand-off of up to WRITE_BYTES
+    at a time) while the next ones are received. On any failure nothing of the file is kept."""
+    parts = _Parts()
+    parser = MultipartParser(_boundary(request), parts.callbacks())
+    incoming: IncomingFile | None = None
+    writing: asyncio.Future | None = None
+    pending: list[bytes] = []
+    pending_bytes = 0
+    try:
+        async for chunk in request.stream():
+            try:
+                parser.write(chunk)
+            except MultipartParseError as exc:
+                raise APIError(
+                    400, f"the multipart body is malformed: {exc}", code="invalid_request"
+                ) from None
+            if parts.file_started and incoming is None:
+                incoming = await run_in_threadpool(IncomingFile, ctx, tenant)
+            data = parts.take()
+            if data:
+                pending.append(data)
+                pending_bytes += len(data)
+            if incoming is not None and pending_bytes >= WRITE_BYTES:
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(run_in_threadpool(incoming.write, b"".join(pending)))
+                pending, pending_bytes = [], 0
+        parser.finalize()
+        if parser.state != MultipartState.END:
+            raise APIError(400, "the multipart body ends before its closing boundary", code="invalid_request")
+        if writing is not None:
+            await writing
+        if incoming is not None and pending:
+            await run_in_threadpool(incoming.write, b"".join(pending))
+    except BaseException:
+        if writing is not None:
+            await asyncio.gather(writing, return_exceptions=True)
+        if incoming is not None:
+            await run_in_threadpool(incoming.discard)
+        raise
+    return UploadForm(fields=parts.fields, file=incoming, filename=parts.filename)

@@ -69,6 +69,22 @@ def test_a_bad_file_over_the_sync_size_becomes_error_naming_its_problem(served):
     assert file["problems"][0]["line"] == 3
 
 
+def test_an_upload_in_parts_over_the_sync_size_completes_with_its_file_uploaded_then_processed(served):
+    body = chat_lines(2000)
+    create = {"filename": "big.jsonl", "purpose": "fine-tune", "bytes": len(body), "mime_type": "text/jsonl"}
+    with client(served) as http:
+        upload_id = http.post("/v1/uploads", json=create).json()["id"]
+        halves = (body[: len(body) // 2], body[len(body) // 2 :])
+        parts = [
+            http.post(f"/v1/uploads/{upload_id}/parts", files={"data": half}).json()["id"] for half in halves
+        ]
+        done = http.post(f"/v1/uploads/{upload_id}/complete", json={"part_ids": parts}).json()
+        assert (done["status"], done["file"]["status"]) == ("completed", "uploaded")
+        file = wait_validated(http, done["file"])
+    assert (file["status"], file["n_examples"], file["bytes"]) == ("processed", 2000, len(body))
+    assert file["sha256"] == hashlib.sha256(body).hexdigest()
+
+
 def test_the_recorded_bytes_and_sha256_are_those_of_the_uploaded_file(served, bucket_storage):
     body = chat_lines(110_000)  # over 8 MiB: stored in several S3 parts
     assert len(body) > 8 * MIB

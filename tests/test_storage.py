@@ -6,6 +6,7 @@ import hashlib
 import io
 from pathlib import Path
 
+import boto3
 import pytest
 
 from shared.platform.settings import Settings
@@ -318,3 +319,44 @@ def test_storage_from_settings_picks_backend(tmp_path: Path) -> None:
     )
     assert isinstance(s3, S3Storage)
     assert (s3.bucket, s3.prefix) == ("bucket", "svc/")
+
+
+# -- writers: an object written piece by piece as its bytes arrive ----------------------------------------
+
+
+def test_a_writer_stores_the_pieces_written_with_their_size_and_sha256(storage: Storage):
+    total = 20 * MIB + 123  # three S3 parts, the last a short one
+    writer = storage.writer("tenants/t/files/written")
+    source = GeneratedStream(total)
+    while piece := source.read(MIB // 3):
+        writer.write(piece)
+    stored = writer.finish()
+    assert stored == StoredObject("tenants/t/files/written", total, GeneratedStream.expected_sha256(total))
+    assert hashlib.sha256(storage.get_bytes(stored.key)).hexdigest() == stored.sha256
+
+
+def test_an_object_smaller_than_a_part_is_written_whole(storage: Storage):
+    writer = storage.writer("tenants/t/files/small")
+    writer.write(b"hello ")
+    writer.write(b"world")
+    assert writer.finish().size == 11
+    assert storage.get_bytes("tenants/t/files/small") == b"hello world"
+
+
+def test_a_writer_shows_nothing_until_it_finishes_and_an_aborted_one_leaves_nothing(storage: Storage):
+    writer = storage.writer("tenants/t/files/aborted")
+    writer.write(GeneratedStream(9 * MIB).read(9 * MIB))  # a part already sent, on S3
+    assert not storage.exists("tenants/t/files/aborted")
+    writer.abort()
+    assert storage.list_keys("tenants") == []
+
+
+def test_an_aborted_s3_writer_leaves_no_multipart_upload_behind(s3_storage: S3Storage, s3_server: S3Server):
+    writer = s3_storage.writer("tenants/t/files/aborted")
+    writer.write(GeneratedStream(9 * MIB).read(9 * MIB))
+    writer.abort()
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key,
+    )  # fmt: skip
+    assert s3.list_multipart_uploads(Bucket=s3_storage.bucket).get("Uploads", []) == []

@@ -68,3 +68,16 @@ def test_validation_processes_exit_when_the_api_process_is_killed(tmp_path: Path
     finally:
         parent.kill()
         parent.wait(timeout=10)
+
+
+def test_a_heartbeat_is_called_while_a_validation_runs(tmp_path: Path):
+    # What keeps a validation's claim on its file alive while it takes minutes (services/api/file_ingest.py).
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(chat_lines(100_000))  # about 10 MB: a second or more of validation
+    beats: list[float] = []
+    check = check_file(
+        path, filename="train.jsonl", format=None, limits=DataLimits(), seconds=60,
+        heartbeat=lambda: beats.append(time.monotonic()), heartbeat_seconds=0.05,
+    )  # fmt: skip
+    assert (check.ok, check.n_examples) == (True, 100_000)
+    assert len(beats) >= 2

@@ -426,7 +426,8 @@ class _S3Writer(ObjectWriter):
     def _write(self, data: bytes) -> None:
         self._buffer += data
         while len(self._buffer) >= S3_PART_SIZE:
-            part = bytes(self._buffer[:S3_PART_SIZE])
+            with memoryview(self._buffer) as view:
+                part = bytes(view[:S3_PART_SIZE])  # one copy: a slice of the bytearray would be a second
             del self._buffer[:S3_PART_SIZE]
             self._send(part)
 

@@ -43,9 +43,10 @@ from services.trainer.recipes.sft import SFTConfig, train_sft
 from shared.data.splits import holdout_split
 from shared.ml.builtin_models import build_tiny_chat_model
 from shared.ml.chat_data import iter_batches, read_conversations, tokenize_dataset
-from shared.ml.generation_metrics import generate_replies, generation_cases, small_model_threads
+from shared.ml.generation_metrics import generate_replies, generation_cases
 from shared.ml.lm_metrics import evaluate_causal_lm
 from shared.ml.model_loading import generation_eos_ids, load_causal_lm
+from shared.ml.threads import small_model_threads
 from shared.platform.settings import Settings
 from tests.helpers import free_port, port_open, stop_process
 

@@ -18,8 +18,8 @@ from shared.ml.generation_metrics import (
     new_token_limit,
     rouge_l,
     row_scores,
-    small_model_threads,
 )
+from shared.ml.threads import small_model_threads
 
 
 def test_exact_match_ignores_whitespace_runs_but_not_case_or_punctuation() -> None:

@@ -393,3 +393,24 @@ def test_a_second_run_on_the_same_data_reuses_the_tokenized_cache(
     assert sorted(entries) == sorted(
         f"tenants/org-1/cache/tokenized/{k}.safetensors" for k in (key, valid_key)
     )
+
+
+def test_a_tiny_model_trains_on_one_thread_and_the_process_setting_is_restored_after(
+    model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    threads: list[int] = []
+
+    class ThreadHooks(RecordingHooks):
+        def on_step(self, m: StepMetrics) -> None:
+            threads.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_sft(make_config(model_dirs["llama"], tmp_path, n_epochs=1), ThreadHooks())
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+    assert set(threads) == {1}
+    assert after == 2

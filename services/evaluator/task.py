@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from peft import PeftModel
 from redis import Redis
+from transformers import AutoTokenizer
 
 from services.evaluator.base_cache import (
     CACHE_VERSION,
@@ -47,12 +50,12 @@ from shared.ml.generation_metrics import (
     generate_replies,
     generation_cases,
     row_scores,
-    small_model_threads,
 )
 from shared.ml.group_metrics import group_members, largest_gap, pool_token_metrics
 from shared.ml.lm_metrics import evaluate_causal_lm
 from shared.ml.materialize import materialize
 from shared.ml.model_loading import default_device, generation_eos_ids, load_causal_lm, weights_dtype
+from shared.ml.threads import small_model_threads
 from shared.planning.catalog import load_catalog
 from shared.planning.model_card import render_model_card
 from shared.platform import metrics, storage_keys
@@ -344,10 +347,6 @@ def _score(
 ) -> tuple[ModelScores, ModelScores | None, list[GenerationCase]]:
     """The base model's scores (cached, or computed and then cached), then (with an adapter) the
     fine-tuned model's, on the same rows."""
-    import transformers
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     base_dir = materialize(entry, settings)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     trust = settings.allow_trust_remote_code

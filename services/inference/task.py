@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
@@ -281,8 +283,6 @@ class StopStrings(StoppingCriteria):
 
 
 def _load_chat_model(settings: Settings, spec: dict[str, Any]) -> ChatModel:
-    from peft import PeftModel
-
     entry, record, storage, checkpoint = _resolve(settings, spec)
     if entry is None:
         raise ModelUnavailable(f"model {spec['model']!r}: its base model is no longer in the catalog")
@@ -442,9 +442,6 @@ def _with_checkpoint_state(
     """The base model with the LoRA weights of a full-state checkpoint. Such a checkpoint holds the
     trainable tensors named as in the training PeftModel, not a PEFT adapter folder, so the adapter is
     rebuilt from the job's LoRA settings as the recipes build it and must hold exactly those tensors."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from safetensors.torch import load_file
-
     name = checkpoint["fine_tuned_model_checkpoint"]
     path = workdir / "checkpoint" / STATE_WEIGHTS
     assert storage is not None  # a job's model always comes with its storage

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from services.trainer.checkpointing import Checkpoints, CheckpointSink, LoopState
+from shared.ml.threads import SMALL_TRAINING_PARAMETERS, small_model_threads
 from shared.planning.estimate import count_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,15 @@ def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, output_di
 
 def drive(recipe: Recipe, config: TrainConfig, hooks: TrainingHooks, accelerator: Accelerator) -> TrainResult:
     """Train `recipe.model` on `recipe.train`; save it (`recipe.save`) unless stopped with "discard" or
-    "suspend" (which saves a checkpoint instead) or run as a max_steps trial."""
+    "suspend" (which saves a checkpoint instead) or run as a max_steps trial. A small model on CPU trains
+    on one thread (shared/ml/threads.py)."""
+    with small_model_threads(recipe.model, SMALL_TRAINING_PARAMETERS):
+        return _drive(recipe, config, hooks, accelerator)
+
+
+def _drive(
+    recipe: Recipe, config: TrainConfig, hooks: TrainingHooks, accelerator: Accelerator
+) -> TrainResult:
     model = recipe.model
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from shared.data.formats import Example, read_examples
 from shared.ml.chat_data import DataError
@@ -255,8 +261,6 @@ def load_sequence_classifier(
     - `adapter_dir`: the base model plus a trained LoRA adapter and head (method "lora");
     - `model_dir`: fully fine-tuned weights (method "full"); `base_dir` is then unused.
     """
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
     source = model_dir if model_dir is not None else base_dir
     model = AutoModelForSequenceClassification.from_pretrained(

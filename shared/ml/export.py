@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from peft import PeftModel
+
 from shared.ml.model_loading import default_device, load_causal_lm, weights_dtype
 
 
@@ -13,8 +15,6 @@ def merge_adapter(
 ) -> Path:
     """Base + adapter → one model folder (safetensors, config, generation config, tokenizer) that
     `transformers` and vLLM load without peft. Merged in the base's training dtype."""
-    from peft import PeftModel
-
     device = default_device()
     base = load_causal_lm(base_dir, trust_remote_code=trust_remote_code, dtype=weights_dtype(device))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -15,9 +15,8 @@ assistant reply, with greedy decoding (deterministic, no sampling settings to ar
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import sacrebleu
@@ -37,30 +36,6 @@ NEW_TOKEN_RULE = (
     f"each reply stops at EOS or at min({MAX_NEW_TOKENS}, r + max({MIN_MARGIN_TOKENS}, r // 2)) new tokens, "
     "r being its reference reply's length in tokens"
 )
-
-
-# Below this many parameters a CPU forward pass is scored with one intra-op thread (small_model_threads).
-SMALL_MODEL_PARAMETERS = 20_000_000
-
-
-@contextlib.contextmanager
-def small_model_threads(model: torch.nn.Module) -> Iterator[None]:
-    """One torch thread for a small model on CPU, inside the block. Its forward passes (a decode step
-    above all) are too little work to split: each op would end at a barrier of all threads, and on a
-    busy machine that barrier waits for a descheduled thread (measured on the 2-core machine under load:
-    the quickstart's 9 replies took 66 s with 2 threads, 1.8 s with one). Larger models and GPUs keep
-    the process's setting."""
-    device = next(model.parameters()).device
-    size = sum(parameter.numel() for parameter in model.parameters())
-    if device.type != "cpu" or size >= SMALL_MODEL_PARAMETERS:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,12 @@ import boto3
 import httpx
 import pytest
 import redis
+from openai import OpenAI
 
 from shared.data.formats import check_dataset
 from shared.platform.file_store import FileStore
 from shared.platform.records import DEFAULT_TENANT, FileRecord, now
-from tests.api_fixtures import chat_lines, wait_validated
+from tests.api_fixtures import ADMIN_KEY, chat_lines, wait_validated
 from tests.live import LiveTunery, live_env
 from tests.served_api import client, served_app
 
@@ -55,6 +56,13 @@ def test_a_file_over_the_sync_size_is_answered_uploaded_then_becomes_processed_w
     check = check_dataset(io.BytesIO(body), filename="train.jsonl")
     assert file["report"]["stats"] == json.loads(json.dumps(check.stats))
     assert file["report"]["suggested_split"] is not None
+
+
+def test_the_openai_sdk_waits_for_a_file_over_the_sync_size_with_wait_for_processing(served):
+    sdk = OpenAI(base_url=f"{served}/v1", api_key=ADMIN_KEY, _strict_response_validation=True)
+    created = sdk.files.create(file=("train.jsonl", chat_lines(2000)), purpose="fine-tune")
+    file = sdk.files.wait_for_processing(created.id, poll_interval=0.1, max_wait_seconds=60)
+    assert (created.status, file.status) == ("uploaded", "processed")
 
 
 def test_a_bad_file_over_the_sync_size_becomes_error_naming_its_problem(served):

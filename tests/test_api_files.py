@@ -67,3 +67,42 @@ def test_missing_file_answers_404_in_openai_shape(api):
     response = api.get("/v1/files/file-doesnotexist")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_form_without_a_file_is_refused_naming_the_file_field(api):
+    response = api.post("/v1/files", files={"purpose": (None, "fine-tune")})  # (None, …): a plain field
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "file: Field required"
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_a_file_sent_as_a_plain_form_field_is_refused_naming_it(api):
+    response = api.post("/v1/files", files={"purpose": (None, "fine-tune"), "file": (None, "not a file")})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_a_body_that_is_not_a_multipart_form_is_refused(api):
+    response = api.post("/v1/files", json={"purpose": "fine-tune"})
+    assert response.status_code == 400
+    assert "multipart/form-data" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_a_file_whose_purpose_comes_after_it_is_stored_once(api):
+    # curl -F file=@train.jsonl -F purpose=fine-tune sends the file first.
+    boundary = "tunery-boundary"
+    body = b"".join(
+        [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'.encode(),
+            chat_lines(10),
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'.encode(),
+            f"--{boundary}--\r\n".encode(),
+        ]
+    )
+    response = api.post(
+        "/v1/files", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["status"], response.json()["bytes"]) == ("processed", len(chat_lines(10)))
+    assert len(api.get("/v1/files").json()["data"]) == 1

@@ -129,11 +129,13 @@ def ingest(
         return record
     try:
         validated = _validated(ctx, record, incoming.path)
-    except ValidationTimeout:
-        ctx.storage.delete(stored.key)
-        raise APIError(
-            400, timeout_message(validation_budget(stored.size)), code="validation_timeout", param="file"
-        ) from None
+    except BaseException as exc:
+        ctx.storage.delete(stored.key)  # no record will name it
+        if isinstance(exc, ValidationTimeout):
+            raise APIError(
+                400, timeout_message(validation_budget(stored.size)), code="validation_timeout", param="file"
+            ) from None
+        raise
     finally:
         incoming.path.unlink(missing_ok=True)
     ctx.files.save(validated)

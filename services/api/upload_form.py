@@ -23,7 +23,9 @@ from services.api.file_ingest import IncomingFile
 # Bytes of the file handed to a thread at a time: few enough hand-offs to cost little, small enough that
 # the thread writes while the event loop receives the next ones.
 WRITE_BYTES = 1024 * 1024
-MAX_FIELD_BYTES = 64 * 1024
+# What the form's other fields (purpose, format) may hold together: a body without a Content-Length is
+# only limited as it arrives.
+MAX_FIELDS_BYTES = 64 * 1024
 
 
 @dataclass
@@ -47,8 +49,11 @@ class _Parts:
         self._header = b""
         self._value = b""
         self._name = ""
-        self._in_file = False
+        self._kind = (
+            "field"  # the part being read: "file", a "field" kept, or a "skipped" file of another name
+        )
         self._field = bytearray()
+        self._fields_bytes = 0
 
     def callbacks(self) -> dict:
         return {
@@ -85,38 +90,41 @@ class _Parts:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         filename = options.get(b"filename")
-        self._in_file = self._name == "file" and filename is not None
-        if self._name == "file" and filename is None:
+        if self._name != "file":
+            self._kind = "field" if filename is None else "skipped"
+            return
+        if filename is None:
             raise APIError(400, "file: expected a file (a part with a filename), got a form field",
                            code="invalid_request", param="file")  # fmt: skip
-        if self._in_file:
-            if self.file_started:
-                raise APIError(400, "file: the form holds more than one file", code="invalid_request",
-                               param="file")  # fmt: skip
-            self.file_started = True
-            self.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        if self.file_started:
+            raise APIError(
+                400, "file: the form holds more than one file", code="invalid_request", param="file"
+            )
+        self._kind = "file"
+        self.file_started = True
+        self.filename = filename.decode("utf-8", "replace")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._in_file:
+        if self._kind == "file":
             self._file_bytes.append(data[start:end])
-            return
-        self._field += data[start:end]
-        if len(self._field) > MAX_FIELD_BYTES:
-            raise APIError(400, f"{self._name}: a form field may hold at most {MAX_FIELD_BYTES} bytes",
-                           code="invalid_request", param=self._name or None)  # fmt: skip
+        elif self._kind == "field":
+            self._field += data[start:end]
+            self._fields_bytes += end - start
+            if self._fields_bytes > MAX_FIELDS_BYTES:
+                raise APIError(400, f"{self._name}: the form's fields may hold at most {MAX_FIELDS_BYTES} bytes",
+                               code="invalid_request", param=self._name or None)  # fmt: skip
 
     def _part_end(self) -> None:
-        if not self._in_file and self._name:
+        if self._kind == "field" and self._name:
             self.fields[self._name] = self._field.decode("utf-8", "replace")
-        self._in_file = False
 
 
 def _boundary(request: Request) -> bytes:
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
-        raise APIError(400, "the request body must be multipart/form-data (fields file, purpose and format)",
-                       code="invalid_request")  # fmt: skip
+        raise APIError(400, "file: the request body must be multipart/form-data (fields file, purpose and "
+                       "format)", code="invalid_request", param="file")  # fmt: skip
     return boundary
 
 

@@ -395,8 +395,17 @@ def _score(
             base = score(model)
             cache.store(base)
         # The adapter is injected into `model` in place: the base is scored first, without a second copy.
-        tuned = score(PeftModel.from_pretrained(model, adapter_dir)) if adapter_dir is not None else None
+        tuned = score(_with_adapter(model, adapter_dir)) if adapter_dir is not None else None
     return base, tuned, cases
+
+
+def _with_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """`model` with the adapter, merged into its weights when they are float32: the same model to within
+    float32 rounding, as an export serves it, and a decode step without the adapter's extra modules (the
+    quickstart's replies: 0.63 s against 0.84 s). Lower-precision weights keep the adapter beside them:
+    merged, a small update below their rounding step would be lost."""
+    tuned = PeftModel.from_pretrained(model, adapter_dir)
+    return tuned.merge_and_unload() if next(model.parameters()).dtype == torch.float32 else tuned
 
 
 def _plan_event(plan: GenerationPlan, cases: Sequence[GenerationCase], cached: bool) -> str:

@@ -19,6 +19,7 @@ TUNERY_SYNC_VALIDATION_BYTES (8 MiB), so that it is validated after the answer. 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -105,8 +106,13 @@ def main() -> None:
             def tunery(body: bytes) -> tuple[float, float]:
                 """Seconds until the answer (the file stored, its id known), and until it is processed."""
                 started = time.perf_counter()
+                # From a file object, as a client uploading a file from disk sends it: httpx reads it 64 KiB at
+                # a time. Given bytes, httpx hands the socket the whole body, and re-slices what is left after
+                # each partial send: quadratic, 6 s of the client's CPU for 300 MB.
                 response = http.post(
-                    "/v1/files", files={"file": ("big.jsonl", body)}, data={"purpose": "fine-tune"}
+                    "/v1/files",
+                    files={"file": ("big.jsonl", io.BytesIO(body))},
+                    data={"purpose": "fine-tune"},
                 )
                 answered = time.perf_counter() - started
                 file = wait_processed(http, response.raise_for_status().json())

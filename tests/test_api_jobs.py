@@ -202,3 +202,23 @@ def test_a_job_with_a_checkpoint_interval_shows_it(api):
         "ddp",
         None,
     )
+
+
+def test_jobs_on_the_same_file_without_a_seed_hold_out_the_same_rows_and_a_given_seed_chooses_its_own(
+    api, redis_url
+):
+    """Each job without a seed draws its own for training, but the held-out split's seed comes from the
+    file's content: the evaluations compare on the same rows, and the base model is scored once."""
+    first_file, same_content = upload(api, 20), upload(api, 20)
+    store = redis.Redis.from_url(redis_url)
+
+    def stored(job_id: str) -> dict:
+        return json.loads(store.get(f"tunery:job:{job_id}"))
+
+    a = stored(create(api, first_file).json()["id"])
+    b = stored(create(api, same_content).json()["id"])
+    seeded = stored(create(api, first_file, seed=7).json()["id"])
+
+    assert a["seed"] != b["seed"]
+    assert a["holdout_seed"] == b["holdout_seed"]
+    assert seeded["holdout_seed"] == 7

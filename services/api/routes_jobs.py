@@ -27,6 +27,7 @@ from services.api.schemas import (
     job_object,
     list_object,
 )
+from shared.data.splits import holdout_seed
 from shared.methods import DEFAULT_METHOD, METHODS, NAMES, method
 from shared.platform import storage_keys
 from shared.platform.cancel import cancel
@@ -106,8 +107,9 @@ def _check_method(ctx: Context, body: JobCreate) -> None:
         )  # fmt: skip
 
 
-def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
-    """Refuse what can be refused at once (unknown model or class, unusable files); the GPU class."""
+def _check_request(ctx: Context, tenant: str, body: JobCreate) -> tuple[str, int]:
+    """Refuse what can be refused at once (unknown model or class, unusable files); the GPU class and the
+    held-out split's seed (shared.data.splits.holdout_seed)."""
     if body.model not in ctx.catalog:
         raise APIError(
             400,
@@ -142,14 +144,14 @@ def _check_request(ctx: Context, tenant: str, body: JobCreate) -> str:
     if body.integrations:
         raise APIError(400, "integrations are not supported", param="integrations")
     _check_method(ctx, body)
-    _usable_file(ctx, tenant, body.training_file, "training_file", body.method_type)
+    training = _usable_file(ctx, tenant, body.training_file, "training_file", body.method_type)
     if body.validation_file is not None:
         _usable_file(ctx, tenant, body.validation_file, "validation_file", body.method_type)
-    return gpu_class
+    return gpu_class, holdout_seed(body.seed, training.sha256)
 
 
 def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
-    gpu_class = _check_request(ctx, tenant, body)
+    gpu_class, split_seed = _check_request(ctx, tenant, body)
     record = JobRecord(
         id=new_job_id(),
         tenant=tenant,
@@ -158,6 +160,7 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
         training_file=body.training_file,
         validation_file=body.validation_file,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        holdout_seed=split_seed,
         suffix=body.suffix,
         metadata=body.metadata,
         method_type=body.method_type,
@@ -204,13 +207,14 @@ def _create_job(ctx: Context, tenant: str, body: JobCreate) -> JobRecord:
 def estimate_job(
     body: JobCreate, ctx: Context = Depends(get_context), tenant: str = Depends(caller_tenant)
 ) -> dict:
-    gpu_class = _check_request(ctx, tenant, body)
+    gpu_class, split_seed = _check_request(ctx, tenant, body)
     spec = {
         "tenant": tenant,
         "model": body.model,
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "seed": body.seed if body.seed is not None else 0,
+        "holdout_seed": split_seed,
         "method_type": body.method_type,
         "requested": body.requested_hyperparameters(),
         "lora": (body.lora or LoraSettings()).model_dump(),

@@ -76,6 +76,7 @@ class JobSpec:
     data_policy: str = "warn"
     processes: int = 1  # training processes (devices) in all: num_gpus × num_nodes
     method_type: str = DEFAULT_METHOD
+    holdout_seed: int | None = None  # shared.data.splits.holdout_seed; None: `seed` (a job made before it)
 
 
 def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
@@ -122,7 +123,9 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
             train_rows, valid_rows = rows, rows_of(spec.validation_file, "validation_file")
             source = "validation_file"
         else:
-            train_rows, valid_rows = holdout_split(rows, spec.seed)
+            train_rows, valid_rows = holdout_split(
+                rows, spec.seed if spec.holdout_seed is None else spec.holdout_seed
+            )
             source = "held_out_split"
 
     model_dir = materialize(entry, settings)
@@ -365,6 +368,7 @@ def _spec_of(record: JobRecord) -> JobSpec:
         training_file=record.training_file,
         validation_file=record.validation_file,
         seed=record.seed,
+        holdout_seed=record.holdout_seed,
         requested=record.requested_hyperparameters,
         lora=record.lora,
         gpu_class=record.gpu_class,

@@ -196,7 +196,7 @@ class TrainingRun(RunContext):
             train, valid = rows, self._download_rows(self.record.validation_file, "validation_file")
             source = "validation_file"
         else:
-            train, valid = holdout_split(rows, self.record.seed)
+            train, valid = holdout_split(rows, self.record.split_seed)
             # Already redacted (data_policy redact): the evaluator reads the split as it is.
             key = storage_keys.validation_split_key(self.record.tenant, self.job_id)
             self.storage.put_bytes(key, split_jsonl(valid))

@@ -139,6 +139,8 @@ class JobRecord(BaseModel):
     training_file: str
     validation_file: str | None = None
     seed: int
+    # The held-out split's (shared.data.splits.holdout_seed); None on records made before it: `seed`.
+    holdout_seed: int | None = None
     suffix: str | None = None
     metadata: dict[str, str] | None = None
     method_type: str = "supervised"  # a registered method's name (shared.methods; the API checks it)
@@ -186,6 +188,11 @@ class JobRecord(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     artifacts: dict[str, str] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the held-out split when the job has no validation file."""
+        return self.seed if self.holdout_seed is None else self.holdout_seed
 
 
 def fine_tuned_model_id(record: JobRecord) -> str:

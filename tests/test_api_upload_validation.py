@@ -129,7 +129,7 @@ def test_a_streamed_upload_over_the_size_limit_gets_413_and_stores_nothing(serve
     assert s3.list_multipart_uploads(Bucket=bucket_storage.bucket).get("Uploads", []) == []
 
 
-def test_a_file_still_uploaded_is_refused_with_file_not_ready(api):
+def test_a_file_still_uploaded_is_refused_by_jobs_evaluations_preview_and_report_as_not_ready(api):
     ctx = api.app.state.context
     record = FileRecord(
         id="file-stillbeingvalidated", tenant=DEFAULT_TENANT, filename="train.jsonl", purpose="fine-tune",
@@ -138,14 +138,19 @@ def test_a_file_still_uploaded_is_refused_with_file_not_ready(api):
     ctx.files.claim_validation(record.id, 60)  # as the process validating it holds it
     ctx.files.save(record)
     job = api.post("/v1/fine_tuning/jobs", json={"model": "tunery/tiny-chat", "training_file": record.id})
+    evaluation = api.post("/v1/evaluations", json={"model": "tunery/tiny-chat", "validation_file": record.id})
     preview = api.get(f"/v1/files/{record.id}/preview")
-    assert job.status_code == preview.status_code == 400
+    report = api.get(f"/v1/files/{record.id}/report")
     error = job.json()["error"]
-    assert (error["code"], error["param"]) == ("file_not_ready", "training_file")
+    assert (job.status_code, error["code"], error["param"]) == (400, "file_not_ready", "training_file")
     assert error["message"].startswith(
         f"{record.id} is still being validated (status uploaded); retry when its status is processed"
     )
-    assert preview.json()["error"]["code"] == "file_not_ready"
+    assert (evaluation.status_code, evaluation.json()["error"]["code"]) == (400, "file_not_ready")
+    assert evaluation.json()["error"]["param"] == "validation_file"
+    assert [(r.status_code, r.json()["error"]["code"]) for r in (preview, report)] == [
+        (400, "file_not_ready")
+    ] * 2
 
 
 def test_a_file_left_uploaded_by_a_killed_api_is_validated_by_the_next_one(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,18 @@ log = logging.getLogger(__name__)
 class JobCheckpoints:
     """The trainer task's `CheckpointSink`: when a checkpoint is due, and where it goes."""
 
-    def __init__(self, settings: Settings, storage: Storage, jobs: JobStore, record: JobRecord) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        jobs: JobStore,
+        record: JobRecord,
+        send_rows: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings = settings
+        # Sends the step metrics not yet in the job's series (ProgressHooks batches them): a checkpoint is
+        # listed only once its steps' metrics are stored, so that a run resumed from it has them all.
+        self.send_rows = send_rows
         self.storage = storage
         self.jobs = jobs
         self.record = record
@@ -50,6 +61,7 @@ class JobCheckpoints:
         self.storage.upload_directory(directory, self.prefix(step))
 
     def saved(self, step: int, directory: Path, state: LoopState) -> None:
+        self.send_rows()
         self.last_saved = time.monotonic()
         checkpoint = ResumeCheckpoint(
             id=new_id("ftckpt"), step=step, attempt=self.record.attempt, prefix=self.prefix(step),

@@ -386,7 +386,7 @@ def main(spec_path: str) -> None:
     config = _with(
         spec.config,
         token_cache=runtime.storage,
-        checkpoints=JobCheckpoints(runtime.settings, runtime.storage, runtime.jobs, record),
+        checkpoints=JobCheckpoints(runtime.settings, runtime.storage, runtime.jobs, record, hooks.send_rows),
         torch_threads=0,  # the launcher set this process's share (OMP_NUM_THREADS)
     )
     module, function = spec.recipe.split(":")

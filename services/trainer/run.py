@@ -7,10 +7,12 @@ other.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from redis import Redis
 
@@ -60,7 +62,15 @@ class RunContext:
 
 class ProgressHooks:
     """Reports steps as job progress and metrics events, keeps the job's usage and cost current,
-    and says when the loop must stop: cancel, pause or preemption (discard), a budget (save)."""
+    and says when the loop must stop: cancel, pause or preemption (discard), a budget (save).
+
+    No step waits on Redis: the steps' metrics rows are sent, and the job's record (its state: cancel,
+    pause) read, at most every POLL_SECONDS, in one round trip; a tiny model's step takes ~10 ms, and two
+    round trips a step cost it a tenth of its time on a busy machine. The progress report (an event and
+    the record's progress) goes every TUNERY_PROGRESS_INTERVAL_SECONDS and after the last step.
+    """
+
+    POLL_SECONDS = 0.25
 
     def __init__(self, run: RunContext, total_steps: int):
         self.run = run
@@ -78,6 +88,9 @@ class ProgressHooks:
         self.preempted = False
         self.budget_reason: str | None = None
         self.last_step = 0
+        self.rows: list[dict[str, Any]] = []  # step metrics not yet sent
+        self.polled = -math.inf  # when the record was last read
+        self.record: JobRecord | None = run.record
 
     def device_seconds(self) -> float:
         return (time.monotonic() - self.started) * self.devices
@@ -104,16 +117,16 @@ class ProgressHooks:
         self.last_tokens = m.trained_tokens
         self.training_seconds = time.monotonic() - self.started
         self.last_step = m.step
-        self.run.jobs.add_step_metrics(
-            self.run.job_id,
+        self.rows.append(
             {"kind": "train", "step": m.step, "epoch": round(m.epoch, 4), "train_loss": m.train_loss,
              "train_mean_token_accuracy": m.train_accuracy, "learning_rate": m.learning_rate,
-             "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds},
+             "grad_norm": m.grad_norm, "tokens_per_second": m.tokens_per_second, "step_seconds": m.step_seconds}
         )  # fmt: skip
         clock = time.monotonic()
         if clock - self.last_report < self.interval and m.step != m.total_steps:
             return
         self.last_report = clock
+        self.send_rows()
         remaining = self.training_seconds / m.step * (m.total_steps - m.step) if m.step else None
         self.account()
         data = {
@@ -147,6 +160,7 @@ class ProgressHooks:
         if valid_metrics:
             names = method(self.run.record.method_type).validation_metrics
             detail = "; validation " + ", ".join(f"{name}={valid_metrics[name]:.4f}" for name in names)
+            self.send_rows()
             self.run.jobs.add_step_metrics(
                 self.run.job_id,
                 {"kind": "validation", "step": self.last_step, "epoch": epoch}
@@ -154,11 +168,27 @@ class ProgressHooks:
             )
         self.run.jobs.add_event(self.run.job_id, f"Epoch {epoch} complete{detail}", data=valid_metrics)
 
+    def send_rows(self) -> None:
+        """The step metrics not yet sent, appended to the job's series."""
+        self.run.jobs.add_step_metrics(self.run.job_id, *self.rows)
+        self.rows.clear()
+
     def should_stop(self) -> StopAction | None:
+        action = self._stop_action()
+        if action is not None:
+            self.send_rows()  # the steps trained before the stop are all in the series
+        return action
+
+    def _stop_action(self) -> StopAction | None:
         if Preemption.requested:
             self.preempted = True
             return "suspend"
-        record = self.run.jobs.get(self.run.job_id)
+        clock = time.monotonic()
+        if clock - self.polled >= self.POLL_SECONDS:
+            self.polled = clock
+            self.send_rows()
+            self.record = self.run.jobs.get(self.run.job_id)
+        record = self.record
         if record is None or record.attempt != self.run.record.attempt:
             return "discard"
         if record.state is JobState.PAUSED:

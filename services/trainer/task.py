@@ -117,7 +117,9 @@ class TrainingRun(RunContext):
                         raise JobFailure("budget_exceeded", message)
                     return self._stopped(hooks)
                 config = self._config(model_dir, train_rows, valid_rows)
-                config.checkpoints = JobCheckpoints(self.settings, self.storage, self.jobs, self.record)
+                config.checkpoints = JobCheckpoints(
+                    self.settings, self.storage, self.jobs, self.record, hooks.send_rows
+                )
                 config.resume_from = resume_from
                 result = self._train(config, hooks)
             except DataError as exc:

@@ -365,8 +365,10 @@ class JobStore:
                 pipe.rpush(_series_key(job_id), *(json.dumps(row) for row in kept))
             pipe.execute()
 
-    def add_step_metrics(self, job_id: str, row: dict[str, Any]) -> None:
-        self.redis.rpush(_series_key(job_id), json.dumps(row))
+    def add_step_metrics(self, job_id: str, *rows: dict[str, Any]) -> None:
+        """Append rows to the job's metrics series, in order, in one command."""
+        if rows:
+            self.redis.rpush(_series_key(job_id), *(json.dumps(row) for row in rows))
 
     def step_metrics(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.redis.lrange(_series_key(job_id), 0, -1)]

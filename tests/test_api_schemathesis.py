@@ -84,9 +84,9 @@ def seeded(served) -> str:
 
 def test_every_operation_keeps_its_documented_contract(seeded, tmp_path: Path):
     excluded = [option for path in WORKER_OPERATIONS for option in ("--exclude-path", path)]
-    schemathesis(seeded, tmp_path / "all", CONFIG, 60, *excluded)
+    schemathesis(seeded, tmp_path / "all", CONFIG, 45, *excluded)
 
 
 def test_operations_that_wait_for_a_worker_keep_their_contract_without_one(seeded, tmp_path: Path):
     included = [option for path in WORKER_OPERATIONS for option in ("--include-path", path)]
-    schemathesis(seeded, tmp_path / "workers", WORKER_CONFIG, 30, *included)
+    schemathesis(seeded, tmp_path / "workers", WORKER_CONFIG, 20, *included)

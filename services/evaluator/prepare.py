@@ -78,6 +78,11 @@ class JobSpec:
     method_type: str = DEFAULT_METHOD
     holdout_seed: int | None = None  # shared.data.splits.holdout_seed; None: `seed` (a job made before it)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the held-out split when the job has no validation file (as JobRecord.split_seed)."""
+        return self.seed if self.holdout_seed is None else self.holdout_seed
+
 
 def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparameters, dict[str, Any]]:
     """Resolved hyperparameters and the estimate for `spec`; JobFailure when the data cannot train."""
@@ -123,9 +128,7 @@ def plan(settings: Settings, redis: Redis, spec: JobSpec) -> tuple[Hyperparamete
             train_rows, valid_rows = rows, rows_of(spec.validation_file, "validation_file")
             source = "validation_file"
         else:
-            train_rows, valid_rows = holdout_split(
-                rows, spec.seed if spec.holdout_seed is None else spec.holdout_seed
-            )
+            train_rows, valid_rows = holdout_split(rows, spec.split_seed)
             source = "held_out_split"
 
     model_dir = materialize(entry, settings)

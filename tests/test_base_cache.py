@@ -7,6 +7,8 @@ storage."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from shared.data.formats import Example
 from shared.ml.model_loading import default_device
 from shared.ml.task_data import split_jsonl
 from shared.platform import storage_keys
+from shared.platform.cpus import usable_cpus
 from shared.platform.file_store import FileStore
 from shared.platform.ids import new_file_id, new_job_id
 from shared.platform.job_states import JobState
@@ -291,6 +294,41 @@ def test_a_cancelled_job_whose_base_side_is_cached_stops_at_the_fine_tuned_model
     with pytest.raises(EvaluationCancelled, match=f"job {job.id} is cancelled"):
         evaluate(settings, session_redis, storage, job, watch=CancelWatch(jobs, job.id, job.attempt))
     assert not storage.exists(storage_keys.generations_key(TENANT, job.id))
+
+
+def test_a_cancelled_job_whose_base_side_is_not_cached_stops_and_leaves_no_forked_process_behind(
+    settings: Settings, session_redis: redis.Redis, weights: dict[str, Path], tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path / "storage")
+    job = publish(storage, weights)
+    jobs = JobStore(session_redis, storage)
+    jobs.create(job, "created")
+    jobs.transition(job.id, JobState.CANCELLED, "cancelled by the user")
+
+    with pytest.raises(EvaluationCancelled, match=f"job {job.id} is cancelled"):
+        evaluate(settings, session_redis, storage, job, watch=CancelWatch(jobs, job.id, job.attempt))
+    assert multiprocessing.active_children() == []
+    assert cache_entries(storage) == {}
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="side by side needs two usable CPUs")
+def test_both_models_scored_side_by_side_give_the_report_of_one_after_the_other(
+    settings: Settings,
+    session_redis: redis.Redis,
+    weights: dict[str, Path],
+    first: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path / "storage")
+    job = publish(storage, weights)
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # one usable CPU: the base, then the tuned model, in this process
+    try:
+        report = evaluate(settings, session_redis, storage, job)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+    assert without_flag(report) == without_flag(first[1])  # `first` scored them side by side
 
 
 def test_a_standalone_evaluation_of_the_base_model_reuses_its_own_earlier_results(

@@ -21,13 +21,17 @@ SMALL_MODEL_PARAMETERS = 20_000_000
 SMALL_TRAINING_PARAMETERS = 2_000_000
 
 
+def runs_on_one_thread(model: torch.nn.Module, limit: int = SMALL_MODEL_PARAMETERS) -> bool:
+    """Whether `small_model_threads` gives `model` one thread: on CPU, with fewer than `limit` parameters."""
+    device = next(model.parameters()).device
+    return device.type == "cpu" and sum(parameter.numel() for parameter in model.parameters()) < limit
+
+
 @contextlib.contextmanager
 def small_model_threads(model: torch.nn.Module, limit: int = SMALL_MODEL_PARAMETERS) -> Iterator[None]:
     """One torch thread inside the block for a model on CPU with fewer than `limit` parameters; the
     setting is restored after."""
-    device = next(model.parameters()).device
-    size = sum(parameter.numel() for parameter in model.parameters())
-    if device.type != "cpu" or size >= limit:
+    if not runs_on_one_thread(model, limit):
         yield
         return
     previous = torch.get_num_threads()

@@ -56,10 +56,7 @@ def tunery(tmp_path: Path, redis_url: str, s3_server, bucket_storage: S3Storage)
     (tmp_path / "logs").mkdir()
     live = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=tmp_path / "logs")
     try:
-        live.start("api")
-        live.start("trainer")
-        live.start("evaluator")
-        live.start("inference")
+        live.start_all("api", "trainer", "evaluator", "inference")
         yield live
     finally:
         live.stop()

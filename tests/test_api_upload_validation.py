@@ -7,7 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import socket
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import httpx
@@ -19,6 +22,7 @@ from shared.data.formats import check_dataset
 from shared.platform.file_store import FileStore
 from shared.platform.records import DEFAULT_TENANT, FileRecord, now
 from tests.api_fixtures import ADMIN_KEY, chat_lines, wait_validated
+from tests.helpers import wait_for
 from tests.live import LiveTunery, live_env
 from tests.served_api import client, served_app
 
@@ -93,14 +97,50 @@ def test_an_upload_in_parts_over_the_sync_size_completes_with_its_file_uploaded_
     assert file["sha256"] == hashlib.sha256(body).hexdigest()
 
 
-def test_the_recorded_bytes_and_sha256_are_those_of_the_uploaded_file(served, bucket_storage):
-    body = chat_lines(110_000)  # over 8 MiB: stored in several S3 parts
+def s3_client(s3_server) -> Any:
+    return boto3.client(
+        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key,
+    )  # fmt: skip
+
+
+def test_the_recorded_bytes_and_sha256_are_those_of_the_uploaded_file_stored_in_one_put(
+    served, s3_server, bucket_storage
+):
+    body = chat_lines(110_000)  # over 8 MiB: it would take several S3 parts
     assert len(body) > 8 * MIB
     with client(served) as http:
         answer = post_file(http, body)
         assert http.get(f"/v1/files/{answer['id']}/content").content == body
     assert (answer["bytes"], answer["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
-    assert bucket_storage.get_bytes(f"tenants/{DEFAULT_TENANT}/files/{answer['id']}") == body
+    key = f"tenants/{DEFAULT_TENANT}/files/{answer['id']}"
+    assert bucket_storage.get_bytes(key) == body
+    # The form's Content-Length told the file's size: one streamed PUT (a multipart ETag ends in -<parts>).
+    assert "-" not in s3_client(s3_server).head_object(Bucket=bucket_storage.bucket, Key=key)["ETag"]
+
+
+def test_a_file_sent_before_the_forms_other_fields_is_stored_whole(served, bucket_storage):
+    # curl -F file=@train.jsonl -F purpose=fine-tune sends the file first: the size guessed from the
+    # Content-Length is wrong, and storage gets the file from the API's local copy instead.
+    boundary = "tunery-test-boundary"
+    data = chat_lines(110_000)
+    body = b"".join(
+        [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'.encode(),
+            data,
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'.encode(),
+            f"--{boundary}--\r\n".encode(),
+        ]
+    )  # fmt: skip
+    with client(served) as http:
+        response = http.post(
+            "/v1/files", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert http.get(f"/v1/files/{answer['id']}/content").content == data
+    assert (answer["bytes"], answer["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    assert bucket_storage.get_bytes(f"tenants/{DEFAULT_TENANT}/files/{answer['id']}") == data
 
 
 def test_a_streamed_upload_over_the_size_limit_gets_413_and_stores_nothing(served, s3_server, bucket_storage):
@@ -122,11 +162,36 @@ def test_a_streamed_upload_over_the_size_limit_gets_413_and_stores_nothing(serve
     assert response.json()["error"]["param"] == "file"
     assert listed == []
     assert bucket_storage.list_keys("tenants") == []
-    s3 = boto3.client(
-        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-        aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key,
-    )  # fmt: skip
-    assert s3.list_multipart_uploads(Bucket=bucket_storage.bucket).get("Uploads", []) == []
+    assert s3_client(s3_server).list_multipart_uploads(Bucket=bucket_storage.bucket).get("Uploads", []) == []
+
+
+def test_an_upload_whose_client_disconnects_midway_stores_nothing_and_stops_sending_to_s3(
+    served, bucket_storage
+):
+    boundary = "tunery-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
+    )
+    data = chat_lines(110_000)
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    host, port = served.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(
+            f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ADMIN_KEY}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(head) + len(data) + len(tail)}\r\n\r\n".encode()
+        )
+        raw.sendall(head + data[: len(data) // 2])  # the announced size is streamed to S3 meanwhile
+        wait_for(lambda: _sending_to_s3(), 10, "the streamed PUT")
+    wait_for(lambda: not _sending_to_s3(), 10, "the streamed PUT broken off")
+    with client(served) as http:
+        assert http.get("/v1/files").json()["data"] == []
+    assert bucket_storage.list_keys("tenants") == []
+
+
+def _sending_to_s3() -> bool:
+    """Whether this process (which serves the API) has a streamed PUT's sending thread."""
+    return any(thread.name.startswith("s3-put") for thread in threading.enumerate())
 
 
 def test_a_file_still_uploaded_is_refused_by_jobs_evaluations_preview_and_report_as_not_ready(api):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -14,6 +15,7 @@ from shared.platform.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,
+    SizeMismatch,
     Storage,
     StorageUnavailable,
     StoredObject,
@@ -22,6 +24,14 @@ from shared.platform.storage import (
 from tests.helpers import S3Server, free_port
 
 MIB = 1 << 20
+
+
+def s3_client(server: S3Server) -> Any:
+    """A plain boto3 client of the test S3 server, to look at what a storage call left there."""
+    return boto3.client(
+        "s3", endpoint_url=server.endpoint_url, region_name="us-east-1",
+        aws_access_key_id=server.access_key_id, aws_secret_access_key=server.secret_access_key,
+    )  # fmt: skip
 
 
 class GeneratedStream:
@@ -351,12 +361,50 @@ def test_a_writer_shows_nothing_until_it_finishes_and_an_aborted_one_leaves_noth
     assert storage.list_keys("tenants") == []
 
 
+def test_a_writer_told_the_size_stores_the_pieces_written(storage: Storage):
+    total = 20 * MIB + 123
+    writer = storage.writer("tenants/t/files/announced", size=total)
+    source = GeneratedStream(total)
+    while piece := source.read(MIB // 3):
+        writer.write(piece)
+    stored = writer.finish()
+    assert stored == StoredObject("tenants/t/files/announced", total, GeneratedStream.expected_sha256(total))
+    assert hashlib.sha256(storage.get_bytes(stored.key)).hexdigest() == stored.sha256
+
+
+def test_an_s3_writer_told_the_size_sends_the_object_in_one_put(s3_storage: S3Storage, s3_server: S3Server):
+    total = 20 * MIB + 123
+    writer = s3_storage.writer("tenants/t/files/announced", size=total)
+    writer.write(GeneratedStream(total).read(total))
+    writer.finish()
+    head = s3_client(s3_server).head_object(
+        Bucket=s3_storage.bucket, Key=s3_storage.prefix + "tenants/t/files/announced"
+    )
+    assert head["ContentLength"] == total
+    assert "-" not in head["ETag"]  # a multipart upload's ETag ends in -<number of parts>
+
+
+@pytest.mark.parametrize("written", [10, 12])
+def test_a_writer_given_another_number_of_bytes_than_its_size_raises_and_stores_nothing(
+    storage: Storage, written: int
+):
+    writer = storage.writer("tenants/t/files/mismatch", size=11)
+    with pytest.raises(SizeMismatch):
+        writer.write(b"x" * written)
+        writer.finish()
+    assert storage.list_keys("tenants") == []
+
+
+def test_a_writer_told_the_size_aborted_after_its_last_byte_leaves_nothing(storage: Storage):
+    writer = storage.writer("tenants/t/files/aborted", size=11)
+    writer.write(b"hello world")  # the whole body: an S3 PUT may complete before the abort
+    writer.abort()
+    assert storage.list_keys("tenants") == []
+
+
 def test_an_aborted_s3_writer_leaves_no_multipart_upload_behind(s3_storage: S3Storage, s3_server: S3Server):
     writer = s3_storage.writer("tenants/t/files/aborted")
     writer.write(GeneratedStream(9 * MIB).read(9 * MIB))
     writer.abort()
-    s3 = boto3.client(
-        "s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1",
-        aws_access_key_id=s3_server.access_key_id, aws_secret_access_key=s3_server.secret_access_key,
-    )  # fmt: skip
+    s3 = s3_client(s3_server)
     assert s3.list_multipart_uploads(Bucket=s3_storage.bucket).get("Uploads", []) == []

@@ -21,7 +21,7 @@ from shared.data.validation_process import ValidationTimeout, check_file
 from shared.platform import storage_keys
 from shared.platform.ids import new_file_id
 from shared.platform.records import FileRecord, now
-from shared.platform.storage import ObjectNotFound, StorageError, StoredObject
+from shared.platform.storage import ObjectNotFound, ObjectWriter, SizeMismatch, StorageError, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -68,37 +68,56 @@ def timeout_message(seconds: float) -> str:
 
 class IncomingFile:
     """A new file's bytes as they arrive, written at once to a local copy (a validation process reads it,
-    so it needs a name) and to storage (S3 parts go out while later bytes arrive), and hashed on the way:
-    one pass, no second copy. Blocking: call it from a thread, not the event loop."""
+    so it needs a name) and to storage (S3 receives them while later bytes arrive), and hashed on the way:
+    one pass, no second copy. `size`: the file's size when the request tells it ahead, which lets storage
+    take the file in one stream; if another number of bytes comes, storage gets the local copy at the end.
+    Blocking: call it from a thread, not the event loop."""
 
-    def __init__(self, ctx: Context, tenant: str) -> None:
+    def __init__(self, ctx: Context, tenant: str, size: int | None = None) -> None:
         self.id = new_file_id()
         self.tenant = tenant
         self.key = storage_keys.file_key(tenant, self.id)
+        self.size = 0
         self._max_bytes = ctx.settings.max_upload_bytes
-        self._stored = ctx.storage.writer(self.key)
+        self._storage = ctx.storage
+        self._stored: ObjectWriter | None = ctx.storage.writer(self.key, size)
         fd, name = tempfile.mkstemp(prefix="tunery-upload-")
         self.path = Path(name)
         self._local = os.fdopen(fd, "wb")
 
     def write(self, data: bytes) -> None:
-        if self._stored.size + len(data) > self._max_bytes:
+        if self.size + len(data) > self._max_bytes:
             raise APIError(
                 413, f"the file is larger than the limit of {self._max_bytes} bytes", param="file"
             )  # fmt: skip
         self._local.write(data)
-        self._stored.write(data)
+        self.size += len(data)
+        if self._stored is not None:
+            try:
+                self._stored.write(data)
+            except SizeMismatch:
+                self._stored = None  # more bytes than announced: stored from the local copy at the end
 
     def finish(self) -> StoredObject:
         """Store what was written; the local copy stays for validation."""
         self._local.close()
-        return self._stored.finish()
+        if self._stored is not None:
+            try:
+                return self._stored.finish()
+            except SizeMismatch:
+                log.info(
+                    "%s: %d bytes, not the size announced; storing it from its local copy",
+                    self.key,
+                    self.size,
+                )
+        return self._storage.put_file(self.path, self.key)
 
     def discard(self) -> None:
         """Drop the local copy and whatever storage holds of it: nothing is stored."""
         self._local.close()
         self.path.unlink(missing_ok=True)
-        self._stored.abort()
+        if self._stored is not None:
+            self._stored.abort()
 
 
 def ingest(

@@ -44,6 +44,8 @@ class _Parts:
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.file_started = False
+        self.fed = 0  # bytes of the body given to the parser before the chunk it is parsing
+        self.file_offset: int | None = None  # where the file's first byte is in the body
         self._file_bytes: list[bytes] = []
         self._headers: dict[bytes, bytes] = {}
         self._header = b""
@@ -106,6 +108,8 @@ class _Parts:
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._kind == "file":
+            if self.file_offset is None:
+                self.file_offset = self.fed + start
             self._file_bytes.append(data[start:end])
         elif self._kind == "field":
             self._field += data[start:end]
@@ -128,11 +132,24 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
+def _announced_file_size(request: Request, boundary: bytes, file_offset: int) -> int | None:
+    """The file's size, from the body's Content-Length, if the file is the form's last part (httpx,
+    requests, the OpenAI SDKs, curl with `-F file=` last, and the console send it so): the body's end less
+    the file's start and the closing boundary. A guess for other forms, which IncomingFile survives."""
+    try:
+        length = int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
+    size = length - file_offset - len(b"\r\n--" + boundary + b"--\r\n")
+    return size if size >= 0 else None
+
+
 async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadForm:
     """Read the form to its end; the file's bytes are written (in threads, one hand-off of up to WRITE_BYTES
     at a time) while the next ones are received. On any failure nothing of the file is kept."""
     parts = _Parts()
-    parser = MultipartParser(_boundary(request), parts.callbacks())
+    boundary = _boundary(request)
+    parser = MultipartParser(boundary, parts.callbacks())
     incoming: IncomingFile | None = None
     writing: asyncio.Future | None = None
     pending: list[bytes] = []
@@ -145,8 +162,10 @@ async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadFor
                 raise APIError(
                     400, f"the multipart body is malformed: {exc}", code="invalid_request"
                 ) from None
-            if parts.file_started and incoming is None:
-                incoming = await run_in_threadpool(IncomingFile, ctx, tenant)
+            parts.fed += len(chunk)
+            if parts.file_offset is not None and incoming is None:
+                size = _announced_file_size(request, boundary, parts.file_offset)
+                incoming = await run_in_threadpool(IncomingFile, ctx, tenant, size)
             data = parts.take()
             if data:
                 pending.append(data)
@@ -161,6 +180,8 @@ async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadFor
             raise APIError(400, "the multipart body ends before its closing boundary", code="invalid_request")
         if writing is not None:
             await writing
+        if parts.file_started and incoming is None:  # an empty file
+            incoming = await run_in_threadpool(IncomingFile, ctx, tenant)
         if incoming is not None and pending:
             await run_in_threadpool(incoming.write, b"".join(pending))
     except BaseException:

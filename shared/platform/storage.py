@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
@@ -41,6 +42,10 @@ S3_PART_SIZE = 8 << 20
 # Parts of an ObjectWriter sent at once while the next fills: memory holds at most this many parts and the
 # one filling (24 MiB).
 S3_PARTS_IN_FLIGHT = 2
+# A writer told its object's size sends it as one PUT streamed from the writes, up to S3's limit for one PUT
+# (larger objects go in parts); at most this many bytes wait in memory to be sent.
+S3_MAX_PUT_BYTES = 5 << 30
+S3_STREAM_BUFFER_BYTES = 16 << 20
 S3_DELETE_BATCH = 1000
 # Local temp files share the target's directory (so os.replace is atomic) and are hidden from listings.
 _TMP_PREFIX = ".tmp-"
@@ -53,6 +58,10 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     """The key does not exist."""
+
+
+class SizeMismatch(StorageError):
+    """A writer told its object's size was given another number of bytes: nothing was stored."""
 
 
 class StorageUnavailable(StorageError):
@@ -130,19 +139,27 @@ class _HashingReader:
 class ObjectWriter(ABC):
     """A new object written piece by piece as its bytes arrive (an upload being received), hashed and
     counted on the way, so that storing it needs no pass of its own. Nothing is visible under the key
-    until `finish`; `abort` leaves nothing behind."""
+    until `finish`; `abort` leaves nothing behind. A writer told the object's `size` raises SizeMismatch
+    (and keeps nothing) when another number of bytes comes."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, size: int | None = None) -> None:
         self.key = validate_key(key)
         self.size = 0
+        self.expected_size = size
         self._hash = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
         self._hash.update(data)
         self.size += len(data)
+        if self.expected_size is not None and self.size > self.expected_size:
+            self.abort()
+            raise SizeMismatch(f"{self.key}: more than the {self.expected_size} bytes announced")
         self._write(data)
 
     def finish(self) -> StoredObject:
+        if self.expected_size is not None and self.size != self.expected_size:
+            self.abort()
+            raise SizeMismatch(f"{self.key}: {self.size} bytes written, {self.expected_size} announced")
         self._finish()
         return StoredObject(key=self.key, size=self.size, sha256=self._hash.hexdigest())
 
@@ -165,8 +182,11 @@ class Storage(ABC):
         """Store everything readable from `stream` without holding it all in memory."""
 
     @abstractmethod
-    def writer(self, key: str) -> ObjectWriter:
-        """A writer of a new object under `key`, for bytes that arrive a piece at a time."""
+    def writer(self, key: str, size: int | None = None) -> ObjectWriter:
+        """A writer of a new object under `key`, for bytes that arrive a piece at a time. `size`: the
+        object's size when known ahead, which lets a backend stream it whole (S3: one PUT instead of parts
+        stored and then assembled); writing another number of bytes then raises SizeMismatch, and nothing
+        is stored."""
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
@@ -247,8 +267,8 @@ class Storage(ABC):
 class _LocalWriter(ObjectWriter):
     """A temp file beside the target, renamed onto it when finished."""
 
-    def __init__(self, key: str, path: Path, fd: int, tmp_name: str) -> None:
-        super().__init__(key)
+    def __init__(self, key: str, size: int | None, path: Path, fd: int, tmp_name: str) -> None:
+        super().__init__(key, size)
         self._path = path
         self._tmp_name = tmp_name
         self._out = os.fdopen(fd, "wb")
@@ -299,10 +319,10 @@ class LocalStorage(Storage):
             raise
         return StoredObject(key=key, size=size, sha256=digest.hexdigest())
 
-    def writer(self, key: str) -> ObjectWriter:
+    def writer(self, key: str, size: int | None = None) -> ObjectWriter:
         path = self._path(key)
         fd, tmp_name = self._make_temp(path.parent)
-        return _LocalWriter(key, path, fd, tmp_name)
+        return _LocalWriter(key, size, path, fd, tmp_name)
 
     @staticmethod
     def _make_temp(directory: Path) -> tuple[int, str]:
@@ -412,8 +432,8 @@ class _S3Writer(ObjectWriter):
     so that the object is stored about as soon as its last byte arrives. An object smaller than a part is
     one PUT; memory holds the part filling and at most S3_PARTS_IN_FLIGHT parts being sent."""
 
-    def __init__(self, key: str, client: Any, bucket: str, full_key: str) -> None:
-        super().__init__(key)
+    def __init__(self, key: str, size: int | None, client: Any, bucket: str, full_key: str) -> None:
+        super().__init__(key, size)
         self._client = client
         self._bucket = bucket
         self._full_key = full_key
@@ -491,6 +511,115 @@ class _S3Writer(ObjectWriter):
             self._upload_id = None
 
 
+class _PipeBody:
+    """A streamed PUT's body: the sending thread reads what the writing thread puts, waiting for it; the
+    writer waits while S3_STREAM_BUFFER_BYTES are queued. `fail` breaks off the read (and so the PUT)."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self._queued = 0
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._reader_done = False
+        self._changed = threading.Condition()
+
+    def put(self, data: bytes) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._queued < S3_STREAM_BUFFER_BYTES or self._reader_done)
+            if self._reader_done:
+                raise StorageError("the streamed PUT ended before its body was written")
+            self._chunks.append(memoryview(data))
+            self._queued += len(data)
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def fail(self, failure: BaseException) -> None:
+        with self._changed:
+            self._failure = failure
+            self._changed.notify_all()
+
+    def reader_done(self) -> None:
+        with self._changed:
+            self._reader_done = True
+            self._changed.notify_all()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        with self._changed:
+            self._changed.wait_for(lambda: self._chunks or self._closed or self._failure is not None)
+            if self._failure is not None:
+                raise self._failure
+            if not self._chunks:
+                return b""
+            chunk = self._chunks.popleft()
+            if 0 <= size < len(chunk):
+                chunk, rest = chunk[:size], chunk[size:]
+                self._chunks.appendleft(rest)
+            self._queued -= len(chunk)
+            self._changed.notify_all()
+            return bytes(chunk)
+
+
+class _S3StreamWriter(ObjectWriter):
+    """An object of a size known ahead, sent as one PUT whose body is read from the writes as they come
+    (from a thread of its own): S3 receives the bytes once, where parts are received and then assembled
+    (moto copies them again). Memory holds at most S3_STREAM_BUFFER_BYTES waiting to be sent."""
+
+    def __init__(self, key: str, client: Any, bucket: str, full_key: str, size: int) -> None:
+        super().__init__(key, size)
+        self._client = client
+        self._bucket = bucket
+        self._full_key = full_key
+        self._body = _PipeBody()
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="s3-put")
+        self._sent = self._sender.submit(self._put)
+
+    def _put(self) -> None:
+        try:
+            with _s3_errors(self.key):
+                self._client.put_object(
+                    Bucket=self._bucket, Key=self._full_key, Body=self._body, ContentLength=self.expected_size
+                )
+        finally:
+            self._body.reader_done()
+
+    def _write(self, data: bytes) -> None:
+        self._body.put(data)
+
+    def _finish(self) -> None:
+        self._body.close()
+        try:
+            self._sent.result()
+        except BaseException:
+            self.abort()
+            raise
+        self._sender.shutdown()
+
+    def abort(self) -> None:
+        self._body.fail(StorageError(f"{self.key}: upload abandoned"))
+        try:
+            self._sent.result()
+        except BaseException:  # broken off, as asked
+            pass
+        else:  # every byte had gone out: the object exists and must not
+            with suppress(ClientError, BotoCoreError):
+                self._client.delete_object(Bucket=self._bucket, Key=self._full_key)
+        self._sender.shutdown()
+
+
+def _no_expect_continue(params: dict, **kwargs: Any) -> None:
+    """botocore asks S3 whether to send a body read from a file object (Expect: 100-continue) and waits up
+    to a second for the answer, which some S3-compatible servers never give; a streamed PUT's body is
+    already on its way, so it is sent at once."""
+    params.get("headers", {}).pop("Expect", None)
+
+
 class S3Storage(Storage):
     """Objects in an S3 (or S3-compatible) bucket, under an optional key prefix."""
 
@@ -524,6 +653,13 @@ class S3Storage(Storage):
         ping_config = config.merge(Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10))
         self._ping_client: Any = session.client("s3", endpoint_url=endpoint_url, config=ping_config)
         self._transfer = TransferConfig(multipart_threshold=S3_PART_SIZE, multipart_chunksize=S3_PART_SIZE)
+        # A streamed PUT's body is read once, as it arrives: botocore must not read it first to sign it (it
+        # would over plain http; over https it never signs bodies), nor retry it (it cannot rewind).
+        stream_config = config.merge(
+            Config(s3={"payload_signing_enabled": False}, retries={"mode": "standard", "max_attempts": 1})
+        )
+        self._stream_client: Any = session.client("s3", endpoint_url=endpoint_url, config=stream_config)
+        self._stream_client.meta.events.register("before-call.s3.PutObject", _no_expect_continue)
 
     def _full(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -555,8 +691,10 @@ class S3Storage(Storage):
             self._client.upload_fileobj(reader, self.bucket, full, Config=self._transfer)
         return StoredObject(key=key, size=reader.size, sha256=reader.hexdigest())
 
-    def writer(self, key: str) -> ObjectWriter:
-        return _S3Writer(key, self._client, self.bucket, self._full(key))
+    def writer(self, key: str, size: int | None = None) -> ObjectWriter:
+        if size is not None and size <= S3_MAX_PUT_BYTES:
+            return _S3StreamWriter(key, self._stream_client, self.bucket, self._full(key), size)
+        return _S3Writer(key, size, self._client, self.bucket, self._full(key))
 
     def put_file(self, path: Path, key: str) -> StoredObject:
         """Sent from the file itself, which boto3 reads part by part as it sends them, so memory holds a few

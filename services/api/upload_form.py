@@ -5,6 +5,8 @@ body into a spooled file before the handler runs, and the handler's copy of it."
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -20,9 +22,11 @@ from services.api.context import Context
 from services.api.errors import APIError
 from services.api.file_ingest import IncomingFile
 
-# Bytes of the file handed to a thread at a time: few enough hand-offs to cost little, small enough that
-# the thread writes while the event loop receives the next ones.
+# Bytes of the file handed to the writing thread at a time: few enough hand-offs to cost little, small
+# enough that the thread writes while the event loop receives the next ones; up to WRITES_AHEAD of them may
+# wait for it, so that a write slowed for a moment (storage busy) does not stop the receiving.
 WRITE_BYTES = 1024 * 1024
+WRITES_AHEAD = 4
 # What the form's other fields (purpose, format) may hold together: a body without a Content-Length is
 # only limited as it arrives.
 MAX_FIELDS_BYTES = 64 * 1024
@@ -144,14 +148,42 @@ def _announced_file_size(request: Request, boundary: bytes, file_offset: int) ->
     return size if size >= 0 else None
 
 
+class _Writer:
+    """The file's bytes written in order by one thread of its own, at most WRITES_AHEAD hand-offs ahead of
+    the receiving; a failed write is raised by a later `write` or by `drain`."""
+
+    def __init__(self, incoming: IncomingFile) -> None:
+        self.incoming = incoming
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="upload-write")
+        self._writes: deque[asyncio.Future] = deque()
+
+    async def write(self, data: bytes) -> None:
+        if len(self._writes) >= WRITES_AHEAD:
+            await self._writes.popleft()
+        self._writes.append(
+            asyncio.get_running_loop().run_in_executor(self._thread, self.incoming.write, data)
+        )
+
+    async def drain(self) -> None:
+        while self._writes:
+            await self._writes.popleft()
+        self._thread.shutdown()
+
+    async def abandon(self) -> None:
+        """Wait for the writes handed off (their errors ignored), then drop the file."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        self._writes.clear()
+        self._thread.shutdown()
+        await run_in_threadpool(self.incoming.discard)
+
+
 async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadForm:
-    """Read the form to its end; the file's bytes are written (in threads, one hand-off of up to WRITE_BYTES
-    at a time) while the next ones are received. On any failure nothing of the file is kept."""
+    """Read the form to its end; the file's bytes are written (in a thread, WRITE_BYTES at a time) while the
+    next ones are received. On any failure nothing of the file is kept."""
     parts = _Parts()
     boundary = _boundary(request)
     parser = MultipartParser(boundary, parts.callbacks())
-    incoming: IncomingFile | None = None
-    writing: asyncio.Future | None = None
+    writer: _Writer | None = None
     pending: list[bytes] = []
     pending_bytes = 0
     try:
@@ -163,31 +195,27 @@ async def receive_form(request: Request, ctx: Context, tenant: str) -> UploadFor
                     400, f"the multipart body is malformed: {exc}", code="invalid_request"
                 ) from None
             parts.fed += len(chunk)
-            if parts.file_offset is not None and incoming is None:
+            if parts.file_offset is not None and writer is None:
                 size = _announced_file_size(request, boundary, parts.file_offset)
-                incoming = await run_in_threadpool(IncomingFile, ctx, tenant, size)
+                writer = _Writer(await run_in_threadpool(IncomingFile, ctx, tenant, size))
             data = parts.take()
             if data:
                 pending.append(data)
                 pending_bytes += len(data)
-            if incoming is not None and pending_bytes >= WRITE_BYTES:
-                if writing is not None:
-                    await writing
-                writing = asyncio.ensure_future(run_in_threadpool(incoming.write, b"".join(pending)))
+            if writer is not None and pending_bytes >= WRITE_BYTES:
+                await writer.write(b"".join(pending))
                 pending, pending_bytes = [], 0
         parser.finalize()
         if parser.state != MultipartState.END:
             raise APIError(400, "the multipart body ends before its closing boundary", code="invalid_request")
-        if writing is not None:
-            await writing
-        if parts.file_started and incoming is None:  # an empty file
-            incoming = await run_in_threadpool(IncomingFile, ctx, tenant)
-        if incoming is not None and pending:
-            await run_in_threadpool(incoming.write, b"".join(pending))
+        if parts.file_started and writer is None:  # an empty file
+            writer = _Writer(await run_in_threadpool(IncomingFile, ctx, tenant))
+        if writer is not None:
+            if pending:
+                await writer.write(b"".join(pending))
+            await writer.drain()
     except BaseException:
-        if writing is not None:
-            await asyncio.gather(writing, return_exceptions=True)
-        if incoming is not None:
-            await run_in_threadpool(incoming.discard)
+        if writer is not None:
+            await writer.abandon()
         raise
-    return UploadForm(fields=parts.fields, file=incoming, filename=parts.filename)
+    return UploadForm(fields=parts.fields, file=writer.incoming if writer else None, filename=parts.filename)

@@ -6,8 +6,8 @@ one process, storage in that bucket) of a valid chat JSONL of long rows (about 8
 TUNERY_SYNC_VALIDATION_BYTES (8 MiB), so that it is validated after the answer. Rows:
 
 - P5: until POST /v1/files answers: the body received and parsed as it arrives, the file hashed, written to
-  a local copy and sent to S3 in parts meanwhile, its record saved (status `uploaded`); what boto3 gives
-  the peer, the object stored and its name known.
+  a local copy and sent to S3 meanwhile (one streamed PUT: httpx sends the file as the form's last part),
+  its record saved (status `uploaded`); what boto3 gives the peer, the object stored and its name known.
 - P5-processed: until GET /v1/files/{id} (polled every 0.1 s) says `processed`: the above, then validation
   in a worker process. No goal: it is shown beside the peer's figure for context only.
 - P5-RSS: one larger file (1 GiB by default) through the API until processed, and the API process's peak

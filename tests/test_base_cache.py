@@ -278,6 +278,17 @@ def test_a_corrupt_or_mismatched_entry_is_ignored_and_replaced_by_the_computed_b
     assert cache_entries(storage) == {key: entry}  # computed again and stored whole
 
 
+def cancelled_job(
+    storage: LocalStorage, weights: dict[str, Path], client: redis.Redis
+) -> tuple[JobRecord, CancelWatch]:
+    """A published job cancelled by its user, and the watch its evaluation runs with."""
+    job = publish(storage, weights)
+    jobs = JobStore(client, storage)
+    jobs.create(job, "created")
+    jobs.transition(job.id, JobState.CANCELLED, "cancelled by the user")
+    return job, CancelWatch(jobs, job.id, job.attempt)
+
+
 def test_a_cancelled_job_whose_base_side_is_cached_stops_at_the_fine_tuned_models_first_forward_pass(
     settings: Settings,
     session_redis: redis.Redis,
@@ -286,13 +297,10 @@ def test_a_cancelled_job_whose_base_side_is_cached_stops_at_the_fine_tuned_model
     tmp_path: Path,
 ) -> None:
     storage = storage_after_first(first, tmp_path)
-    job = publish(storage, weights)
-    jobs = JobStore(session_redis, storage)
-    jobs.create(job, "created")
-    jobs.transition(job.id, JobState.CANCELLED, "cancelled by the user")
+    job, watch = cancelled_job(storage, weights, session_redis)
 
     with pytest.raises(EvaluationCancelled, match=f"job {job.id} is cancelled"):
-        evaluate(settings, session_redis, storage, job, watch=CancelWatch(jobs, job.id, job.attempt))
+        evaluate(settings, session_redis, storage, job, watch=watch)
     assert not storage.exists(storage_keys.generations_key(TENANT, job.id))
 
 
@@ -300,13 +308,10 @@ def test_a_cancelled_job_whose_base_side_is_not_cached_stops_and_leaves_no_forke
     settings: Settings, session_redis: redis.Redis, weights: dict[str, Path], tmp_path: Path
 ) -> None:
     storage = LocalStorage(tmp_path / "storage")
-    job = publish(storage, weights)
-    jobs = JobStore(session_redis, storage)
-    jobs.create(job, "created")
-    jobs.transition(job.id, JobState.CANCELLED, "cancelled by the user")
+    job, watch = cancelled_job(storage, weights, session_redis)
 
     with pytest.raises(EvaluationCancelled, match=f"job {job.id} is cancelled"):
-        evaluate(settings, session_redis, storage, job, watch=CancelWatch(jobs, job.id, job.attempt))
+        evaluate(settings, session_redis, storage, job, watch=watch)
     assert multiprocessing.active_children() == []
     assert cache_entries(storage) == {}
 

@@ -168,8 +168,8 @@ def api(api_settings):
         yield client
 
 
-@pytest.fixture
-def bucket_storage(s3_server) -> S3Storage:
+def new_bucket(s3_server: S3Server) -> S3Storage:
+    """A bucket of its own on the S3 server."""
     storage = S3Storage(
         bucket=f"e2e-{uuid.uuid4().hex[:12]}",
         endpoint_url=s3_server.endpoint_url,
@@ -178,6 +178,11 @@ def bucket_storage(s3_server) -> S3Storage:
     )
     storage.ensure_bucket()
     return storage
+
+
+@pytest.fixture
+def bucket_storage(s3_server) -> S3Storage:
+    return new_bucket(s3_server)
 
 
 CATALOG = """
@@ -196,6 +201,38 @@ models:
 """
 
 
+def start_live(
+    folder: Path,
+    redis_url: str,
+    s3_server: S3Server,
+    bucket: S3Storage,
+    extra: dict[str, str] | None,
+    started: list[LiveTunery],
+) -> LiveTunery:
+    """Start a live Tunery (API, trainer, evaluator) with the test catalog, its files under `folder`; it is
+    appended to `started` first, so that it is stopped even when a service fails to start."""
+    catalog = folder / "catalog.yaml"
+    catalog.write_text(CATALOG.format(missing=folder / "no-such-model"))
+    env = live_env(
+        folder,
+        redis_url,
+        {
+            "TUNERY_MODEL_CATALOG": str(catalog),
+            "TUNERY_S3_BUCKET": bucket.bucket,
+            "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
+            "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
+            "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
+            **(extra or {}),
+        },
+    )
+    logs = folder / "logs"
+    logs.mkdir(exist_ok=True)
+    tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
+    started.append(tunery)
+    tunery.start_all("api", "trainer", "evaluator")
+    return tunery
+
+
 @pytest.fixture
 def live_factory(tmp_path: Path, s3_server, bucket_storage: S3Storage):
     """Starts a live Tunery (API, trainer, evaluator) on a Redis of the test's choice and the S3 server, with
@@ -203,26 +240,7 @@ def live_factory(tmp_path: Path, s3_server, bucket_storage: S3Storage):
     started: list[LiveTunery] = []
 
     def start(redis_url: str, extra: dict[str, str] | None = None) -> LiveTunery:
-        catalog = tmp_path / "catalog.yaml"
-        catalog.write_text(CATALOG.format(missing=tmp_path / "no-such-model"))
-        env = live_env(
-            tmp_path,
-            redis_url,
-            {
-                "TUNERY_MODEL_CATALOG": str(catalog),
-                "TUNERY_S3_BUCKET": bucket_storage.bucket,
-                "TUNERY_S3_ENDPOINT_URL": s3_server.endpoint_url,
-                "TUNERY_S3_ACCESS_KEY_ID": s3_server.access_key_id,
-                "TUNERY_S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-                **(extra or {}),
-            },
-        )
-        logs = tmp_path / "logs"
-        logs.mkdir(exist_ok=True)
-        tunery = LiveTunery(env=env, base_url=f"http://127.0.0.1:{env['TUNERY_API_PORT']}", logs=logs)
-        started.append(tunery)
-        tunery.start_all("api", "trainer", "evaluator")
-        return tunery
+        return start_live(tmp_path, redis_url, s3_server, bucket_storage, extra, started)
 
     try:
         yield start

@@ -56,6 +56,12 @@ class LiveTunery:
             ready = lambda: port_open(port)  # noqa: E731
         wait_for(ready, timeout=90, what=f"tunery {service}", process=self.processes[service])
 
+    def ensure_running(self, *services: str) -> None:
+        """Start again whichever of `services` has stopped (a test that shares this Tunery may stop one)."""
+        stopped = [s for s in services if s not in self.processes or self.processes[s].poll() is not None]
+        if stopped:
+            self.start_all(*stopped)
+
     def stop(self) -> None:
         """SIGTERM every service at once (they stop side by side), then wait for each."""
         for process in self.processes.values():

@@ -1,7 +1,9 @@
 """End to end on real processes: upload → job → queued → running → succeeded, cancel, bad files.
 
-The API, trainer and evaluator run as separate `tunery` processes on the test Redis and the
-S3-compatible test server, and train the built-in tiny Llama on real chat data.
+The API, trainer and evaluator run as separate `tunery` processes on a Redis of the module's own and the
+S3-compatible test server, and train the built-in tiny Llama on real chat data. One live Tunery serves the
+module's tests (starting one takes seconds of imports): each test works on jobs of its own, and a service a
+test stopped is started again before the next.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,9 +26,48 @@ from rq.serializers import JSONSerializer
 from shared.platform import storage_keys
 from shared.platform.storage import S3Storage
 from tests.api_fixtures import IDENTITY_CHAT, chat_lines
+from tests.conftest import new_bucket, start_live
+from tests.helpers import RedisProcess
 from tests.live import LiveTunery
 
 pytestmark = pytest.mark.slow
+SERVICES = ("api", "trainer", "evaluator")
+
+
+@pytest.fixture(scope="module")
+def bucket_storage(s3_server) -> S3Storage:
+    """The module's bucket, where its live Tunery publishes."""
+    return new_bucket(s3_server)
+
+
+@pytest.fixture(scope="module")
+def shared_live(tmp_path_factory: pytest.TempPathFactory, s3_server, bucket_storage) -> Iterator[LiveTunery]:
+    """One live Tunery for the module, on a Redis of its own: the per-test `redis_url` empties the
+    session's Redis, which would pull the ground from under services that outlive a test."""
+    folder = tmp_path_factory.mktemp("e2e-pipeline")
+    (folder / "redis").mkdir()
+    redis_server = RedisProcess(folder / "redis")
+    redis_server.start()
+    started: list[LiveTunery] = []
+    try:
+        yield start_live(folder, redis_server.url, s3_server, bucket_storage, None, started)
+    finally:
+        for tunery in started:
+            tunery.stop()
+        redis_server.stop()
+
+
+@pytest.fixture
+def live(shared_live: LiveTunery) -> LiveTunery:
+    """The module's live Tunery with every service running."""
+    shared_live.ensure_running(*SERVICES)
+    return shared_live
+
+
+def trainer_metrics(live: LiveTunery) -> dict[str, float]:
+    """The trainer's own /metrics (summed over its forked work horses), by sample name."""
+    scrape = httpx.get(f"http://127.0.0.1:{live.env['TUNERY_TRAINER_METRICS_PORT']}/metrics").text
+    return {s.name: s.value for f in text_string_to_metric_families(scrape) for s in f.samples}
 
 
 def upload(client, body: bytes, name: str = "train.jsonl") -> dict:
@@ -35,6 +77,7 @@ def upload(client, body: bytes, name: str = "train.jsonl") -> dict:
 
 
 def test_a_job_trains_evaluates_and_publishes_a_working_adapter(live: LiveTunery, bucket_storage, tmp_path):
+    counted = trainer_metrics(live)
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         assert file["status"] == "processed"
@@ -82,11 +125,12 @@ def test_a_job_trains_evaluates_and_publishes_a_working_adapter(live: LiveTunery
 
     _assert_adapter_changes_the_model(job, bucket_storage, tmp_path)
 
-    # The trainer's own /metrics counted the work (summed over its forked work horses).
-    scrape = httpx.get(f"http://127.0.0.1:{live.env['TUNERY_TRAINER_METRICS_PORT']}/metrics").text
-    samples = {s.name: s.value for f in text_string_to_metric_families(scrape) for s in f.samples}
-    assert samples["tunery_trained_tokens_total"] == job["trained_tokens"] > 0
-    assert samples["tunery_training_step_duration_seconds_count"] == steps
+    # The trainer's own /metrics counted the work (summed over its forked work horses): this job's, since
+    # no other trained meanwhile.
+    samples = trainer_metrics(live)
+    tokens, step_count = "tunery_trained_tokens_total", "tunery_training_step_duration_seconds_count"
+    assert samples[tokens] - counted.get(tokens, 0.0) == job["trained_tokens"] > 0
+    assert samples[step_count] - counted.get(step_count, 0.0) == steps
 
 
 def _assert_adapter_changes_the_model(job: dict, storage: S3Storage, tmp_path: Path) -> None:
@@ -110,7 +154,7 @@ def _assert_adapter_changes_the_model(job: dict, storage: S3Storage, tmp_path: P
     assert (after - before).abs().max() > 1e-2
 
 
-def test_cancelling_a_running_job_stops_training(live: LiveTunery, bucket_storage, redis_url):
+def test_cancelling_a_running_job_stops_training(live: LiveTunery, bucket_storage):
     with live.client() as client:
         file = upload(client, IDENTITY_CHAT.read_bytes())
         method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}
@@ -133,7 +177,9 @@ def test_cancelling_a_running_job_stops_training(live: LiveTunery, bucket_storag
     assert final["progress"]["step"] < final["progress"]["total_steps"]
     assert bucket_storage.list_keys(storage_keys.adapter_prefix(final["organization_id"], final["id"])) == []
     task = Job.fetch(
-        f"{final['id']}-train-0", connection=Redis.from_url(redis_url), serializer=JSONSerializer
+        f"{final['id']}-train-0",
+        connection=Redis.from_url(live.env["TUNERY_REDIS_URL"]),
+        serializer=JSONSerializer,
     )
     assert task.return_value() == "stopped"
 

@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
+from shared.platform import storage as storage_module
 from shared.platform.settings import Settings
 from shared.platform.storage import (
     LocalStorage,
@@ -17,11 +18,12 @@ from shared.platform.storage import (
     S3Storage,
     SizeMismatch,
     Storage,
+    StorageError,
     StorageUnavailable,
     StoredObject,
     storage_from_settings,
 )
-from tests.helpers import S3Server, free_port
+from tests.helpers import S3Server, free_port, wait_for
 
 MIB = 1 << 20
 
@@ -390,6 +392,19 @@ def test_a_writer_told_the_size_aborted_after_its_last_byte_leaves_nothing(stora
     writer.write(b"hello world")  # the whole body: an S3 PUT may complete before the abort
     writer.abort()
     assert storage.list_keys("tenants") == []
+
+
+def test_a_streamed_put_left_without_bytes_gives_up_and_its_writer_then_raises(
+    s3_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(storage_module, "S3_STREAM_IDLE_SECONDS", 0.2)
+    writer = s3_storage.writer("tenants/t/files/idle", size=11)
+    # No byte written for longer than the streamed PUT waits for one: its sending thread gives up.
+    wait_for(lambda: writer._sent.done(), 10, "the streamed PUT giving up")
+    with pytest.raises(StorageError, match="ended before its body was written"):
+        writer.write(b"hello world")
+    writer.abort()
+    assert s3_storage.list_keys("tenants") == []
 
 
 def test_an_aborted_s3_writer_leaves_no_multipart_upload_behind(s3_storage: S3Storage, s3_server: S3Server):

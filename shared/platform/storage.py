@@ -46,6 +46,7 @@ S3_PARTS_IN_FLIGHT = 2
 # (larger objects go in parts); at most this many bytes wait in memory to be sent.
 S3_MAX_PUT_BYTES = 5 << 30
 S3_STREAM_BUFFER_BYTES = 16 << 20
+S3_STREAM_IDLE_SECONDS = 300.0
 S3_DELETE_BATCH = 1000
 # Local temp files share the target's directory (so os.replace is atomic) and are hidden from listings.
 _TMP_PREFIX = ".tmp-"
@@ -552,7 +553,11 @@ class _PipeBody:
 
     def read(self, size: int = -1) -> bytes:
         with self._changed:
-            self._changed.wait_for(lambda: self._chunks or self._closed or self._failure is not None)
+            arrived = self._changed.wait_for(
+                lambda: self._chunks or self._closed or self._failure is not None, S3_STREAM_IDLE_SECONDS
+            )
+            if not arrived:  # a writer left without finishing or aborting: the PUT must not wait forever
+                raise StorageError(f"no bytes to stream for {S3_STREAM_IDLE_SECONDS} s")
             if self._failure is not None:
                 raise self._failure
             if not self._chunks:

@@ -28,7 +28,7 @@ MODULES = {
     "p0_classification.py": 3,
     "p3_overhead.py": 1,
     "p4_api.py": 3,
-    "p5_uploads.py": 3,
+    "p5_uploads.py": 7,  # one upload's time varies by a third
     "p6_tokenization.py": 3,
 }
 GOALS = {

@@ -138,8 +138,9 @@ def _boundary(request: Request) -> bytes:
 
 def _announced_file_size(request: Request, boundary: bytes, file_offset: int) -> int | None:
     """The file's size, from the body's Content-Length, if the file is the form's last part (httpx,
-    requests, the OpenAI SDKs, curl with `-F file=` last, and the console send it so): the body's end less
-    the file's start and the closing boundary. A guess for other forms, which IncomingFile survives."""
+    requests, the OpenAI Python SDK, curl with `-F file=` last, and the console send it so): the body's
+    end less the file's start and the closing boundary. A guess for other forms, which IncomingFile
+    survives."""
     try:
         length = int(request.headers["content-length"])
     except (KeyError, ValueError):

@@ -309,10 +309,11 @@ def test_a_cancelled_job_whose_base_side_is_not_cached_stops_and_leaves_no_forke
 ) -> None:
     storage = LocalStorage(tmp_path / "storage")
     job, watch = cancelled_job(storage, weights, session_redis)
+    before = set(multiprocessing.active_children())  # other tests' process pools may live on
 
     with pytest.raises(EvaluationCancelled, match=f"job {job.id} is cancelled"):
         evaluate(settings, session_redis, storage, job, watch=watch)
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before
     assert cache_entries(storage) == {}
 
 
